@@ -1,0 +1,402 @@
+"""The connection loop: bytes in, frames decoded, handlers run, frames out.
+
+One loop serves stdio and every socket a worker is handed. Requests run one at a time in
+arrival order; handlers that finish at once are answered in the same batch, and every frame
+produced from one read goes out in one write. While a handler awaits, or while the peer is
+not reading what we write, the connection stops reading, so neither side can make the other
+buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections import deque
+from typing import Any
+
+from .handlers import METHODS
+from .protocol import (
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    MSG_METHOD_REQUIRED,
+    NO_RESPONSE,
+    OVERSIZED,
+    OVERSIZED_RESPONSE,
+    UNAVAILABLE,
+    FrameDecoder,
+    Request,
+    RPCError,
+    encode,
+    error_response,
+    ok_response,
+    parse_request,
+    unknown_method_message,
+)
+
+log = logging.getLogger("cmuxd.connection")
+
+class ConnectionContext:
+    """All a handler knows of its connection: its kind, its state, how to push events."""
+
+    __slots__ = ("_conn", "transport", "hub", "_state")
+
+    def __init__(self, conn: "Connection", transport: str, hub: Any):
+        self._conn = conn
+        self.transport = transport
+        self.hub = hub
+        self._state: dict[type, Any] = {}
+
+    def state(self, cls):
+        """The connection's instance of `cls(ctx)`, made on first use, closed with it."""
+        obj = self._state.get(cls)
+        if obj is None:
+            obj = self._state[cls] = cls(self)
+        return obj
+
+    def send_event(self, message: dict) -> None:
+        self._conn.send(encode(message))
+
+    def writable(self):
+        """Awaitable that completes once the peer is reading what we write."""
+        return self._conn.writable()
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run a task that lives no longer than the connection."""
+        return self._conn.spawn(coro)
+
+    @property
+    def closing(self) -> bool:
+        return self._conn.closing
+
+
+class Connection(asyncio.Protocol):
+    """One RPC connection. `reader` and `writer` are the same socket transport except under
+    stdio, where they are the stdin and stdout pipes."""
+
+    def __init__(self, transport: str, hub: Any = None, initial: bytes = b""):
+        self.ctx = ConnectionContext(self, transport, hub)
+        self.decoder = FrameDecoder()
+        self.pending: deque = deque()
+        self.reader = None
+        self.writer = None
+        self.out: list[bytes] = []
+        self.batching = False
+        self.busy = False
+        self.input_eof = False
+        self.closing = False
+        self.write_paused = False
+        self.reading_paused = False
+        self.tasks: set[asyncio.Task] = set()
+        self._writable: asyncio.Future | None = None
+        self._initial = initial
+        self.done = asyncio.get_event_loop().create_future()
+        """Resolves to None, or to the I/O error that ended the connection."""
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport) -> None:
+        self.reader = transport
+        if self.writer is None:
+            self.writer = transport
+        if self._initial:
+            initial, self._initial = self._initial, b""
+            self.data_received(initial)
+
+    def data_received(self, data: bytes) -> None:
+        frames = self.decoder.feed(data)
+        if frames:
+            self.pending.extend(frames)
+            if not self.busy:
+                self._run()
+
+    def eof_received(self) -> bool:
+        self.pending.extend(self.decoder.eof())
+        self.input_eof = True
+        if not self.busy:
+            self._run()
+        return True
+
+    def connection_lost(self, exc) -> None:
+        self.input_eof = True
+        self.pending.clear()
+        self._close(exc)
+        if not self.done.done():
+            self.done.set_result(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self._writable is not None:
+            if not self._writable.done():
+                self._writable.set_result(None)
+            self._writable = None
+        if not self.busy and not self.closing:
+            self._run()
+
+    # the loop
+
+    def _run(self) -> None:
+        pending = self.pending
+        dispatch = self.dispatch
+        self.batching = True
+        try:
+            while pending and not self.write_paused:
+                reply = dispatch(pending.popleft())
+                if reply is None:
+                    continue
+                if type(reply) is bytes:
+                    self.out.append(reply)
+                    continue
+                self.busy = True
+                self.spawn(self._complete(reply))
+                break
+        finally:
+            self.batching = False
+            self._flush()
+        if self.input_eof and not pending and not self.busy:
+            self._close(None)
+        else:
+            self._update_reading()
+
+    def dispatch(self, frame) -> bytes | None | Any:
+        """Answer one frame: encoded reply bytes, None for no reply, or a coroutine."""
+        if frame is OVERSIZED:
+            return OVERSIZED_RESPONSE
+        req = parse_request(frame)
+        if type(req) is not Request:
+            return req
+        rid = req.id
+        if not req.method:
+            return error_response(rid, INVALID_REQUEST, MSG_METHOD_REQUIRED)
+        handler = METHODS.get(req.method)
+        if handler is None:
+            return error_response(rid, METHOD_NOT_FOUND, unknown_method_message(req.method))
+        try:
+            result = handler(self.ctx, req)
+        except RPCError as exc:
+            return error_response(rid, exc.code, exc.message)
+        except Exception:
+            log.exception("handler for %s failed", req.method)
+            return error_response(rid, UNAVAILABLE, INTERNAL_ERROR)
+        if type(result) is dict:
+            return ok_response(rid, result)
+        if result is NO_RESPONSE:
+            return None
+        return self._await_reply(req, result)
+
+    async def _await_reply(self, req: Request, awaitable) -> bytes | None:
+        try:
+            result = await awaitable
+        except RPCError as exc:
+            return error_response(req.id, exc.code, exc.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("handler for %s failed", req.method)
+            return error_response(req.id, UNAVAILABLE, INTERNAL_ERROR)
+        if result is NO_RESPONSE:
+            return None
+        return ok_response(req.id, result)
+
+    async def _complete(self, reply_coro) -> None:
+        reply = await reply_coro
+        if reply is not None:
+            self.send(reply)
+        self.busy = False
+        if not self.closing:
+            self._run()
+
+    # output
+
+    def send(self, frame: bytes) -> None:
+        if self.batching:
+            self.out.append(frame)
+        elif not self.closing and self.writer is not None:
+            self.writer.write(frame)
+
+    def _flush(self) -> None:
+        if self.out:
+            if not self.closing:
+                self.writer.write(b"".join(self.out))
+            self.out.clear()
+
+    def writable(self):
+        if not self.write_paused or self.closing:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+        return self._writable
+
+    def _update_reading(self) -> None:
+        want_paused = self.busy or self.write_paused
+        if want_paused == self.reading_paused or self.reader is None or self.input_eof:
+            return
+        self.reading_paused = want_paused
+        if want_paused:
+            self.reader.pause_reading()
+        else:
+            self.reader.resume_reading()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection task failed", exc_info=task.exception())
+
+    def _close(self, exc) -> None:
+        """Release per-connection state, then close once the last frame is written."""
+        if self.closing:
+            return
+        self._flush()
+        self.closing = True
+        for task in list(self.tasks):
+            task.cancel()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        for obj in self.ctx._state.values():
+            try:
+                obj.close()
+            except Exception:
+                log.exception("closing connection state failed")
+        if self.writer is not None:
+            self.writer.close()
+        if self.reader is not None and self.reader is not self.writer:
+            self.reader.close()
+
+
+INTERNAL_ERROR = "internal error in the daemon; see its log"
+
+
+class _StdoutSide(asyncio.BaseProtocol):
+    """Forwards the stdout pipe's flow control and closing to the connection."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        self.conn.connection_lost(exc)
+
+
+class _StdinSide(asyncio.Protocol):
+    """Forwards stdin to the connection; the end of stdin is EOF, not a lost connection."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def connection_made(self, transport) -> None:
+        self.conn.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.data_received(data)
+
+    def eof_received(self) -> bool:
+        return self.conn.eof_received()
+
+    def connection_lost(self, exc) -> None:
+        if exc is not None:
+            self.conn.connection_lost(exc)
+        elif not self.conn.input_eof:
+            self.conn.eof_received()
+
+
+class _FileWriter:
+    """Blocking writes for a stdout that is a regular file, which asyncio cannot watch."""
+
+    def __init__(self, fd: int, conn: Connection):
+        self.fd = fd
+        self.conn = conn
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+            asyncio.get_running_loop().call_soon(self.conn.connection_lost, None)
+
+
+async def _feed_from_file(fd: int, conn: Connection) -> None:
+    """Read a regular-file stdin in a thread; a file never blocks long, but asyncio refuses it."""
+    loop = asyncio.get_running_loop()
+    while not conn.closing:
+        if conn.busy or conn.write_paused:
+            await asyncio.sleep(0.001)
+            continue
+        data = await loop.run_in_executor(None, os.read, fd, 262144)
+        if not data:
+            conn.eof_received()
+            return
+        conn.data_received(data)
+
+
+class _PausableFile:
+    """Stands in for a read transport when stdin is a regular file."""
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def serve_stdio(hub: Any = None) -> int:
+    """Serve one connection on stdin/stdout; the exit status the process should have."""
+    loop = asyncio.get_running_loop()
+    conn = Connection("stdio", hub)
+    in_fd = os.dup(sys.stdin.fileno())
+    out_fd = os.dup(sys.stdout.fileno())
+    if _is_regular(out_fd):
+        conn.writer = _FileWriter(out_fd, conn)
+    else:
+        conn.writer, _ = await loop.connect_write_pipe(
+            lambda: _StdoutSide(conn), os.fdopen(out_fd, "wb", buffering=0)
+        )
+    if _is_regular(in_fd):
+        conn.connection_made(_PausableFile())
+        feeder = loop.create_task(_feed_from_file(in_fd, conn))
+    else:
+        feeder = None
+        await loop.connect_read_pipe(
+            lambda: _StdinSide(conn), os.fdopen(in_fd, "rb", buffering=0)
+        )
+    exc = await conn.done
+    if feeder is not None:
+        feeder.cancel()
+    if exc is not None:
+        log.error("stdio connection failed: %s", exc)
+        return 1
+    return 0
+
+
+def _is_regular(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(os.fstat(fd).st_mode)

@@ -1,0 +1,168 @@
+"""session.*: per-connection size coordinators where the smallest screen wins.
+
+Bookkeeping only: no process is attached to a session. The size rule itself lives in
+`SizeCoordinator` so that PTY sessions apply exactly the same rule.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from ..protocol import INVALID_PARAMS, NOT_FOUND, RPCError, param_int, param_str
+
+
+def rfc3339_now() -> str:
+    now = datetime.now(timezone.utc)
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%S")
+    if now.microsecond:
+        stamp += ("." + f"{now.microsecond:06d}").rstrip("0")
+    return stamp + "Z"
+
+
+class SizeCoordinator:
+    """Attachments with a size each; the effective size is the per-axis minimum.
+
+    With no attachment left the last size is retained, so a terminal that every client
+    detached from keeps its geometry.
+    """
+
+    def __init__(self):
+        self.attachments: dict[str, dict] = {}
+        self.last_cols = 0
+        self.last_rows = 0
+
+    def set(self, attachment_id: str, cols: int, rows: int, **extra) -> None:
+        self.attachments[attachment_id] = {"cols": cols, "rows": rows, **extra}
+        self._recompute()
+
+    def remove(self, attachment_id: str) -> None:
+        del self.attachments[attachment_id]
+        self._recompute()
+
+    def _recompute(self) -> None:
+        if self.attachments:
+            self.last_cols = min(a["cols"] for a in self.attachments.values())
+            self.last_rows = min(a["rows"] for a in self.attachments.values())
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.last_cols, self.last_rows
+
+    def snapshot(self, session_id: str, fields: tuple[str, ...]) -> dict:
+        attachments = []
+        for aid in sorted(self.attachments, key=lambda s: s.encode("utf-8", "surrogatepass")):
+            a = self.attachments[aid]
+            attachments.append({"attachment_id": aid, **{k: a[k] for k in fields}})
+        return {
+            "session_id": session_id,
+            "attachments": attachments,
+            "effective_cols": self.last_cols,
+            "effective_rows": self.last_rows,
+            "last_known_cols": self.last_cols,
+            "last_known_rows": self.last_rows,
+        }
+
+
+SNAPSHOT_FIELDS = ("cols", "rows", "updated_at")
+
+
+class Sessions:
+    """The session.* sessions of one connection."""
+
+    def __init__(self, ctx):
+        self.by_id: dict[str, SizeCoordinator] = {}
+        self.counter = 0
+
+    def get(self, session_id: str) -> SizeCoordinator:
+        session = self.by_id.get(session_id)
+        if session is None:
+            raise RPCError(NOT_FOUND, "session not found")
+        return session
+
+    def close(self) -> None:
+        self.by_id.clear()
+
+
+def _require(method: str, params: dict, *, attachment: bool, size: bool, trim: bool):
+    session_id = param_str(params, "session_id", trim=trim)
+    if session_id is None:
+        raise RPCError(INVALID_PARAMS, f"{method} requires session_id")
+    attachment_id = cols = rows = None
+    if attachment:
+        attachment_id = param_str(params, "attachment_id", trim=trim)
+        if attachment_id is None:
+            raise RPCError(INVALID_PARAMS, f"{method} requires attachment_id")
+    if size:
+        cols = param_int(params, "cols")
+        if cols is None or cols <= 0:
+            raise RPCError(INVALID_PARAMS, f"{method} requires cols > 0")
+        rows = param_int(params, "rows")
+        if rows is None or rows <= 0:
+            raise RPCError(INVALID_PARAMS, f"{method} requires rows > 0")
+    return session_id, attachment_id, cols, rows
+
+
+def session_open(ctx, req) -> dict:
+    sessions = ctx.state(Sessions)
+    session_id = param_str(req.params, "session_id")
+    if session_id is None:
+        sessions.counter += 1
+        session_id = f"sess-{sessions.counter}"
+    session = sessions.by_id.get(session_id)
+    if session is None:
+        session = sessions.by_id[session_id] = SizeCoordinator()
+    return session.snapshot(session_id, SNAPSHOT_FIELDS)
+
+
+def session_attach(ctx, req) -> dict:
+    sid, aid, cols, rows = _require(
+        "session.attach", req.params, attachment=True, size=True, trim=True
+    )
+    session = ctx.state(Sessions).get(sid)
+    session.set(aid, cols, rows, updated_at=rfc3339_now())
+    return session.snapshot(sid, SNAPSHOT_FIELDS)
+
+
+def session_resize(ctx, req) -> dict:
+    sid, aid, cols, rows = _require(
+        "session.resize", req.params, attachment=True, size=True, trim=True
+    )
+    session = ctx.state(Sessions).get(sid)
+    if aid not in session.attachments:
+        raise RPCError(NOT_FOUND, "attachment not found")
+    session.set(aid, cols, rows, updated_at=rfc3339_now())
+    return session.snapshot(sid, SNAPSHOT_FIELDS)
+
+
+def session_detach(ctx, req) -> dict:
+    sid, aid, _, _ = _require(
+        "session.detach", req.params, attachment=True, size=False, trim=False
+    )
+    session = ctx.state(Sessions).get(sid)
+    if aid not in session.attachments:
+        raise RPCError(NOT_FOUND, "attachment not found")
+    session.remove(aid)
+    return session.snapshot(sid, SNAPSHOT_FIELDS)
+
+
+def session_status(ctx, req) -> dict:
+    sid, _, _, _ = _require("session.status", req.params, attachment=False, size=False, trim=False)
+    return ctx.state(Sessions).get(sid).snapshot(sid, SNAPSHOT_FIELDS)
+
+
+def session_close(ctx, req) -> dict:
+    sid, _, _, _ = _require("session.close", req.params, attachment=False, size=False, trim=False)
+    sessions = ctx.state(Sessions)
+    sessions.get(sid)
+    del sessions.by_id[sid]
+    return {"session_id": sid, "closed": True}
+
+
+METHODS = {
+    "session.open": session_open,
+    "session.attach": session_attach,
+    "session.resize": session_resize,
+    "session.detach": session_detach,
+    "session.status": session_status,
+    "session.close": session_close,
+}

@@ -1,0 +1,254 @@
+"""The wire protocol as plain data: frames, envelopes, error codes, parameter rules.
+
+Sans-IO on purpose: nothing here touches a socket, a loop or a process, so every rule of
+the spec can be tested by feeding bytes in and reading bytes out.
+"""
+
+from __future__ import annotations
+
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+MAX_FRAME = 4 * 1024 * 1024
+"""Largest request frame, counted with its LF (and CR)."""
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+# Error codes (§5).
+INVALID_REQUEST = "invalid_request"
+METHOD_NOT_FOUND = "method_not_found"
+INVALID_PARAMS = "invalid_params"
+NOT_FOUND = "not_found"
+OPEN_FAILED = "open_failed"
+STREAM_ERROR = "stream_error"
+UNAVAILABLE = "unavailable"
+PTY_SESSION_NOT_FOUND = "pty_session_not_found"
+PTY_START_FAILED = "pty_start_failed"
+PTY_INPUT_QUEUE_FULL = "pty_input_queue_full"
+PTY_INPUT_SEQ_GAP = "pty_input_seq_gap"
+REMOTE_PTY_TIMEOUT = "remote_pty_timeout"
+REMOTE_CONNECTION_INACTIVE = "remote_connection_inactive"
+
+MSG_OVERSIZED = "request frame exceeds maximum size"
+MSG_INVALID_JSON = "invalid JSON request"
+MSG_METHOD_REQUIRED = "method is required"
+MSG_BAD_BASE64 = "data_base64 must be valid base64"
+
+
+NO_RESPONSE = object()
+"""Returned by a handler that must not answer (a notification that succeeded)."""
+
+
+class RPCError(Exception):
+    """A request failed with one of the spec's error codes; the message is shown to people."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Oversized:
+    """Marker the decoder yields in place of a frame that exceeded MAX_FRAME."""
+
+    __slots__ = ()
+
+
+OVERSIZED = Oversized()
+
+
+class FrameDecoder:
+    """Splits a byte stream into LF-terminated frames, enforcing the size limit.
+
+    A frame longer than the limit is reported once as OVERSIZED and the rest of its line is
+    discarded, so one bad line never desynchronises the stream. A partial line is kept as a
+    list of chunks so that a large frame arriving in many reads is joined once, not per read.
+    """
+
+    __slots__ = ("_parts", "_size", "_discarding", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME):
+        self.max_frame = max_frame
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._discarding = False
+
+    def feed(self, data: bytes) -> list[bytes | Oversized]:
+        """Return every frame completed by `data` (without its LF), in order."""
+        out: list[bytes | Oversized] = []
+        limit = self.max_frame
+        cut = data.find(b"\n")
+        if cut < 0:
+            self._hold(data, out)
+            return out
+        head = data[:cut]
+        if self._discarding:
+            self._discarding = False
+        elif self._parts:
+            if self._size + len(head) >= limit:
+                out.append(OVERSIZED)
+            else:
+                self._parts.append(head)
+                out.append(b"".join(self._parts))
+        else:
+            out.append(OVERSIZED if len(head) >= limit else head)
+        self._parts = []
+        self._size = 0
+        lines = data[cut + 1 :].split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            # len(line) excludes the LF that the limit counts.
+            out.append(OVERSIZED if len(line) >= limit else line)
+        self._hold(tail, out)
+        return out
+
+    def _hold(self, data: bytes, out: list) -> None:
+        if self._discarding or not data:
+            return
+        self._size += len(data)
+        if self._size >= self.max_frame:
+            out.append(OVERSIZED)
+            self._discarding = True
+            self._parts = []
+            self._size = 0
+        else:
+            self._parts.append(data)
+
+    def eof(self) -> list[bytes | Oversized]:
+        """The bytes left after the last LF form one final frame."""
+        parts = self._parts
+        self._parts, self._size, self._discarding = [], 0, False
+        return [b"".join(parts)] if parts else []
+
+    @property
+    def buffered(self) -> int:
+        return self._size
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    params: dict
+    id: Any = None
+    has_id: bool = False
+    """True when the `id` key was present at all (even as null): such a request is never a
+    notification."""
+
+
+def _loads(frame: bytes) -> Any:
+    try:
+        return orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        # Invalid UTF-8 inside strings is replaced by U+FFFD rather than rejected.
+        text = frame.decode("utf-8", "replace")
+        return orjson.loads(text)
+
+
+def parse_request(frame: bytes) -> Request | bytes | None:
+    """Turn one frame into a Request, an encoded error response, or None (empty frame)."""
+    if frame[-1:] == b"\r":
+        frame = frame[:-1]
+    if not frame:
+        return None
+    try:
+        obj = _loads(frame)
+    except orjson.JSONDecodeError:
+        return INVALID_JSON_RESPONSE
+    if type(obj) is not dict:
+        return INVALID_JSON_RESPONSE
+    method = obj.get("method")
+    params = obj.get("params")
+    if (method is not None and type(method) is not str) or (
+        params is not None and type(params) is not dict
+    ):
+        return INVALID_JSON_RESPONSE
+    has_id = "id" in obj
+    return Request(method or "", params or {}, obj.get("id"), has_id)
+
+
+def encode(message: dict) -> bytes:
+    """One frame: compact JSON and a single LF."""
+    return orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def ok_response(req_id: Any, result: dict) -> bytes:
+    if req_id is None:
+        return encode({"ok": True, "result": result})
+    return encode({"id": req_id, "ok": True, "result": result})
+
+
+def error_response(req_id: Any, code: str, message: str) -> bytes:
+    err = {"code": code, "message": message}
+    if req_id is None:
+        return encode({"ok": False, "error": err})
+    return encode({"id": req_id, "ok": False, "error": err})
+
+
+def event(name: str, **fields: Any) -> dict:
+    """An event object; empty strings and zeros are omitted as the spec asks."""
+    msg = {"event": name}
+    for key, value in fields.items():
+        if value == "" or (value == 0 and type(value) is int) or value is None:
+            continue
+        msg[key] = value
+    return msg
+
+
+INVALID_JSON_RESPONSE = error_response(None, INVALID_REQUEST, MSG_INVALID_JSON)
+OVERSIZED_RESPONSE = error_response(None, INVALID_REQUEST, MSG_OVERSIZED)
+
+
+def unknown_method_message(method: str) -> str:
+    # JSON string syntax escapes `"`, `\` and control characters, as the spec requires.
+    return "unknown method " + orjson.dumps(method).decode()
+
+
+# Parameter typing (§4). Each returns None for "absent".
+
+
+def param_str(params: dict, key: str, *, trim: bool = False) -> str | None:
+    value = params.get(key)
+    if type(value) is not str:
+        return None
+    if trim:
+        value = value.strip()
+    return value or None
+
+
+def param_int(params: dict, key: str) -> int | None:
+    value = params.get(key)
+    kind = type(value)
+    if kind is int:
+        pass
+    elif kind is float and value.is_integer():
+        value = int(value)
+    else:
+        return None
+    if INT64_MIN <= value <= INT64_MAX:
+        return value
+    return None
+
+
+def param_bool(params: dict, key: str) -> bool:
+    return params.get(key) is True
+
+
+def param_base64(params: dict, key: str, missing_message: str) -> bytes:
+    """Decode a required base64 parameter, raising the spec's errors."""
+    value = params.get(key)
+    if type(value) is not str:
+        raise RPCError(INVALID_PARAMS, missing_message)
+    if "\r" in value or "\n" in value:
+        value = value.replace("\r", "").replace("\n", "")
+    try:
+        return binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise RPCError(INVALID_PARAMS, MSG_BAD_BASE64) from None
+
+
+def b64(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
