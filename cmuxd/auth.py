@@ -1,0 +1,617 @@
+"""Relay authentication (spec §7), both roles, and the one place that knows where credentials live.
+
+The handshakes are sans-IO state machines in the style of h11: they are fed bytes and hand
+back bytes, and never touch a socket, a loop or a clock. The I/O layer owns the timing rules
+(the 5 s pre-auth deadline, the 50 ms floor before a failure reply) because only it has a
+clock; keeping them out of here is what lets every vector and failure case of the spec be
+checked without a network. The credentials lookup reads files, so it uses os/pathlib, and
+nothing else here does.
+
+Secrets never leave this module in text: exception messages, failure reasons, `repr` and
+`source` strings name where a token came from, never the token or a MAC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import orjson
+
+MAX_AUTH_LINE = 16384
+"""Largest auth line, counted with its LF (§7.4 rule 2)."""
+
+PREAUTH_TIMEOUT = 5.0
+"""Seconds from accept to a complete auth line; enforced by the I/O layer."""
+
+FAILURE_DELAY = 0.05
+"""Seconds after the challenge before a failure reply may be sent; enforced by the I/O layer."""
+
+PROTOCOL_NAME = "cmux-relay-auth"
+VERSION = 1
+
+OK_REPLY = b'{"ok":true}\n'
+FAILURE_REPLY = b'{"ok":false}\n'
+
+TOKEN_FILE_NAME = "relay-token"
+MIN_TOKEN_BYTES = 16
+_MAX_TOKEN_FILE = 65536
+
+_PROOF_LABEL = "cmux-relay-server-proof"
+_CLIENT_NONCE = re.compile(r"(?:[0-9a-f]{2}){16,64}")
+_HEX = re.compile(r"[0-9a-fA-F]*")
+
+
+class AuthError(Exception):
+    """Credentials are missing, unsafe or malformed, or a handshake failed.
+
+    The message is a sentence for people and never contains a token or a MAC.
+    """
+
+
+def new_nonce() -> str:
+    """A fresh server nonce: 16 CSPRNG bytes as 32 lowercase hex characters (§7.2)."""
+    return secrets.token_hex(16)
+
+
+def _hmac_hex(token: bytes, message: str) -> str:
+    return hmac.new(token, message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def client_mac(token: bytes, relay_id: str, server_nonce: str, version: int = VERSION) -> str:
+    """The client's proof (§7.3). `token` is the decoded key, never the hex text (vector P1)."""
+    return _hmac_hex(token, f"relay_id={relay_id}\nnonce={server_nonce}\nversion={version}")
+
+
+def relay_mac(
+    token: bytes, relay_id: str, client_nonce: str, server_nonce: str, version: int = VERSION
+) -> str:
+    """The relay's proof to a mutual client (§7.3); binds both nonces so it cannot be replayed."""
+    return _hmac_hex(
+        token,
+        f"{_PROOF_LABEL}\nrelay_id={relay_id}\nclient_nonce={client_nonce}"
+        f"\nserver_nonce={server_nonce}\nversion={version}",
+    )
+
+
+def _decode_mac(value: object) -> bytes | None:
+    """Decoded MAC bytes, or None: the spec asks for 64 hex digits, and comparing decoded bytes
+    means letter case cannot turn a right MAC into a wrong one."""
+    if type(value) is not str or len(value) != 64 or not _HEX.fullmatch(value):
+        return None
+    return bytes.fromhex(value)
+
+
+def _valid_client_nonce(value: object) -> bool:
+    return type(value) is str and _CLIENT_NONCE.fullmatch(value) is not None
+
+
+def _check_relay_id(relay_id: str) -> None:
+    # A LF inside the relay id would make two different (id, nonce) pairs sign the same text.
+    if type(relay_id) is not str or not relay_id or "\n" in relay_id:
+        raise ValueError("the relay id must be a non-empty string on one line")
+
+
+def _take_line(buf: bytearray, data: bytes) -> tuple[bytes | None, bytes, bool]:
+    """Append `data` to `buf` and cut one LF-terminated line out of it.
+
+    Returns (line without LF and one trailing CR, bytes after it, too_long). Only the new data
+    is searched for the LF, so byte-by-byte feeding stays linear.
+    """
+    cut = data.find(b"\n")
+    if cut < 0:
+        buf += data
+        # A line already this long cannot end within the limit once its LF arrives.
+        return None, b"", len(buf) >= MAX_AUTH_LINE
+    if len(buf) + cut + 1 > MAX_AUTH_LINE:
+        return None, b"", True
+    line = bytes(buf) + data[:cut]
+    buf.clear()
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    return line, data[cut + 1 :], False
+
+
+def _load_object(line: bytes) -> dict | None:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if type(obj) is dict else None
+
+
+class ServerHandshake:
+    """Daemon (relay) side of one connection's handshake.
+
+    `state` goes from "waiting" to "accepted" or "failed" exactly once; `reply` is then the
+    line to send. `reason` is a short fixed word for logs ("bad_json", "relay_id",
+    "mac_format", "mac", "client_nonce", "too_long", "eof", or whatever the I/O layer passed
+    to `fail`); it is never derived from what the peer sent, so it can be logged as is.
+    """
+
+    __slots__ = (
+        "_token", "relay_id", "nonce", "_expected", "_buf",
+        "state", "reply", "leftover", "mutual", "reason",
+    )
+
+    def __init__(self, token: bytes, relay_id: str, nonce: str | None = None):
+        _check_relay_id(relay_id)
+        if not token:
+            raise ValueError("the relay token must not be empty")
+        self._token = bytes(token)
+        self.relay_id = relay_id
+        # Fixing the nonce is for the spec's vectors only; the daemon always passes None.
+        self.nonce = new_nonce() if nonce is None else nonce
+        self._expected = bytes.fromhex(client_mac(self._token, relay_id, self.nonce))
+        self._buf = bytearray()
+        self.state = "waiting"
+        self.reply: bytes | None = None
+        self.leftover = b""
+        self.mutual = False
+        self.reason: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<ServerHandshake relay_id={self.relay_id!r} state={self.state}>"
+
+    def challenge(self) -> bytes:
+        return orjson.dumps(
+            {"protocol": PROTOCOL_NAME, "version": VERSION, "relay_id": self.relay_id,
+             "nonce": self.nonce},
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+
+    def feed(self, data: bytes) -> None:
+        """Take bytes from the client. Bytes arriving after acceptance join `leftover`, since
+        they are RPC bytes; after a failure they are dropped, as rule 4 asks."""
+        if self.state == "accepted":
+            self.leftover += data
+            return
+        if self.state != "waiting":
+            return
+        line, rest, too_long = _take_line(self._buf, data)
+        if too_long:
+            self.fail("too_long")
+        elif line is not None:
+            self._decide(line, rest)
+
+    def eof(self) -> None:
+        """The client closed before a whole auth line: a failure, not a wait."""
+        if self.state == "waiting":
+            self.fail("eof")
+
+    def fail(self, reason: str) -> None:
+        """Fail for a reason only the I/O layer sees (timeout, capacity), so that the reply
+        bytes stay defined in one place."""
+        if self.state == "accepted":
+            raise RuntimeError("the handshake already succeeded; close the connection instead")
+        self.state = "failed"
+        self.reply = FAILURE_REPLY
+        self.reason = reason
+        self.leftover = b""
+        self._buf = bytearray()
+
+    def _decide(self, line: bytes, rest: bytes) -> None:
+        msg = _load_object(line)
+        if msg is None:
+            return self.fail("bad_json")
+        got_id = msg.get("relay_id")
+        if type(got_id) is not str or got_id != self.relay_id:
+            return self.fail("relay_id")
+        mac = _decode_mac(msg.get("mac"))
+        if mac is None:
+            return self.fail("mac_format")
+        mutual = "client_nonce" in msg
+        client_nonce = msg.get("client_nonce")
+        if mutual and not _valid_client_nonce(client_nonce):
+            return self.fail("client_nonce")
+        if not hmac.compare_digest(mac, self._expected):
+            return self.fail("mac")
+        self.state = "accepted"
+        self.mutual = mutual
+        self.leftover = rest
+        if mutual:
+            proof = relay_mac(self._token, self.relay_id, client_nonce, self.nonce)
+            self.reply = orjson.dumps(
+                {"ok": True, "relay_mac": proof}, option=orjson.OPT_APPEND_NEWLINE
+            )
+        else:
+            self.reply = OK_REPLY
+
+
+_MISMATCH = "relay auth challenge mismatch: "
+_NOT_A_RELAY = "check that the address is a cmuxd TCP listener"
+ERROR_REFUSED = (
+    "the relay refused the credentials; make sure the relay id and token are the ones the "
+    "daemon at this address was started with"
+)
+ERROR_NO_PROOF = (
+    "the relay did not prove it holds the relay token; do not use this address until you "
+    "have checked that it points at your daemon and that your token is current"
+)
+
+
+class ClientHandshake:
+    """Client side of the handshake; always mutual, so the daemon must prove it has the token.
+
+    After `feed` has seen the challenge, `to_send` holds the auth line; the caller writes it
+    and clears the attribute. A failed handshake never sets `to_send`, so nothing reaches a
+    server that did not match (§7.5). `error` is a sentence for people.
+    """
+
+    __slots__ = (
+        "_token", "relay_id", "client_nonce", "server_nonce", "_buf",
+        "state", "to_send", "error", "leftover",
+    )
+
+    def __init__(self, token: bytes, relay_id: str, client_nonce: str | None = None):
+        _check_relay_id(relay_id)
+        if not token:
+            raise ValueError("the relay token must not be empty")
+        if client_nonce is None:
+            client_nonce = secrets.token_hex(32)
+        elif not _valid_client_nonce(client_nonce):
+            raise ValueError("client_nonce must be 32-128 lowercase hex characters of even length")
+        self._token = bytes(token)
+        self.relay_id = relay_id
+        self.client_nonce = client_nonce
+        self.server_nonce: str | None = None
+        self._buf = bytearray()
+        self.state = "waiting_challenge"
+        self.to_send: bytes | None = None
+        self.error: str | None = None
+        self.leftover = b""
+
+    def __repr__(self) -> str:
+        return f"<ClientHandshake relay_id={self.relay_id!r} state={self.state}>"
+
+    def feed(self, data: bytes) -> None:
+        if self.state == "accepted":
+            self.leftover += data
+            return
+        while self.state in ("waiting_challenge", "sent"):
+            line, rest, too_long = _take_line(self._buf, data)
+            if too_long:
+                if self.state == "waiting_challenge":
+                    return self._fail(_MISMATCH + "the server sent an overlong line; " + _NOT_A_RELAY)
+                return self._fail("the relay sent an overlong reply; " + _NOT_A_RELAY)
+            if line is None:
+                return
+            if self.state == "waiting_challenge":
+                self._on_challenge(line)
+            else:
+                self._on_reply(line, rest)
+                return
+            data = rest
+
+    def eof(self) -> None:
+        """The server closed before finishing the handshake."""
+        if self.state == "waiting_challenge":
+            self._fail(_MISMATCH + "the server closed the connection without a challenge; "
+                       + _NOT_A_RELAY)
+        elif self.state == "sent":
+            self._fail("the relay closed the connection before answering the auth line; "
+                       "check the daemon's log for the reason")
+
+    def _fail(self, error: str) -> None:
+        self.state = "failed"
+        self.error = error
+        self.to_send = None
+        self.leftover = b""
+        self._buf = bytearray()
+
+    def _on_challenge(self, line: bytes) -> None:
+        msg = _load_object(line)
+        if msg is None or msg.get("protocol") != PROTOCOL_NAME:
+            return self._fail(_MISMATCH + "the server did not send a cmux relay challenge; "
+                              + _NOT_A_RELAY)
+        version = msg.get("version")
+        if type(version) is not int or version != VERSION:
+            return self._fail(_MISMATCH + f"the server speaks relay auth version {version!r:.20}"
+                              f" and this client speaks only {VERSION}; upgrade the older side")
+        got_id = msg.get("relay_id")
+        if got_id != self.relay_id:
+            # The relay id is public (it is in every challenge), so naming it is safe.
+            return self._fail(_MISMATCH + f"the server is relay {got_id!r:.80}, not "
+                              f"{self.relay_id!r:.80}; check the address, or use the relay id "
+                              "the daemon was started with")
+        nonce = msg.get("nonce")
+        if type(nonce) is not str or not nonce:
+            return self._fail(_MISMATCH + "the challenge has no nonce; " + _NOT_A_RELAY)
+        self.server_nonce = nonce
+        self.to_send = orjson.dumps(
+            {"client_nonce": self.client_nonce,
+             "mac": client_mac(self._token, self.relay_id, nonce),
+             "relay_id": self.relay_id},
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+        self.state = "sent"
+
+    def _on_reply(self, line: bytes, rest: bytes) -> None:
+        msg = _load_object(line)
+        if msg is None:
+            return self._fail("the relay sent an unreadable reply to the auth line; " + _NOT_A_RELAY)
+        if msg.get("ok") is not True:
+            return self._fail(ERROR_REFUSED)
+        got = _decode_mac(msg.get("relay_mac"))
+        want = bytes.fromhex(
+            relay_mac(self._token, self.relay_id, self.client_nonce, self.server_nonce)
+        )
+        if got is None or not hmac.compare_digest(got, want):
+            return self._fail(ERROR_NO_PROOF)
+        self.state = "accepted"
+        self.leftover = rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A relay id and its decoded token, with a note of where they came from for messages."""
+
+    relay_id: str
+    token: bytes = field(repr=False)
+    source: str = ""
+
+    def __repr__(self) -> str:
+        return (f"Credentials(relay_id={self.relay_id!r}, token=<{len(self.token)} bytes>, "
+                f"source={self.source!r})")
+
+    __str__ = __repr__
+
+
+def parse_token(text: str, *, source: str = "the relay token") -> bytes:
+    """Decode a hex token. `source` names where it came from, because the message must say
+    which thing to fix and may never quote the token itself."""
+    text = text.strip()
+    fix = "generate a new one with `cmuxd-remote token new`"
+    if not text:
+        raise AuthError(f"{source} is empty; {fix}")
+    if not _HEX.fullmatch(text):
+        raise AuthError(f"{source} is not a hex string; {fix}")
+    if len(text) % 2:
+        raise AuthError(f"{source} has an odd number of hex digits, so it was probably cut "
+                        f"short; copy it again in full, or {fix}")
+    token = bytes.fromhex(text)
+    if len(token) < MIN_TOKEN_BYTES:
+        raise AuthError(f"{source} is only {len(token)} bytes long and at least "
+                        f"{MIN_TOKEN_BYTES} are needed; {fix}")
+    return token
+
+
+def _read_private_file(path: Path, what: str, check_mode: bool = True) -> str:
+    """Read a small secret file, refusing one other users could read or change: a token is a
+    shell credential (§7.6), so a leaked one is a remote shell for whoever read it.
+
+    `check_mode` is off only for a systemd credential: systemd grants the service user read
+    access through an ACL whose mask shows up as group bits (mode 0440), while the file sits
+    on a private read-only mount that no other user can reach.
+    """
+    try:
+        # O_NONBLOCK so that a FIFO put in the token's place cannot hang the start.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise AuthError(f"{what} {path} does not exist; create one with "
+                        "`cmuxd-remote token new`") from None
+    except PermissionError:
+        raise AuthError(f"{what} {path} cannot be read by this user; fix its owner or "
+                        "run this as the user that owns it") from None
+    except IsADirectoryError:
+        raise AuthError(f"{what} {path} is a directory; point to the token file inside it") from None
+    try:
+        st = os.fstat(fd)  # the file we opened, not whatever the path names a moment later
+        if not stat.S_ISREG(st.st_mode):
+            raise AuthError(f"{what} {path} is not a regular file; point to the token file")
+        loose = st.st_mode & 0o066 if check_mode else 0
+        if loose:
+            how = []
+            if loose & 0o044:
+                how.append("read")
+            if loose & 0o022:
+                how.append("changed")
+            raise AuthError(f"{what} {path} can be {' and '.join(how)} by other users "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod 600 {path}")
+        raw = os.read(fd, _MAX_TOKEN_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > _MAX_TOKEN_FILE:
+        raise AuthError(f"{what} {path} is far too large to hold a token; point to the right file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AuthError(f"{what} {path} is not text; point to the right file, or create a new "
+                        "one with `cmuxd-remote token new`") from None
+
+
+def _load_token_file(path: os.PathLike | str, what: str = "token file",
+                     check_mode: bool = True) -> tuple[str | None, bytes]:
+    """(relay id or None, token) from a hex line or a §7.7 JSON auth file."""
+    path = Path(path)
+    text = _read_private_file(path, what, check_mode).strip()
+    if not text.startswith("{"):
+        return None, parse_token(text, source=f"the token in {path}")
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # `from None`: the decode error keeps the whole document, token included.
+        raise AuthError(f"{what} {path} starts like JSON but is not valid JSON; write it as "
+                        '{"relay_id": "...", "relay_token": "..."} or as one hex line') from None
+    token_text = obj.get("relay_token") if type(obj) is dict else None
+    if type(token_text) is not str:
+        raise AuthError(f"{what} {path} has no relay_token string; write it as "
+                        '{"relay_id": "...", "relay_token": "..."} or as one hex line')
+    relay_id = obj.get("relay_id")
+    if relay_id is not None:
+        if type(relay_id) is not str or not relay_id.strip() or "\n" in relay_id.strip():
+            raise AuthError(f"{what} {path} has a relay_id that is not a non-empty one-line "
+                            "string; fix it or remove the key")
+        relay_id = relay_id.strip()
+    return relay_id, parse_token(token_text, source=f"the relay_token in {path}")
+
+
+def read_token_file(path: os.PathLike | str) -> bytes:
+    """The token of a hex-line or JSON auth file; see `_load_token_file` for the relay id."""
+    return _load_token_file(path)[1]
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    home = env.get("HOME")
+    return Path(home) if home else Path.home()
+
+
+def default_token_path(env: Mapping[str, str] = os.environ) -> Path:
+    config = env.get("XDG_CONFIG_HOME")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    base = Path(config) if config and os.path.isabs(config) else _home(env) / ".config"
+    return base / "cmuxd" / TOKEN_FILE_NAME
+
+
+def write_new_token(path: os.PathLike | str | None = None, *, force: bool = False,
+                    env: Mapping[str, str] = os.environ) -> Path:
+    """Create a 32-byte token file readable only by its owner, and return its path.
+
+    The file is created with its final mode rather than chmod-ed later, so the token is never
+    readable by others, not even for a moment; replacing goes through a private temporary file
+    and a rename so a crash cannot leave a half-written token behind.
+    """
+    path = Path(path) if path is not None else default_token_path(env)
+    if path.exists() and not force:
+        raise AuthError(f"token file {path} already exists; keep using it, or replace it with "
+                        "`cmuxd-remote token new --force` (clients holding the old token will "
+                        "then be refused)")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = (secrets.token_hex(32) + "\n").encode("ascii")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if force else path
+    try:
+        fd = os.open(target, flags, 0o600)
+    except FileExistsError:
+        raise AuthError(f"token file {path} was created by someone else just now; check it, "
+                        "then run the command again") from None
+    try:
+        os.fchmod(fd, 0o600)  # the umask can only remove bits, but make the mode exact anyway
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(target)
+        raise
+    os.close(fd)
+    if target != path:
+        os.replace(target, path)
+    return path
+
+
+def _env_value(env: Mapping[str, str], name: str) -> str:
+    return (env.get(name) or "").strip()
+
+
+def _host_relay_id() -> str:
+    return os.uname().nodename.split(".")[0] or "localhost"
+
+
+def server_credentials(token_file: os.PathLike | str | None = None, relay_id: str | None = None,
+                       env: Mapping[str, str] = os.environ) -> Credentials:
+    """The daemon's own credentials.
+
+    Token: --token-file, then the systemd credential $CREDENTIALS_DIRECTORY/relay-token, then
+    CMUX_RELAY_TOKEN, then the default token file. Relay id: --relay-id, then CMUX_RELAY_ID,
+    then the relay_id of a JSON token file, then the short host name, which is what a fleet
+    of hosts on one mesh would use anyway.
+    """
+    file_id: str | None = None
+    cred_dir = _env_value(env, "CREDENTIALS_DIRECTORY")
+    env_token = _env_value(env, "CMUX_RELAY_TOKEN")
+    if token_file is not None:
+        file_id, token = _load_token_file(token_file)
+        token_from = f"--token-file {token_file}"
+    elif cred_dir and os.path.exists(os.path.join(cred_dir, TOKEN_FILE_NAME)):
+        cred_path = os.path.join(cred_dir, TOKEN_FILE_NAME)
+        file_id, token = _load_token_file(cred_path, "systemd credential", check_mode=False)
+        token_from = f"systemd credential {cred_path}"
+    elif env_token:
+        token = parse_token(env_token, source="CMUX_RELAY_TOKEN")
+        token_from = "CMUX_RELAY_TOKEN"
+    else:
+        default = default_token_path(env)
+        if not default.exists():
+            raise AuthError(f"no relay token is configured; create one with `cmuxd-remote token "
+                            f"new` (it writes {default}), or pass --token-file, or set "
+                            "CMUX_RELAY_TOKEN")
+        file_id, token = _load_token_file(default)
+        token_from = str(default)
+
+    if relay_id is not None:
+        rid, id_from = relay_id.strip(), "--relay-id"
+    elif _env_value(env, "CMUX_RELAY_ID"):
+        rid, id_from = _env_value(env, "CMUX_RELAY_ID"), "CMUX_RELAY_ID"
+    elif file_id:
+        rid, id_from = file_id, "the token file"
+    else:
+        rid, id_from = _host_relay_id(), "the host name"
+    if not rid or "\n" in rid:
+        raise AuthError(f"the relay id from {id_from} is empty or spans lines; pass a one-line "
+                        "--relay-id")
+    return Credentials(rid, token, f"token from {token_from}, relay id from {id_from}")
+
+
+def client_credentials(port: int | None, token_file: os.PathLike | str | None = None,
+                       relay_id: str | None = None,
+                       env: Mapping[str, str] = os.environ) -> Credentials:
+    """Credentials for dialling a TCP relay at `port`.
+
+    Order: --token-file (an explicit flag beats the environment, which inside a cmux SSH
+    workspace holds the app's own relay credentials), then CMUX_RELAY_ID with
+    CMUX_RELAY_TOKEN, then ~/.cmux/relay/<port>.auth (§7.7), then the default token file.
+    --relay-id, when given, always names the relay id.
+    """
+    env_id = _env_value(env, "CMUX_RELAY_ID")
+    env_token = _env_value(env, "CMUX_RELAY_TOKEN")
+    if relay_id is not None:
+        relay_id = relay_id.strip()
+        if not relay_id or "\n" in relay_id:
+            raise AuthError("the --relay-id given is empty or spans lines; pass the one-line "
+                            "relay id the daemon was started with")
+
+    def pick_id(file_id: str | None, path: object) -> tuple[str, str]:
+        if relay_id is not None:
+            return relay_id, "--relay-id"
+        if file_id:
+            return file_id, str(path)
+        if env_id:
+            return env_id, "CMUX_RELAY_ID"
+        raise AuthError(f"{path} holds a token but no relay id; pass --relay-id, set "
+                        'CMUX_RELAY_ID, or write the file as {"relay_id": "...", '
+                        '"relay_token": "..."}')
+
+    if token_file is not None:
+        file_id, token = _load_token_file(token_file)
+        rid, id_from = pick_id(file_id, token_file)
+        return Credentials(rid, token, f"token from --token-file {token_file}, relay id from {id_from}")
+    if env_id and env_token:
+        token = parse_token(env_token, source="CMUX_RELAY_TOKEN")
+        if relay_id is not None:
+            return Credentials(relay_id, token, "token from CMUX_RELAY_TOKEN, relay id from --relay-id")
+        return Credentials(env_id, token, "CMUX_RELAY_ID and CMUX_RELAY_TOKEN")
+    if port is not None:
+        auth_path = _home(env) / ".cmux" / "relay" / f"{int(port)}.auth"
+        if auth_path.exists():
+            file_id, token = _load_token_file(auth_path, "relay auth file")
+            rid, id_from = pick_id(file_id, auth_path)
+            return Credentials(rid, token, f"token from {auth_path}, relay id from {id_from}")
+    default = default_token_path(env)
+    if default.exists():
+        file_id, token = _load_token_file(default)
+        rid, id_from = pick_id(file_id, default)
+        return Credentials(rid, token, f"token from {default}, relay id from {id_from}")
+    raise AuthError("no relay credentials for this address; set CMUX_RELAY_ID and "
+                    "CMUX_RELAY_TOKEN, pass --token-file, or copy the daemon's token to "
+                    f"{default}")
