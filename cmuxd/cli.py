@@ -1,15 +1,33 @@
-"""Command line: parse with argh, then call the parts that do the work."""
+"""Command line: parse with argh, then call the parts that do the work.
+
+Exit codes of the client commands: 0 success, 1 the daemon answered with an error,
+2 usage, 3 unreachable (refused, unknown host, closed), 4 authentication, 5 timeout.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 import argh
+import orjson
 
 from . import __version__
-from .connection import serve_stdio
+from .auth import AuthError, write_new_token
+from .client import (
+    EXIT_RPC_ERROR,
+    EXIT_USAGE,
+    AsyncClient,
+    ClientError,
+    RemoteError,
+    bridge_stdio,
+    ping_series,
+)
+from .config import DEFAULT_PORT, Config
+
+log = logging.getLogger("cmuxd")
 
 
 def version() -> None:
@@ -18,17 +36,141 @@ def version() -> None:
 
 
 @argh.arg("--stdio", help="serve one connection on stdin/stdout (what `ssh host cmuxd-remote serve --stdio` runs)")
-def serve(stdio: bool = False) -> None:
-    """Serve the cmux remote protocol."""
+@argh.arg("--tcp", action="append", metavar="ADDR", help=":PORT (every address), HOST:PORT or [IPV6]:PORT; repeatable")
+@argh.arg("--socket", action="append", metavar="PATH", help="a Unix socket path; repeatable")
+@argh.arg("--workers", help="worker processes (default: the number of CPUs)")
+@argh.arg("--token-file", help="relay token file (default: $CREDENTIALS_DIRECTORY/relay-token, CMUX_RELAY_TOKEN, then ~/.config/cmuxd/relay-token)")
+@argh.arg("--relay-id", help="relay id (default: CMUX_RELAY_ID, then the short host name)")
+@argh.arg("--unix-auth", choices=["peer", "token"], help="peer: same uid or root pass; token: Unix clients run the relay handshake too")
+@argh.arg("--max-handshakes", help="unauthenticated connections in flight at once")
+@argh.arg("--backoff-failures", help="failed handshakes from one address before it is refused for a while")
+@argh.arg("--state-dir", help="where the control socket lives (default: $XDG_RUNTIME_DIR/cmuxd)")
+def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str] | None = None,
+          workers: int = 0, token_file: str | None = None, relay_id: str | None = None,
+          unix_auth: str = "peer", max_handshakes: int = 256, backoff_failures: int = 20,
+          state_dir: str = "") -> None:
+    """Serve the cmux remote protocol. Without --stdio, --tcp or --socket it listens on
+    127.0.0.1:5555 and a Unix socket under $XDG_RUNTIME_DIR/cmuxd."""
+    if stdio:
+        if tcp or socket:
+            raise argh.CommandError("--stdio serves one pipe; it cannot be combined with --tcp or --socket")
+        from .connection import serve_stdio
+
+        sys.exit(asyncio.run(serve_stdio()))
+    from .supervisor import run_daemon
+    from .supervisor.listeners import default_socket_path
+
+    if not tcp and not socket:
+        tcp = [f"127.0.0.1:{DEFAULT_PORT}"]
+        socket = [str(default_socket_path())]
+    config = Config(tcp=tcp or [], sockets=socket or [], workers=workers, token_file=token_file,
+                    relay_id=relay_id, unix_auth=unix_auth, max_handshakes=max_handshakes,
+                    backoff_failures=backoff_failures, state_dir=state_dir)
+    sys.exit(run_daemon(config))
+
+
+@argh.arg("--force", help="replace an existing token (clients holding the old one are refused)")
+@argh.arg("--if-missing", help="do nothing when the file exists")
+@argh.named("new")
+@argh.arg("path", nargs="?", default=None, help="where to write it (default: ~/.config/cmuxd/relay-token)")
+def token_new(path: str | None, *, force: bool = False, if_missing: bool = False) -> None:
+    """Write a fresh relay token file (0600) and print where it is."""
+    from .auth import default_token_path
+
+    target = default_token_path() if path is None else path
+    if if_missing and os.path.exists(target):
+        print(target)
+        return
+    try:
+        print(write_new_token(target, force=force))
+    except AuthError as exc:
+        raise argh.CommandError(str(exc)) from None
+
+
+def _client_kwargs(token_file, relay_id, unix_auth):
+    return {"token_file": token_file, "relay_id": relay_id, "unix_auth": unix_auth}
+
+
+def _run_client(coro) -> int:
+    try:
+        return asyncio.run(coro)
+    except ClientError as exc:
+        print(f"cmuxd-remote: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RemoteError as exc:
+        print(f"cmuxd-remote: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+@argh.arg("uri", help="cmux://HOST:PORT, HOST:PORT, [IPV6]:PORT or unix:///PATH")
+@argh.arg("-c", "--count", help="pings to send")
+@argh.arg("-i", "--interval", help="seconds between pings")
+@argh.arg("--unix-auth", help="run the relay handshake on a Unix socket too")
+def ping(uri: str, *, count: int = 4, interval: float = 0.2, token_file: str | None = None,
+         relay_id: str | None = None, unix_auth: bool = False) -> None:
+    """Ping a daemon and print round-trip times like ping(8)."""
+
+    def report(seq: int, rtt: float) -> None:
+        print(f"pong from {uri}: seq={seq} time={rtt:.3f} ms", flush=True)
+
+    async def go() -> int:
+        connect_ms, rtts = await ping_series(uri, count, interval, report,
+                                             **_client_kwargs(token_file, relay_id, unix_auth))
+        print(f"--- {uri} ping statistics ---")
+        print(f"connect+auth {connect_ms:.3f} ms, {count} sent, {len(rtts)} received")
+        if rtts:
+            print(f"rtt min/avg/max = {min(rtts):.3f}/{sum(rtts) / len(rtts):.3f}/{max(rtts):.3f} ms")
+        return 0
+
+    sys.exit(_run_client(go()))
+
+
+@argh.arg("uri", help="cmux://HOST:PORT, HOST:PORT, [IPV6]:PORT or unix:///PATH")
+@argh.arg("method", help="e.g. hello, ping, session.open")
+@argh.arg("params", nargs="?", default=None, help="JSON object of parameters")
+def rpc(uri: str, method: str, params: str | None, *, token_file: str | None = None,
+        relay_id: str | None = None, unix_auth: bool = False, timeout: float = 30.0) -> None:
+    """Call one method and print its result as JSON."""
+    try:
+        parsed = orjson.loads(params) if params else {}
+    except orjson.JSONDecodeError as exc:
+        print(f"cmuxd-remote: PARAMS is not valid JSON: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    if not isinstance(parsed, dict):
+        print("cmuxd-remote: PARAMS must be a JSON object", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+    async def go() -> int:
+        client = await AsyncClient.connect(uri, **_client_kwargs(token_file, relay_id, unix_auth))
+        try:
+            result = await client.rpc(method, parsed, timeout=timeout)
+        finally:
+            await client.close()
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        return 0
+
+    sys.exit(_run_client(go()))
+
+
+@argh.arg("uri", help="cmux://HOST:PORT, HOST:PORT, [IPV6]:PORT or unix:///PATH")
+@argh.arg("--stdio", help="bridge stdin/stdout to the daemon (the only mode)")
+def connect(uri: str, *, stdio: bool = False, token_file: str | None = None,
+            relay_id: str | None = None, unix_auth: bool = False) -> None:
+    """Authenticate, then carry stdin/stdout to the daemon: a drop-in for
+    `ssh host cmuxd-remote serve --stdio`."""
     if not stdio:
-        raise argh.CommandError("choose a transport: --stdio")
-    sys.exit(asyncio.run(serve_stdio()))
+        raise argh.CommandError("connect needs --stdio (the stdin/stdout bridge)")
+    sys.exit(_run_client(bridge_stdio(uri, **_client_kwargs(token_file, relay_id, unix_auth))))
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="cmuxd: %(message)s", stream=sys.stderr)
     parser = argh.ArghParser(prog="cmuxd-remote", description=__doc__)
-    parser.add_commands([version, serve])
+    parser.add_commands([version, serve, ping, rpc, connect])
+    parser.add_commands([token_new], group_name="token",
+                        group_kwargs={"help": "manage the relay token"})
     parser.dispatch()
 
 

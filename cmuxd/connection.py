@@ -66,6 +66,11 @@ class ConnectionContext:
         """Run a task that lives no longer than the connection."""
         return self._conn.spawn(coro)
 
+    def unblock(self) -> None:
+        """Called from inside an awaiting handler: let the connection read the next request
+        while this one goes on; its reply is written whenever it completes."""
+        self._conn.unblock()
+
     @property
     def closing(self) -> bool:
         return self._conn.closing
@@ -90,6 +95,7 @@ class Connection(asyncio.Protocol):
         self.reading_paused = False
         self.tasks: set[asyncio.Task] = set()
         self._writable: asyncio.Future | None = None
+        self._blocking: asyncio.Task | None = None
         self._initial = initial
         self.done = asyncio.get_event_loop().create_future()
         """Resolves to None, or to the I/O error that ended the connection."""
@@ -153,7 +159,7 @@ class Connection(asyncio.Protocol):
                     self.out.append(reply)
                     continue
                 self.busy = True
-                self.spawn(self._complete(reply))
+                self._blocking = self.spawn(self._complete(reply))
                 break
         finally:
             self.batching = False
@@ -207,8 +213,22 @@ class Connection(asyncio.Protocol):
         reply = await reply_coro
         if reply is not None:
             self.send(reply)
+        if self._blocking is asyncio.current_task():
+            self._blocking = None
+            self.busy = False
+            if not self.closing:
+                self._run()
+
+    def unblock(self) -> None:
+        task = asyncio.current_task()
+        if task is None or task is not self._blocking:
+            return
+        self._blocking = None
         self.busy = False
-        if not self.closing:
+        asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if not self.busy and not self.closing:
             self._run()
 
     # output

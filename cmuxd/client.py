@@ -1,0 +1,400 @@
+"""The authenticated client: dial, handshake, then RPC; asyncio first, with a sync wrapper.
+
+Addresses: `cmux://host:port`, `host:port`, `[v6]:port`, `unix:///path` or a bare `/path`.
+TCP always runs the mutual relay handshake, so a server that cannot prove it holds the
+token is refused before any request is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .auth import PREAUTH_TIMEOUT, AuthError, ClientHandshake, Credentials, client_credentials
+from .protocol import OVERSIZED, FrameDecoder
+
+DEFAULT_PORT = 5555
+DIAL_TIMEOUT = 2.0
+
+# Exit codes the CLI uses, so scripts can tell failures apart.
+EXIT_RPC_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_AUTH = 4
+EXIT_TIMEOUT = 5
+
+
+class ClientError(Exception):
+    """A connection-level failure; `exit_code` is what the CLI exits with."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RemoteError(Exception):
+    """The daemon answered a request with an error."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Address:
+    kind: str  # "tcp" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"cmux://{host}:{self.port}"
+
+    @property
+    def is_local(self) -> bool:
+        if self.kind == "unix" or self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_address(text: str) -> Address:
+    text = text.strip()
+    if text.startswith("unix://"):
+        path = text[len("unix://"):]
+        if not path.startswith("/"):
+            raise ClientError(f"{text!r}: a unix:// address needs an absolute path", EXIT_USAGE)
+        return Address("unix", path=path)
+    if text.startswith("/") or text.startswith("~"):
+        return Address("unix", path=os.path.expanduser(text))
+    rest = text[len("cmux://"):] if text.startswith("cmux://") else text
+    rest = rest.rstrip("/")
+    if rest.startswith("["):
+        host, sep, tail = rest[1:].partition("]")
+        if not sep:
+            raise ClientError(f"{text!r}: unbalanced [ in the address", EXIT_USAGE)
+        port_text = tail[1:] if tail.startswith(":") else ""
+    elif rest.count(":") == 1:
+        host, _, port_text = rest.partition(":")
+    elif ":" in rest:
+        host, port_text = rest, ""  # a bare IPv6 literal
+    else:
+        host, port_text = rest, ""
+    if not host:
+        raise ClientError(f"{text!r}: no host in the address", EXIT_USAGE)
+    try:
+        port = int(port_text) if port_text else DEFAULT_PORT
+    except ValueError:
+        raise ClientError(f"{text!r}: the port must be a number", EXIT_USAGE) from None
+    if not 1 <= port <= 65535:
+        raise ClientError(f"{text!r}: the port must be between 1 and 65535", EXIT_USAGE)
+    return Address("tcp", host=host, port=port)
+
+
+def credentials_for(address: Address, token_file=None, relay_id=None) -> Credentials:
+    """Find credentials as cmux clients do; for a daemon on this host the relay id defaults
+    to the short host name, which is the daemon's own default."""
+    try:
+        return client_credentials(address.port or None, token_file, relay_id)
+    except AuthError as exc:
+        if relay_id is None and address.is_local and not os.environ.get("CMUX_RELAY_ID"):
+            try:
+                return client_credentials(address.port or None, token_file,
+                                          os.uname().nodename.split(".")[0])
+            except AuthError:
+                pass
+        raise ClientError(str(exc), EXIT_AUTH) from None
+
+
+class AsyncClient:
+    """One authenticated connection; requests are matched to responses by id, events queue."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 address: Address, leftover: bytes = b""):
+        self.reader = reader
+        self.writer = writer
+        self.address = address
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._ids = itertools.count(1)
+        self._waiting: dict[Any, asyncio.Future] = {}
+        self._decoder = FrameDecoder()
+        self._pump: asyncio.Task | None = None
+        self._initial = leftover
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, target: str | Address, *, creds: Credentials | None = None,
+                      token_file=None, relay_id=None, unix_auth: bool = False,
+                      first_request: bytes = b"", raw: bool = False) -> "AsyncClient":
+        """Dial and authenticate. `first_request` may carry one request frame that is sent
+        together with the auth line (it is only processed if the daemon accepts us). With
+        `raw`, no response pump starts: the caller reads `reader` itself."""
+        address = target if isinstance(target, Address) else parse_address(target)
+        needs_auth = address.kind == "tcp" or unix_auth
+        if needs_auth and creds is None:
+            creds = credentials_for(address, token_file, relay_id)
+        reader, writer = await _dial(address)
+        try:
+            if address.kind == "unix":
+                _check_unix_peer(writer.get_extra_info("socket"), address)
+            leftover = b""
+            if needs_auth:
+                leftover = await _handshake(reader, writer, creds, address, first_request)
+            elif first_request:
+                writer.write(first_request)
+        except BaseException:
+            writer.close()
+            raise
+        client = cls(reader, writer, address, leftover)
+        if not raw:
+            client._pump = asyncio.get_running_loop().create_task(client._read_loop())
+        return client
+
+    async def _read_loop(self) -> None:
+        try:
+            if self._initial:
+                self._dispatch(self._decoder.feed(self._initial))
+            while True:
+                data = await self.reader.read(262144)
+                if not data:
+                    self._dispatch(self._decoder.eof())
+                    break
+                self._dispatch(self._decoder.feed(data))
+        except OSError:
+            pass
+        finally:
+            self.closed = True
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(ClientError(
+                        f"{self.address}: the daemon closed the connection", EXIT_UNREACHABLE))
+            self._waiting.clear()
+            self.events.put_nowait(None)
+
+    def _dispatch(self, frames) -> None:
+        for frame in frames:
+            if frame is OVERSIZED or not frame:
+                continue
+            msg = orjson.loads(frame)
+            if "event" in msg:
+                self.events.put_nowait(msg)
+                continue
+            fut = self._waiting.pop(_id_key(msg.get("id")), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    def send(self, method: str, params: dict | None = None, *, id: Any = None) -> asyncio.Future:
+        """Send one request; the future resolves to the whole response object."""
+        if id is None:
+            id = next(self._ids)
+        request = {"id": id, "method": method}
+        if params:
+            request["params"] = params
+        fut = asyncio.get_running_loop().create_future()
+        if self.closed:
+            fut.set_exception(ClientError(f"{self.address}: the connection is closed",
+                                          EXIT_UNREACHABLE))
+            return fut
+        self._waiting[_id_key(id)] = fut
+        self.writer.write(orjson.dumps(request, option=orjson.OPT_APPEND_NEWLINE))
+        return fut
+
+    async def rpc(self, method: str, params: dict | None = None, *,
+                  timeout: float | None = 30.0) -> dict:
+        """Call a method; returns its result or raises RemoteError."""
+        fut = self.send(method, params)
+        try:
+            response = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise ClientError(f"{self.address}: no answer to {method} within {timeout} s",
+                              EXIT_TIMEOUT) from None
+        if response.get("ok"):
+            return response.get("result", {})
+        error = response.get("error") or {}
+        raise RemoteError(error.get("code", "unknown"), error.get("message", ""))
+
+    async def next_event(self, timeout: float | None = None) -> dict | None:
+        return await asyncio.wait_for(self.events.get(), timeout)
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
+def _id_key(value: Any) -> Any:
+    return orjson.dumps(value)
+
+
+async def _dial(address: Address):
+    try:
+        if address.kind == "unix":
+            return await asyncio.wait_for(asyncio.open_unix_connection(address.path),
+                                          DIAL_TIMEOUT)
+        return await asyncio.wait_for(
+            asyncio.open_connection(address.host, address.port, limit=1 << 22), DIAL_TIMEOUT)
+    except TimeoutError:
+        raise ClientError(f"{address}: no answer within {DIAL_TIMEOUT:.0f} s; is the host up "
+                          "and the port reachable?", EXIT_TIMEOUT) from None
+    except socket.gaierror as exc:
+        raise ClientError(f"{address}: unknown host ({exc.strerror})", EXIT_UNREACHABLE) from None
+    except FileNotFoundError:
+        raise ClientError(f"{address}: no such socket; is the daemon running?",
+                          EXIT_UNREACHABLE) from None
+    except ConnectionRefusedError:
+        raise ClientError(f"{address}: connection refused; is the daemon running and "
+                          "listening there?", EXIT_UNREACHABLE) from None
+    except OSError as exc:
+        raise ClientError(f"{address}: {exc.strerror or exc}", EXIT_UNREACHABLE) from None
+
+
+async def _handshake(reader, writer, creds: Credentials, address: Address,
+                     first_request: bytes) -> bytes:
+    hs = ClientHandshake(creds.token, creds.relay_id)
+    try:
+        async with asyncio.timeout(PREAUTH_TIMEOUT):
+            while hs.state in ("waiting_challenge", "sent"):
+                data = await reader.read(65536)
+                if not data:
+                    hs.eof()
+                    break
+                hs.feed(data)
+                if hs.to_send:
+                    writer.write(hs.to_send + first_request)
+                    hs.to_send = None
+    except TimeoutError:
+        raise ClientError(f"{address}: the relay handshake did not finish within "
+                          f"{PREAUTH_TIMEOUT:.0f} s", EXIT_TIMEOUT) from None
+    except OSError as exc:
+        raise ClientError(f"{address}: connection lost during the handshake "
+                          f"({exc.strerror or exc})", EXIT_UNREACHABLE) from None
+    if hs.state != "accepted":
+        raise ClientError(f"{address}: {hs.error} (credentials: {creds.source})", EXIT_AUTH)
+    return hs.leftover
+
+
+def _check_unix_peer(sock: socket.socket, address: Address) -> None:
+    """A Unix socket owned by another user could be anyone's; refuse it as cmux does."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    uid = struct.unpack("3i", creds)[1]
+    if uid not in (os.geteuid(), 0):
+        raise ClientError(f"{address}: the socket belongs to uid {uid}, not to you; refusing it",
+                          EXIT_AUTH)
+
+
+class Client:
+    """Blocking wrapper over AsyncClient for scripts and tests."""
+
+    def __init__(self, target: str | Address, **kwargs):
+        self._runner = asyncio.Runner()
+        self._client: AsyncClient = self._runner.run(AsyncClient.connect(target, **kwargs))
+
+    def rpc(self, method: str, params: dict | None = None, *, timeout: float = 30.0) -> dict:
+        return self._runner.run(self._client.rpc(method, params, timeout=timeout))
+
+    def request(self, method: str, params: dict | None = None, *, timeout: float = 30.0) -> dict:
+        """The whole response object, errors included."""
+        return self._runner.run(asyncio.wait_for(self._client.send(method, params), timeout))
+
+    def next_event(self, timeout: float = 10.0) -> dict | None:
+        return self._runner.run(self._client.next_event(timeout))
+
+    def close(self) -> None:
+        try:
+            self._runner.run(self._client.close())
+        finally:
+            self._runner.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+async def bridge_stdio(target: str | Address, **kwargs) -> int:
+    """Carry stdin to the daemon and the daemon's bytes to stdout, unchanged: a drop-in for
+    `ssh host cmuxd-remote serve --stdio`. Ends when the daemon closes; stdin EOF half-closes
+    so every answer still arrives. Plain blocking fds, so files, pipes and ttys all work."""
+    client = await AsyncClient.connect(target, raw=True, **kwargs)
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue = asyncio.Queue(maxsize=16)
+
+    def read_stdin() -> None:
+        while True:
+            try:
+                data = os.read(0, 262144)
+            except OSError:
+                data = b""
+            asyncio.run_coroutine_threadsafe(chunks.put(data), loop).result()
+            if not data:
+                return
+
+    async def upstream() -> None:
+        while data := await chunks.get():
+            client.writer.write(data)
+            await client.writer.drain()
+        if client.writer.can_write_eof():
+            client.writer.write_eof()
+
+    def write_stdout(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view):]
+
+    threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
+    up = loop.create_task(upstream())
+    try:
+        write_stdout(client._initial)
+        while data := await client.reader.read(262144):
+            write_stdout(data)
+    except OSError as exc:
+        raise ClientError(f"{client.address}: connection lost ({exc.strerror or exc})",
+                          EXIT_UNREACHABLE) from None
+    finally:
+        up.cancel()
+        await client.close()
+    return 0
+
+
+async def ping_series(target: str | Address, count: int, interval: float, report, **kwargs):
+    """Connect once, then `count` sequential pings; `report(seq, rtt_ms)` after each.
+    Returns (connect_ms, [rtt_ms…])."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    client = await AsyncClient.connect(target, **kwargs)
+    connect_ms = (loop.time() - started) * 1000
+    rtts = []
+    try:
+        for seq in range(1, count + 1):
+            t0 = loop.time()
+            await client.rpc("ping", timeout=PREAUTH_TIMEOUT)
+            rtt = (loop.time() - t0) * 1000
+            rtts.append(rtt)
+            report(seq, rtt)
+            if seq < count and interval > 0:
+                await asyncio.sleep(interval)
+    finally:
+        await client.close()
+    return connect_ms, rtts

@@ -1,0 +1,56 @@
+"""One object that holds every daemon option, normalised once.
+
+The CLI builds it, the supervisor reads it, and the part a worker needs travels to the
+worker as JSON (`worker_json`): never the token, which only the supervisor holds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 5555
+
+
+def runtime_dir() -> Path:
+    """Where the daemon keeps its sockets: $XDG_RUNTIME_DIR/cmuxd, else ~/.local/state/cmux."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return Path(base) / "cmuxd"
+    return Path.home() / ".local" / "state" / "cmux"
+
+
+@dataclass
+class Config:
+    tcp: list[str] = field(default_factory=list)
+    sockets: list[str] = field(default_factory=list)
+    workers: int = 0
+    token_file: str | None = None
+    relay_id: str | None = None
+    unix_auth: str = "peer"  # "peer": same uid or root, no token; "token": relay handshake too
+    max_handshakes: int = 256
+    backoff_failures: int = 20
+    backoff_window: float = 60.0
+    backoff_max: float = 60.0
+    shell: str | None = None
+    scrollback: int = 1 << 20
+    idle_ttl: float = 86400.0
+    state_dir: str = ""
+
+    def __post_init__(self):
+        if self.workers <= 0:
+            self.workers = os.cpu_count() or 1
+        if not self.state_dir:
+            self.state_dir = str(runtime_dir())
+        if self.unix_auth not in ("peer", "token"):
+            raise ValueError("--unix-auth must be 'peer' or 'token'")
+
+    @property
+    def control_path(self) -> Path:
+        return Path(self.state_dir) / "control.sock"
+
+    def worker_json(self) -> dict:
+        keys = ("shell", "scrollback", "idle_ttl", "state_dir")
+        data = asdict(self)
+        return {k: data[k] for k in keys}

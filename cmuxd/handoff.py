@@ -1,0 +1,43 @@
+"""The supervisor→worker channel format (sans-IO).
+
+Each handed-off connection is one message: a JSON header line, then `n` raw bytes the gate
+had already read past the handshake. The connection's fd travels as SCM_RIGHTS on the same
+send, and the worker pairs fds with headers in order. Worker→supervisor reports are plain
+JSON lines.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+def encode_handoff(conn_id: int, kind: str, peer: str, leftover: bytes) -> bytes:
+    header = {"id": conn_id, "kind": kind, "peer": peer, "n": len(leftover)}
+    return orjson.dumps(header, option=orjson.OPT_APPEND_NEWLINE) + leftover
+
+
+class HandoffDecoder:
+    def __init__(self):
+        self._buf = bytearray()
+        self._header: dict | None = None
+
+    def feed(self, data: bytes) -> list[tuple[dict, bytes]]:
+        self._buf += data
+        out = []
+        while True:
+            if self._header is None:
+                cut = self._buf.find(b"\n")
+                if cut < 0:
+                    return out
+                self._header = orjson.loads(bytes(self._buf[:cut]))
+                del self._buf[: cut + 1]
+            n = self._header["n"]
+            if len(self._buf) < n:
+                return out
+            out.append((self._header, bytes(self._buf[:n])))
+            del self._buf[:n]
+            self._header = None
+
+
+def encode_report(**fields) -> bytes:
+    return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)

@@ -1,0 +1,79 @@
+"""The supervisor process: listeners, gate, pool, control socket and signals, wired together.
+
+It runs no RPC handler: whatever a handler does, the listeners stay up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import Counter
+
+from .. import __version__
+from ..auth import Credentials
+from .control import ControlServer
+from .gate import Gate
+from .listeners import Listener, ListenerError
+from .pool import WorkerPool
+
+log = logging.getLogger("cmuxd.supervisor")
+
+
+class Supervisor:
+    def __init__(self, config, listeners: list[Listener], creds: Credentials | None):
+        self.config = config
+        self.listeners = listeners
+        self.creds = creds
+        self.counters: Counter = Counter()
+        self.started = time.time()
+        self.pool = WorkerPool(config)
+        self.gate = Gate(listeners, creds, self.pool, config, self.counters)
+        self.control = ControlServer(config.control_path, self.status)
+        self.stop_requested: asyncio.Event | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        try:
+            await self.control.start()
+        except ListenerError as exc:
+            log.warning("no control socket (%s); `cmuxd-remote status` will not work", exc)
+        self.pool.start()
+        self.gate.start()
+        for listener in self.listeners:
+            auth = "relay-token auth" if listener.kind == "tcp" or self.config.unix_auth == "token" \
+                else "peer uid check"
+            log.info("listening on %s %s (%s, %s)", listener.kind, listener.address,
+                     listener.origin, auth)
+        log.info("cmuxd %s serving with %d workers", __version__, self.config.workers)
+        await self.stop_requested.wait()
+        log.info("stopping")
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        self.gate.stop()
+        for listener in self.listeners:
+            listener.close()
+        await self.pool.stop()
+        self.control.close()
+        log.info("stopped")
+
+    def status(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": round(time.time() - self.started, 3),
+            "relay_id": self.creds.relay_id if self.creds else None,
+            "listeners": [
+                {"kind": l.kind, "address": l.address, "origin": l.origin} for l in self.listeners
+            ],
+            "workers": self.pool.snapshot(),
+            "counters": dict(self.counters),
+            "handshakes_in_flight": self.gate.in_flight,
+        }

@@ -1,0 +1,251 @@
+"""The gate: accepts every connection, authenticates it, and hands it to the pool.
+
+It is the only code that reads bytes from a connection before authentication, so every
+pre-auth limit lives here: the auth line size and deadline, the delayed failure reply,
+the cap on handshakes in flight, and the per-address back-off after repeated failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from collections import Counter, OrderedDict
+
+from ..auth import FAILURE_DELAY, MAX_AUTH_LINE, PREAUTH_TIMEOUT, Credentials, ServerHandshake
+from .listeners import Listener, format_address
+
+log = logging.getLogger("cmuxd.supervisor")
+
+FAILURE_REPLY = b'{"ok":false}\n'
+REFUSAL_LOG_INTERVAL = 10.0
+BACKOFF_TABLE_MAX = 10000
+
+
+class Backoff:
+    """Per-address failure counts; an address past the threshold is refused at accept for a
+    period that doubles on each further offence, so a flood from one host costs an accept
+    and a close, not a handshake."""
+
+    def __init__(self, threshold: int, window: float, ceiling: float):
+        self.threshold = threshold
+        self.window = window
+        self.ceiling = ceiling
+        self.table: OrderedDict[str, list] = OrderedDict()  # addr -> [count, first, until, period]
+
+    def blocked(self, addr: str, now: float) -> bool:
+        entry = self.table.get(addr)
+        return entry is not None and entry[2] > now
+
+    def failure(self, addr: str, now: float) -> None:
+        entry = self.table.get(addr)
+        if entry is None or now - entry[1] > max(self.window, entry[3] * 2):
+            entry = [0, now, 0.0, entry[3] if entry else 0.0]
+        entry[0] += 1
+        if entry[0] >= self.threshold:
+            entry[3] = min(self.ceiling, entry[3] * 2 if entry[3] else 1.0)
+            entry[2] = now + entry[3]
+            entry[0] = 0
+            entry[1] = now
+        self.table[addr] = entry
+        self.table.move_to_end(addr)
+        while len(self.table) > BACKOFF_TABLE_MAX:
+            self.table.popitem(last=False)
+
+    def success(self, addr: str) -> None:
+        self.table.pop(addr, None)
+
+
+class Gate:
+    def __init__(self, listeners: list[Listener], creds: Credentials | None, pool, config,
+                 counters: Counter):
+        self.listeners = listeners
+        self.creds = creds
+        self.pool = pool
+        self.config = config
+        self.counters = counters
+        self.in_flight = 0
+        self.backoff = Backoff(config.backoff_failures, config.backoff_window, config.backoff_max)
+        self.tasks: set[asyncio.Task] = set()
+        self.next_id = 0
+        self._refusals: Counter = Counter()
+        self._refusal_logger: asyncio.TimerHandle | None = None
+        self.uid = os.geteuid()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            loop.add_reader(listener.sock.fileno(), self._accept, listener)
+
+    def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            try:
+                loop.remove_reader(listener.sock.fileno())
+            except (ValueError, OSError):
+                pass
+        for task in list(self.tasks):
+            task.cancel()
+
+    def _accept(self, listener: Listener) -> None:
+        for _ in range(128):
+            try:
+                conn, addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._refuse("fd_limit")
+                    log.warning("accept failed: %s; raise the fd limit (LimitNOFILE=)", exc.strerror)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            conn.setblocking(False)
+            self.counters["accepted"] += 1
+            if listener.kind == "unix":
+                self._accept_unix(conn)
+            else:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._accept_tcp(conn, addr, format_address(conn.family, addr))
+
+    def _accept_unix(self, conn: socket.socket) -> None:
+        peer_uid = peer_uid_of(conn)
+        peer = f"uid {peer_uid}"
+        if self.config.unix_auth == "token":
+            self._start_handshake(conn, peer, None)
+        elif peer_uid in (self.uid, 0):
+            self.counters["authenticated"] += 1
+            self._hand_off(conn, "unix", peer, b"")
+        else:
+            self._refuse("peer_uid")
+            conn.close()
+
+    def _accept_tcp(self, conn: socket.socket, addr, peer: str) -> None:
+        host = addr[0]
+        if self.backoff.blocked(host, time.monotonic()):
+            self._refuse("backoff")
+            conn.close()
+            return
+        self._start_handshake(conn, peer, host)
+
+    def _start_handshake(self, conn: socket.socket, peer: str, host: str | None) -> None:
+        if self.creds is None:
+            self._refuse("no_token")
+            conn.close()
+            return
+        over_cap = self.in_flight >= self.config.max_handshakes
+        self.in_flight += 1
+        task = asyncio.get_running_loop().create_task(
+            self._handshake(conn, peer, host, over_cap)
+        )
+        self.tasks.add(task)
+        task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        self.in_flight -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("handshake task failed", exc_info=task.exception())
+
+    async def _handshake(self, conn: socket.socket, peer: str, host: str | None,
+                         over_cap: bool) -> None:
+        loop = asyncio.get_running_loop()
+        hs = ServerHandshake(self.creds.token, self.creds.relay_id)
+        started = loop.time()
+        reason = None
+        try:
+            conn.send(hs.challenge())
+            if over_cap:
+                reason = "capacity"
+            else:
+                async with asyncio.timeout(PREAUTH_TIMEOUT):
+                    while hs.state == "waiting":
+                        data = await loop.sock_recv(conn, MAX_AUTH_LINE + 1)
+                        if data:
+                            hs.feed(data)
+                        else:
+                            hs.eof()
+                if hs.state == "accepted":
+                    conn.send(hs.reply)
+                    self.counters["authenticated"] += 1
+                    if host is not None:
+                        self.backoff.success(host)
+                    self._hand_off(conn, "tcp" if host is not None else "unix", peer, hs.leftover)
+                    return
+                reason = hs.reason or "refused"
+        except TimeoutError:
+            reason = "timeout"
+        except OSError:
+            reason = "io"
+        if host is not None:
+            self.backoff.failure(host, time.monotonic())
+        self._refuse(reason)
+        delay = started + FAILURE_DELAY - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            conn.send(FAILURE_REPLY)
+        except OSError:
+            pass
+        _close_discarding(conn)
+
+    def _hand_off(self, conn: socket.socket, kind: str, peer: str, leftover: bytes) -> None:
+        self.next_id += 1
+        try:
+            self.pool.dispatch(conn, kind, peer, leftover, self.next_id)
+        except Exception:
+            log.exception("could not hand a connection to a worker")
+            self._refuse("no_worker")
+        finally:
+            conn.close()
+
+    def _refuse(self, reason: str) -> None:
+        """Count a refusal; the log gets one aggregated line per interval, not one per
+        attacker packet."""
+        self.counters["refused"] += 1
+        self.counters["refused_" + reason] += 1
+        self._refusals[reason] += 1
+        if self._refusal_logger is None:
+            self._refusal_logger = asyncio.get_running_loop().call_later(
+                REFUSAL_LOG_INTERVAL, self._log_refusals
+            )
+
+    def _log_refusals(self) -> None:
+        self._refusal_logger = None
+        total = sum(self._refusals.values())
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(self._refusals.items()))
+        log.warning("refused %d connection(s) in the last %.0f s (%s)", total,
+                    REFUSAL_LOG_INTERVAL, detail)
+        self._refusals.clear()
+
+
+def peer_uid_of(conn: socket.socket) -> int:
+    """The connecting process's uid: SO_PEERCRED on Linux, getpeereid on the BSDs."""
+    if hasattr(socket, "SO_PEERCRED"):
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    uid = ctypes.c_uint32()
+    gid = ctypes.c_uint32()
+    if libc.getpeereid(conn.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
+        return -1
+    return uid.value
+
+
+def _close_discarding(conn: socket.socket) -> None:
+    """Close without a reset: unread bytes must not turn our reply into an RST."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(65536):
+            pass
+    except OSError:
+        pass
+    conn.close()

@@ -1,0 +1,113 @@
+"""A worker process: receives authenticated connections from the supervisor and serves them.
+
+Started by the supervisor's pool as `python -m cmuxd.worker`; never run by hand. Each
+connection received over the channel runs the same connection loop as `serve --stdio`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections import deque
+
+import orjson
+
+from .connection import Connection
+from .handoff import HandoffDecoder, encode_report
+
+log = logging.getLogger("cmuxd.worker")
+
+MAX_FDS_PER_READ = 64
+
+
+class WorkerProcess:
+    def __init__(self, channel_fd: int, index: int, config: dict):
+        self.index = index
+        self.config = config
+        self.chan = socket.socket(fileno=channel_fd)
+        self.chan.setblocking(False)
+        self.decoder = HandoffDecoder()
+        self.fds: deque[int] = deque()
+        self.connections: set[Connection] = set()
+        self.closed_since_report = 0
+        self.report_pending = False
+        self.hub = None
+        self.stopped: asyncio.Future | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stopped = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        loop.add_reader(self.chan.fileno(), self._on_channel)
+        await self.stopped
+        for conn in list(self.connections):
+            conn.connection_lost(None)
+        await asyncio.sleep(0)
+
+    def stop(self) -> None:
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def _on_channel(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.chan, 262144, MAX_FDS_PER_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds = b"", []
+        self.fds.extend(fds)
+        if not data:
+            # The supervisor is gone: nobody can hand us work or supervise us any more.
+            asyncio.get_running_loop().remove_reader(self.chan.fileno())
+            self.stop()
+            return
+        for header, leftover in self.decoder.feed(data):
+            self._serve(self.fds.popleft(), header, leftover)
+
+    def _serve(self, fd: int, header: dict, leftover: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(fileno=fd)
+        conn = Connection(header["kind"], self.hub, initial=leftover)
+        self.connections.add(conn)
+        conn.done.add_done_callback(lambda _: self._closed(conn))
+        loop.create_task(loop.connect_accepted_socket(lambda: conn, sock))
+
+    def _closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.closed_since_report += 1
+        if not self.report_pending:
+            self.report_pending = True
+            asyncio.get_running_loop().call_soon(self._report)
+
+    def _report(self) -> None:
+        self.report_pending = False
+        report = encode_report(closed=self.closed_since_report, connections=len(self.connections))
+        try:
+            self.chan.send(report)
+        except OSError:
+            return  # retried with the next close; the counts are cumulative until sent
+        self.closed_since_report = 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cmuxd.worker")
+    parser.add_argument("--channel-fd", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--config", default="{}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format=f"cmuxd worker {args.index} [{os.getpid()}]: %(message)s",
+    )
+    worker = WorkerProcess(args.channel_fd, args.index, orjson.loads(args.config))
+    asyncio.run(worker.run())
+
+
+if __name__ == "__main__":
+    main()
