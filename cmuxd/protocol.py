@@ -7,6 +7,9 @@ the spec can be tested by feeding bytes in and reading bytes out.
 from __future__ import annotations
 
 import binascii
+import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +113,9 @@ class FrameDecoder:
         if self._discarding or not data:
             return
         self._size += len(data)
-        if self._size >= self.max_frame:
+        # Held bytes have no LF yet: at exactly the limit they can still end the stream as a
+        # final frame; one more byte (an LF included) makes the frame oversized.
+        if self._size > self.max_frame:
             out.append(OVERSIZED)
             self._discarding = True
             self._parts = []
@@ -145,7 +150,56 @@ def _loads(frame: bytes) -> Any:
     except orjson.JSONDecodeError:
         # Invalid UTF-8 inside strings is replaced by U+FFFD rather than rejected.
         text = frame.decode("utf-8", "replace")
-        return orjson.loads(text)
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            if "\\u" not in text:
+                raise
+            return _loads_lone_surrogates(text)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _reject_constant(name: str):
+    raise ValueError(name)
+
+
+def _parse_int(digits: str) -> int | float:
+    value = int(digits)
+    # The same rule orjson applies: integers beyond 64 bits become floats.
+    return value if -(2**63) <= value < 2**64 else float(value)
+
+
+def _parse_float(digits: str) -> float:
+    value = float(digits)
+    if value in (math.inf, -math.inf):
+        raise ValueError(digits)
+    return value
+
+
+def _loads_lone_surrogates(text: str) -> Any:
+    """Parse JSON whose strings hold lone UTF-16 surrogate escapes such as "\\ud800".
+
+    They are valid JSON, which orjson rejects; like invalid UTF-8 they become U+FFFD.
+    """
+    def clean(value):
+        kind = type(value)
+        if kind is str:
+            return _LONE_SURROGATE.sub("\ufffd", value)
+        if kind is list:
+            return [clean(v) for v in value]
+        if kind is dict:
+            return {clean(k): clean(v) for k, v in value.items()}
+        return value
+
+    try:
+        value = json.loads(
+            text, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float
+        )
+        return clean(value)
+    except (ValueError, RecursionError):
+        raise orjson.JSONDecodeError("invalid JSON", text, 0) from None
 
 
 def parse_request(frame: bytes) -> Request | bytes | None:
@@ -225,6 +279,9 @@ def param_int(params: dict, key: str) -> int | None:
     if kind is int:
         pass
     elif kind is float and value.is_integer():
+        # -2**63 is in range, but as a float it may be a rounded integer below the range.
+        if not -(2**63) < value < 2**63:
+            return None
         value = int(value)
     else:
         return None
