@@ -1,0 +1,351 @@
+"""The daemon with real listeners: TCP (v4, v6) and Unix, relay auth, workers, client CLI."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+import psutil
+import pytest
+
+from helpers import TcpServer, wait_for
+from listening import RELAY_ID, ListeningDaemon, free_port, mac_for, read_line, refused
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """One daemon for the read-only scenarios of this module."""
+    d = ListeningDaemon(v6=True)
+    d.wait_ready()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def daemon():
+    d = ListeningDaemon()
+    d.wait_ready()
+    yield d
+    d.close()
+
+
+def ping_ok(stream, id=1):
+    assert stream.call("ping", id=id) == {"id": id, "ok": True, "result": {"pong": True}}
+
+
+def test_ping_over_tcp_v4_v6_and_unix(shared):
+    for host in ("127.0.0.1", "::1"):
+        stream = shared.authed(host)
+        ping_ok(stream)
+        hello = stream.call("hello", id=2)["result"]
+        assert hello["name"] == "cmuxd-remote"
+        stream.close()
+    unix = shared.unix()
+    # No challenge line on a Unix socket: the first thing read is the answer.
+    ping_ok(unix)
+    unix.close()
+
+
+def test_v1_client_gets_plain_ok_and_pipelined_request_is_answered(shared):
+    stream = shared.authed(mutual=False, pipelined=b'{"id":7,"method":"ping"}\n')
+    assert stream.next_response() == {"id": 7, "ok": True, "result": {"pong": True}}
+    stream.close()
+
+
+def _send_auth_line(d, line: bytes):
+    sock = d.tcp_connect()
+    d.challenge(sock)
+    t0 = time.monotonic()
+    sock.sendall(line)
+    return sock, t0
+
+
+@pytest.mark.parametrize("case", [
+    "wrong_mac", "ascii_key_mac", "wrong_relay_id", "upper_client_nonce", "short_client_nonce",
+    "rpc_instead", "garbage", "oversized",
+])
+def test_bad_handshakes_are_refused_while_a_good_client_keeps_working(shared, case):
+    good = shared.authed()
+    ping_ok(good)
+    sock = shared.tcp_connect()
+    challenge = shared.challenge(sock)
+    t_challenge = time.monotonic()
+    nonce = challenge["nonce"]
+    right = mac_for(shared.token, RELAY_ID, nonce)
+    lines = {
+        "wrong_mac": {"mac": "00" * 32, "relay_id": RELAY_ID},
+        "ascii_key_mac": {"mac": mac_for(shared.token.encode().hex()[:64], RELAY_ID, nonce),
+                          "relay_id": RELAY_ID},
+        "wrong_relay_id": {"mac": right, "relay_id": "other"},
+        "upper_client_nonce": {"mac": right, "relay_id": RELAY_ID, "client_nonce": "AB" * 32},
+        "short_client_nonce": {"mac": right, "relay_id": RELAY_ID, "client_nonce": "ab" * 15},
+        "rpc_instead": {"id": 1, "method": "ping"},
+    }
+    if case == "garbage":
+        payload = b"\x00\xffnot json at all\n"
+    elif case == "oversized":
+        payload = b"x" * 16385
+    else:
+        payload = orjson.dumps(lines[case]) + b"\n" + b'{"id":9,"method":"ping"}\n'
+    sock.sendall(payload)
+    data = refused(sock)
+    waited = time.monotonic() - t_challenge
+    assert data == b'{"ok":false}\n'
+    assert waited >= 0.045  # the failure reply never comes sooner than 50 ms after the challenge
+    ping_ok(good, id=2)
+    good.close()
+
+
+def test_silent_connection_is_closed_after_five_seconds(shared):
+    sock = shared.tcp_connect()
+    shared.challenge(sock)
+    t0 = time.monotonic()
+    data = refused(sock, timeout=15)
+    waited = time.monotonic() - t0
+    assert data in (b"", b'{"ok":false}\n')
+    assert 4.0 <= waited <= 8.0
+
+
+def test_token_never_in_logs(shared):
+    assert shared.token not in shared.log()
+    assert RELAY_ID in shared.log()
+
+
+def test_two_hundred_concurrent_clients_spread_over_all_workers():
+    d = ListeningDaemon(workers=2)
+    try:
+        d.wait_ready()
+        streams = []
+        lock = threading.Lock()
+        errors = []
+
+        def connect_some(n):
+            try:
+                for _ in range(n):
+                    s = d.authed()
+                    with lock:
+                        streams.append(s)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=connect_some, args=(25,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len(streams) == 200
+        for i, s in enumerate(streams):
+            ping_ok(s, id=i)
+        workers = d.status()["workers"]
+        loads = [w["connections"] for w in workers]
+        assert sum(loads) == 200
+        assert all(load >= 50 for load in loads), loads  # least-loaded dispatch balances them
+        for s in streams:
+            s.close()
+        wait_for(lambda: sum(w["connections"] for w in d.status()["workers"]) == 0)
+    finally:
+        d.close()
+
+
+def test_sigterm_stops_cleanly(daemon):
+    workers = [w["pid"] for w in daemon.status()["workers"]]
+    stream = daemon.authed()
+    ping_ok(stream)
+    assert daemon.stop() == 0
+    assert not daemon.socket_path.exists()
+    assert not (daemon.state_dir / "control.sock").exists()
+    for pid in workers:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert stream.at_eof()
+    assert "listening on tcp 127.0.0.1" in daemon.log()
+
+
+def test_worker_pid_reported_and_respawned_after_kill(daemon):
+    before = {w["index"]: w["pid"] for w in daemon.status()["workers"]}
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: all(w["alive"] for w in daemon.status()["workers"])
+             and daemon.status()["workers"][0]["pid"] != victim, timeout=10)
+    stream = daemon.authed()
+    ping_ok(stream)
+
+
+def test_unix_peer_with_other_uid_is_refused(daemon):
+    # Loosen the file mode so only the SO_PEERCRED check stands between uid 65534 and us.
+    os.chmod(daemon.socket_path, 0o666)
+    os.chmod(daemon.socket_path.parent, 0o755)
+    os.chmod(daemon.dir, 0o755)
+    script = (
+        "import os,socket,sys,time\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(5)\n"
+        "try:\n"
+        "    time.sleep(0.2); s.sendall(b'{\"id\":1,\"method\":\"ping\"}\\n'); print(repr(s.recv(100)))\n"
+        "except (BrokenPipeError, ConnectionResetError):\n"
+        "    print(repr(b''))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(daemon.socket_path)],
+                         capture_output=True, text=True, timeout=20)
+    assert out.stdout.strip() == "b''", out
+    wait_for(lambda: daemon.status()["counters"].get("refused_peer_uid") == 1)
+    ping_ok(daemon.unix())
+
+
+def test_unix_auth_token_requires_the_handshake():
+    d = ListeningDaemon("--unix-auth", "token", tcp=[])
+    try:
+        d.wait_ready()
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(d.socket_path))
+        challenge = json.loads(read_line(sock))
+        assert challenge["protocol"] == "cmux-relay-auth"
+        sock.sendall(orjson.dumps({"mac": mac_for(d.token, RELAY_ID, challenge["nonce"]),
+                                   "relay_id": RELAY_ID}) + b"\n" + b'{"id":1,"method":"ping"}\n')
+        assert json.loads(read_line(sock)) == {"ok": True}
+        assert json.loads(read_line(sock)) == {"id": 1, "ok": True, "result": {"pong": True}}
+        sock.close()
+        result = d.cli("ping", f"unix://{d.socket_path}", "--unix-auth", "-c", "1")
+        assert result.returncode == 0, result.stderr
+    finally:
+        d.close()
+
+
+def test_backoff_refuses_an_address_after_repeated_failures():
+    d = ListeningDaemon("--backoff-failures", "3")
+    try:
+        d.wait_ready()
+        for _ in range(3):
+            sock = d.tcp_connect()
+            d.challenge(sock)
+            sock.sendall(b'{"mac":"00","relay_id":"x"}\n')
+            assert refused(sock) == b'{"ok":false}\n'
+        sock = d.tcp_connect()
+        assert refused(sock) == b""  # closed at accept: no challenge, no handshake work
+        wait_for(lambda: d.status()["counters"].get("refused_backoff", 0) >= 1)
+        # The block is short at first; a good client gets in again once it has passed.
+        time.sleep(1.1)
+        ping_ok(d.authed())
+    finally:
+        d.close()
+
+
+def test_group_readable_token_file_is_refused_with_a_fix():
+    d = ListeningDaemon(token_mode=0o644)
+    try:
+        assert d.proc.wait(15) == 1
+        log = d.log()
+        assert "chmod 600" in log
+        assert d.token not in log
+    finally:
+        d.close()
+
+
+def test_stale_socket_is_replaced_and_live_one_is_not(daemon):
+    # A live daemon holds the socket: a second one must refuse to start.
+    other = ListeningDaemon(tcp=[])
+    try:
+        other.proc.kill()
+        other.proc.wait()
+        out = subprocess.run(
+            [sys.executable, "-m", "cmuxd", "serve", "--socket", str(daemon.socket_path),
+             "--state-dir", str(other.dir / "s2")],
+            capture_output=True, text=True, timeout=20, env=other.env)
+        assert out.returncode == 1
+        assert "another daemon is listening" in out.stderr
+        ping_ok(daemon.unix())
+        # A stale file (nothing answers) is replaced.
+        stale = other.dir / "stale.sock"
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(stale))
+        s.close()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cmuxd", "serve", "--socket", str(stale), "--workers", "1",
+             "--state-dir", str(other.dir / "s3")], env=other.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            def answers():
+                try:
+                    c = socket.socket(socket.AF_UNIX)
+                    c.connect(str(stale))
+                    c.sendall(b'{"id":1,"method":"ping"}\n')
+                    c.settimeout(5)
+                    return b"pong" in c.recv(100)
+                except OSError:
+                    return False
+            wait_for(answers, timeout=15)
+            assert oct(stale.stat().st_mode & 0o777) == "0o600"
+        finally:
+            proc.terminate()
+            proc.wait(15)
+        assert not stale.exists()
+    finally:
+        other.close()
+
+
+def test_cli_ping_rpc_and_errors(shared):
+    uri = f"cmux://127.0.0.1:{shared.port}"
+    out = shared.cli("ping", uri, "--count", "3", "--interval", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode().count("pong from") == 3
+    assert "rtt min/avg/max" in out.stdout.decode()
+    out = shared.cli("ping", f"[::1]:{shared.port}", "-c", "1")
+    assert out.returncode == 0, out.stderr
+    out = shared.cli("rpc", uri, "session.open", '{"session_id":"dev"}')
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["session_id"] == "dev"
+    out = shared.cli("rpc", uri, "nope")
+    assert out.returncode == 1 and b"method_not_found" in out.stderr
+    out = shared.cli("rpc", uri, "ping", "[1]")
+    assert out.returncode == 2
+    closed = free_port()
+    out = shared.cli("ping", f"127.0.0.1:{closed}", "-c", "1")
+    assert out.returncode == 3 and b"connection refused" in out.stderr
+    env_bad = dict(shared.client_env(), CMUX_RELAY_TOKEN="ab" * 32)
+    out = subprocess.run([sys.executable, "-m", "cmuxd", "ping", uri, "-c", "1"],
+                         capture_output=True, env=env_bad, timeout=30)
+    assert out.returncode == 4 and b"refused" in out.stderr
+    assert shared.token.encode() not in out.stderr + out.stdout
+
+
+def test_connect_stdio_bridge_carries_pipelined_requests_and_events(shared):
+    with TcpServer(lambda conn: (conn.sendall(conn.recv(100)), conn.sendall(b"tail"))) as server:
+        requests = b"".join(orjson.dumps(r) + b"\n" for r in [
+            {"id": 1, "method": "ping"},
+            {"id": 2, "method": "proxy.open", "params": {"host": "127.0.0.1", "port": server.port}},
+            {"id": 3, "method": "proxy.stream.subscribe", "params": {"stream_id": "s-1"}},
+            {"id": 4, "method": "proxy.write", "params": {"stream_id": "s-1", "data_base64": "aGVsbG8="}},
+        ])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cmuxd", "connect", f"cmux://127.0.0.1:{shared.port}", "--stdio"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=shared.client_env())
+        proc.stdin.write(requests)
+        proc.stdin.flush()
+        frames = []
+        data = b""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            frames.append(json.loads(line))
+            if any(f.get("event") == "proxy.stream.eof" for f in frames):
+                break
+        proc.stdin.close()
+        assert proc.wait(20) == 0
+        responses = {f["id"]: f for f in frames if "id" in f}
+        assert responses[1]["result"] == {"pong": True}
+        assert responses[2]["result"] == {"stream_id": "s-1"}
+        assert responses[4]["result"] == {"written": 5}
+        data = b"".join(base64.b64decode(f["data_base64"]) for f in frames
+                        if f.get("event") == "proxy.stream.data")
+        assert data == b"hellotail"

@@ -1,0 +1,199 @@
+"""The daemon with its listeners (`serve --tcp/--socket`) as a child process, and a raw
+relay-auth client written from the spec, independent of cmuxd.auth."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from helpers import DEFAULT_TIMEOUT, FrameStream, daemon_command, wait_for
+
+RELAY_ID = "relay-test"
+
+
+def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def mac_for(token_hex: str, relay_id: str, nonce: str) -> str:
+    msg = f"relay_id={relay_id}\nnonce={nonce}\nversion=1".encode()
+    return hmac.new(bytes.fromhex(token_hex), msg, hashlib.sha256).hexdigest()
+
+
+def proof_for(token_hex: str, relay_id: str, client_nonce: str, nonce: str) -> str:
+    msg = (f"cmux-relay-server-proof\nrelay_id={relay_id}\nclient_nonce={client_nonce}\n"
+           f"server_nonce={nonce}\nversion=1").encode()
+    return hmac.new(bytes.fromhex(token_hex), msg, hashlib.sha256).hexdigest()
+
+
+def read_line(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+    """One LF-terminated line, read a byte at a time so nothing past it is consumed."""
+    sock.settimeout(timeout)
+    out = bytearray()
+    while not out.endswith(b"\n"):
+        b = sock.recv(1)
+        if not b:
+            break
+        out += b
+    sock.settimeout(None)
+    return bytes(out)
+
+
+class ListeningDaemon:
+    """`cmuxd-remote serve` with its own token, state dir and free ports."""
+
+    def __init__(self, *extra: str, tcp: list[str] | None = None, v6: bool = False,
+                 unix: bool = True, workers: int = 2, env: dict | None = None,
+                 token_mode: int = 0o600):
+        self.dir = Path(tempfile.mkdtemp(prefix="cmuxd-test-"))
+        self.token = secrets.token_hex(32)
+        self.token_file = self.dir / "relay-token"
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT, token_mode)
+        os.write(fd, (self.token + "\n").encode())
+        os.close(fd)
+        os.chmod(self.token_file, token_mode)
+        self.port = free_port()
+        self.tcp = tcp if tcp is not None else [f"127.0.0.1:{self.port}"]
+        if v6:
+            self.tcp.append(f"[::1]:{self.port}")
+        self.socket_path = self.dir / "run" / "cmuxd.sock" if unix else None
+        self.state_dir = self.dir / "state"
+        args = ["serve", "--workers", str(workers), "--token-file", str(self.token_file),
+                "--relay-id", RELAY_ID, "--state-dir", str(self.state_dir)]
+        for spec in self.tcp:
+            args += ["--tcp", spec]
+        if self.socket_path is not None:
+            args += ["--socket", str(self.socket_path)]
+        args += list(extra)
+        self.stderr_file = open(self.dir / "stderr.log", "w+b")
+        full_env = dict(os.environ, HOME=str(self.dir))
+        full_env.pop("CMUX_RELAY_TOKEN", None)
+        full_env.pop("CMUX_RELAY_ID", None)
+        full_env.update(env or {})
+        self.env = full_env
+        self.proc = subprocess.Popen(daemon_command(*args), stdin=subprocess.DEVNULL,
+                                     stdout=self.stderr_file, stderr=self.stderr_file,
+                                     env=full_env)
+
+    def wait_ready(self) -> "ListeningDaemon":
+        """Ready once the control socket answers with every worker alive."""
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status = self.status()
+            except OSError:
+                return False
+            return all(w["alive"] for w in status["workers"])
+        wait_for(ready, timeout=15)
+        return self
+
+    def status(self) -> dict:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.state_dir / "control.sock"))
+            s.sendall(b'{"method":"status"}\n')
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return json.loads(data)["result"]
+
+    def log(self) -> str:
+        self.stderr_file.flush()
+        return (self.dir / "stderr.log").read_text(errors="replace")
+
+    # clients
+
+    def tcp_connect(self, host: str = "127.0.0.1", port: int | None = None) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(DEFAULT_TIMEOUT)
+        sock.connect((host, port or self.port))
+        sock.settimeout(None)
+        return sock
+
+    def challenge(self, sock: socket.socket) -> dict:
+        line = read_line(sock)
+        msg = json.loads(line)
+        assert msg["protocol"] == "cmux-relay-auth" and msg["version"] == 1, msg
+        assert msg["relay_id"] == RELAY_ID
+        return msg
+
+    def authed(self, host: str = "127.0.0.1", port: int | None = None, mutual: bool = True,
+               pipelined: bytes = b"") -> FrameStream:
+        """A TCP connection past the handshake, as a FrameStream."""
+        sock = self.tcp_connect(host, port)
+        nonce = self.challenge(sock)["nonce"]
+        auth = {"mac": mac_for(self.token, RELAY_ID, nonce), "relay_id": RELAY_ID}
+        client_nonce = secrets.token_hex(32)
+        if mutual:
+            auth["client_nonce"] = client_nonce
+        sock.sendall(orjson.dumps(auth) + b"\n" + pipelined)
+        reply = json.loads(read_line(sock))
+        assert reply["ok"] is True, reply
+        if mutual:
+            assert reply["relay_mac"] == proof_for(self.token, RELAY_ID, client_nonce, nonce)
+        else:
+            assert "relay_mac" not in reply
+        return FrameStream(sock)
+
+    def unix(self) -> FrameStream:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.socket_path))
+        return FrameStream(sock)
+
+    def client_env(self) -> dict:
+        return dict(self.env, CMUX_RELAY_ID=RELAY_ID, CMUX_RELAY_TOKEN=self.token)
+
+    def cli(self, *args: str, input: bytes | None = None, timeout: float = 30):
+        return subprocess.run(daemon_command(*args), input=input, capture_output=True,
+                              env=self.client_env(), timeout=timeout)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr_file.close()
+
+
+def refused(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Read everything until EOF; the daemon's last word on a refused handshake."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    sock.close()
+    return data
+
+
+def elapsed_since(t0: float) -> float:
+    return time.monotonic() - t0
