@@ -33,6 +33,11 @@ class Config:
     backoff_failures: int = 20
     backoff_window: float = 60.0
     backoff_max: float = 60.0
+    max_connections: int = 10000
+    max_connections_served: int = 0  # recycle a worker after this many (0: never)
+    max_worker_rss: int = 0  # MiB; recycle a worker above it (0: never)
+    worker_timeout: float = 10.0  # seconds without a heartbeat answer before a kill
+    graceful_timeout: float = 30.0  # how long retiring workers may keep old connections
     shell: str | None = None
     scrollback: int = 1 << 20
     idle_ttl: float = 86400.0

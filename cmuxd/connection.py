@@ -275,6 +275,17 @@ class Connection(asyncio.Protocol):
         if not task.cancelled() and task.exception() is not None:
             log.error("connection task failed", exc_info=task.exception())
 
+    def finish(self) -> None:
+        """Close at a frame boundary: answer every request already read, read no more."""
+        if self.closing:
+            return
+        if self.reader is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.reader.pause_reading()
+        self.input_eof = True
+        if not self.busy:
+            self._run()
+
     def _close(self, exc) -> None:
         """Release per-connection state, then close once the last frame is written."""
         if self.closing:
@@ -312,6 +323,10 @@ class _StdoutSide(asyncio.BaseProtocol):
         self.conn.resume_writing()
 
     def connection_lost(self, exc) -> None:
+        if exc is None and not self.conn.closing:
+            # The reader of stdout went away before we closed it: nothing can be answered
+            # any more, which is a fatal I/O error, not a clean end.
+            exc = BrokenPipeError("stdout was closed by its reader")
         self.conn.connection_lost(exc)
 
 

@@ -1,7 +1,7 @@
 """The supervisor→worker channel format (sans-IO).
 
 Each handed-off connection is one message: a JSON header line, then `n` raw bytes the gate
-had already read past the handshake. The connection's fd travels as SCM_RIGHTS on the same
+had already read past the handshake. Control messages (`"t"` set) carry no fd. The connection's fd travels as SCM_RIGHTS on the same
 send, and the worker pairs fds with headers in order. Worker→supervisor reports are plain
 JSON lines.
 """
@@ -37,6 +37,11 @@ class HandoffDecoder:
             out.append((self._header, bytes(self._buf[:n])))
             del self._buf[:n]
             self._header = None
+
+
+def encode_control(kind: str, **fields) -> bytes:
+    """A message with no connection: heartbeat pings and retire orders."""
+    return orjson.dumps({"t": kind, "n": 0, **fields}, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def encode_report(**fields) -> bytes:

@@ -19,6 +19,7 @@ import orjson
 
 from .connection import Connection
 from .handoff import HandoffDecoder, encode_report
+from .logs import setup_logging
 
 log = logging.getLogger("cmuxd.worker")
 
@@ -68,7 +69,26 @@ class WorkerProcess:
             self.stop()
             return
         for header, leftover in self.decoder.feed(data):
-            self._serve(self.fds.popleft(), header, leftover)
+            kind = header.get("t")
+            if kind is None:
+                self._serve(self.fds.popleft(), header, leftover)
+            elif kind == "ping":
+                self._send(encode_report(pong=header["seq"], connections=len(self.connections)))
+            elif kind == "retire":
+                asyncio.get_running_loop().create_task(self.retire(header["grace"]))
+
+    async def retire(self, grace: float) -> None:
+        """Serve the open connections until they close or `grace` seconds pass, then close
+        what is left at a frame boundary and exit: a reload drops no request in flight."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.finish()
+        while self.connections and loop.time() < deadline + 5:
+            await asyncio.sleep(0.02)
+        self.stop()
 
     def _serve(self, fd: int, header: dict, leftover: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -87,12 +107,18 @@ class WorkerProcess:
 
     def _report(self) -> None:
         self.report_pending = False
-        report = encode_report(closed=self.closed_since_report, connections=len(self.connections))
+        if self._send(encode_report(closed=self.closed_since_report,
+                                    connections=len(self.connections))):
+            self.closed_since_report = 0
+
+    def _send(self, report: bytes) -> bool:
+        """Reports are tiny and the supervisor reads them at once; one that cannot be sent
+        now is folded into the next (close counts are cumulative until sent)."""
         try:
             self.chan.send(report)
+            return True
         except OSError:
-            return  # retried with the next close; the counts are cumulative until sent
-        self.closed_since_report = 0
+            return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,10 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--config", default="{}")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
-        format=f"cmuxd worker {args.index} [{os.getpid()}]: %(message)s",
-    )
+    setup_logging(f"cmuxd worker {args.index} [{os.getpid()}]")
     worker = WorkerProcess(args.channel_fd, args.index, orjson.loads(args.config))
     asyncio.run(worker.run())
 

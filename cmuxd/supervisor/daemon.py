@@ -13,7 +13,7 @@ import time
 from collections import Counter
 
 from .. import __version__
-from ..auth import Credentials
+from ..auth import AuthError, Credentials, server_credentials
 from .control import ControlServer
 from .gate import Gate
 from .listeners import Listener, ListenerError
@@ -30,6 +30,7 @@ class Supervisor:
         self.counters: Counter = Counter()
         self.started = time.time()
         self.pool = WorkerPool(config)
+        self.immediate = False
         self.gate = Gate(listeners, creds, self.pool, config, self.counters)
         self.control = ControlServer(config.control_path, self.status)
         self.stop_requested: asyncio.Event | None = None
@@ -39,6 +40,10 @@ class Supervisor:
         self.stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTTIN, self.pool.scale, 1)
+        loop.add_signal_handler(signal.SIGTTOU, self.pool.scale, -1)
         try:
             await self.control.start()
         except ListenerError as exc:
@@ -56,11 +61,29 @@ class Supervisor:
         await self.shutdown()
         return 0
 
+    def stop_now(self) -> None:
+        """SIGQUIT: stop without letting workers finish the requests they have read."""
+        self.immediate = True
+        self.stop_requested.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the token, start a new generation of workers; the old one keeps
+        its open connections until they close or --graceful-timeout passes."""
+        log.info("reloading")
+        try:
+            if self.creds is not None:
+                self.creds = server_credentials(self.config.token_file, self.config.relay_id)
+                self.gate.creds = self.creds
+        except AuthError as exc:
+            log.error("reload: keeping the old token: %s", exc)
+        self.pool.reload()
+        log.info("reloaded: generation %d serves new connections", self.pool.generation)
+
     async def shutdown(self) -> None:
         self.gate.stop()
         for listener in self.listeners:
             listener.close()
-        await self.pool.stop()
+        await self.pool.stop(graceful=not self.immediate)
         self.control.close()
         log.info("stopped")
 
@@ -75,5 +98,7 @@ class Supervisor:
             ],
             "workers": self.pool.snapshot(),
             "counters": dict(self.counters),
+            "generation": self.pool.generation,
+            "connections": self.pool.total_load(),
             "handshakes_in_flight": self.gate.in_flight,
         }

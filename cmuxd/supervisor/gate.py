@@ -75,6 +75,11 @@ class Gate:
         self._refusals: Counter = Counter()
         self._refusal_logger: asyncio.TimerHandle | None = None
         self.uid = os.geteuid()
+        self.limit_reply = (
+            b'{"ok":false,"error":{"code":"unavailable","message":"the daemon is at its limit of '
+            + str(config.max_connections).encode()
+            + b' connections (--max-connections); try again later"}}\n'
+        )
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -107,6 +112,10 @@ class Gate:
                 raise
             conn.setblocking(False)
             self.counters["accepted"] += 1
+            if self.pool.total_load() + self.in_flight >= self.config.max_connections:
+                self._refuse("max_connections")
+                _send_and_close(conn, self.limit_reply)
+                continue
             if listener.kind == "unix":
                 self._accept_unix(conn)
             else:
@@ -188,11 +197,7 @@ class Gate:
         delay = started + FAILURE_DELAY - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        try:
-            conn.send(FAILURE_REPLY)
-        except OSError:
-            pass
-        _close_discarding(conn)
+        _send_and_close(conn, FAILURE_REPLY)
 
     def _hand_off(self, conn: socket.socket, kind: str, peer: str, leftover: bytes) -> None:
         self.next_id += 1
@@ -238,6 +243,14 @@ def peer_uid_of(conn: socket.socket) -> int:
     if libc.getpeereid(conn.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
         return -1
     return uid.value
+
+
+def _send_and_close(conn: socket.socket, data: bytes) -> None:
+    try:
+        conn.send(data)
+    except OSError:
+        pass
+    _close_discarding(conn)
 
 
 def _close_discarding(conn: socket.socket) -> None:

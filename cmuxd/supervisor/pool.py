@@ -1,10 +1,11 @@
-"""The worker pool: pre-started worker processes, fd passing, least-loaded dispatch, respawn.
+"""The worker pool: pre-started worker processes, fd passing, least-loaded dispatch,
+heartbeats, respawn, graceful retirement (reload, recycling, scaling down).
 
 Workers are fresh interpreters (`python -m cmuxd.worker`), not forks of the supervisor, so
 they inherit no event loop, listener or token. Each gets one end of an AF_UNIX stream
-socketpair; connections reach it over that channel as SCM_RIGHTS. The supervisor never
-blocks on a worker: a send that would block is queued and finished when the channel
-drains.
+socketpair; connections reach it over that channel as SCM_RIGHTS, with heartbeats and
+retire orders on the same channel. The supervisor never blocks on a worker: a send that
+would block is queued and finished when the channel drains.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,12 +22,15 @@ import time
 from collections import deque
 
 import orjson
+import psutil
 
-from ..handoff import encode_handoff
+from ..handoff import encode_control, encode_handoff
 
 log = logging.getLogger("cmuxd.supervisor")
 
-RESPAWN_MIN = 0.1
+TICK = 0.5
+HEARTBEAT_INTERVAL = 1.0
+RECYCLE_CHECK_INTERVAL = 5.0
 RESPAWN_MAX = 10.0
 STOP_GRACE = 5.0
 
@@ -35,13 +40,18 @@ class Worker:
         self.index = index
         self.generation = generation
         self.proc: subprocess.Popen | None = None
+        self.ps: psutil.Process | None = None
         self.chan: socket.socket | None = None
         self.started = time.time()
+        self.state = "serving"  # serving, retiring, gone
+        self.retire_reason = ""
         self.load = 0
         self.served = 0
         self.out: deque = deque()  # (bytes, fd or None) not yet sent
         self.inbuf = b""
-        self.alive = False
+        self.last_pong = time.monotonic()
+        self.ping_seq = 0
+        self.serve_limit = 0
 
     @property
     def pid(self) -> int:
@@ -49,22 +59,28 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, config):
+    def __init__(self, config, on_change=None):
         self.config = config
         self.workers: list[Worker] = []
         self.generation = 1
         self.stopping = False
-        self._crash_streak = 0
-        self._respawn_at: dict[int, float] = {}
-        self._tick: asyncio.TimerHandle | None = None
         self.exits = 0
+        self.on_change = on_change or (lambda: None)
+        self._crash_streak = 0
+        self._respawn_after = 0.0
+        self._tick: asyncio.TimerHandle | None = None
+        self._last_heartbeat = 0.0
+        self._last_recycle_check = time.monotonic()
 
     # lifecycle
 
     def start(self) -> None:
         for index in range(self.config.workers):
             self.workers.append(self._spawn(index))
-        self._schedule_tick()
+        self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
+
+    def serving(self) -> list[Worker]:
+        return [w for w in self.workers if w.state == "serving"]
 
     def _spawn(self, index: int) -> Worker:
         loop = asyncio.get_running_loop()
@@ -80,27 +96,77 @@ class WorkerPool:
             cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True
         )
         theirs.close()
+        try:
+            worker.ps = psutil.Process(worker.proc.pid)
+        except psutil.Error:
+            worker.ps = None
         ours.setblocking(False)
         worker.chan = ours
-        worker.alive = True
+        max_served = self.config.max_connections_served
+        if max_served:
+            worker.serve_limit = max_served + random.randint(0, max(1, max_served // 10))
         loop.add_reader(ours.fileno(), self._on_readable, worker)
         log.info("worker %d started (pid %d, generation %d)", index, worker.pid,
                  worker.generation)
         return worker
 
-    async def stop(self) -> None:
-        """SIGTERM every worker, SIGKILL the ones still there after the grace period."""
+    def reload(self) -> None:
+        """A new generation takes every new connection; the old one drains and exits."""
+        self.generation += 1
+        old = self.serving()
+        for index in range(self.config.workers):
+            self.workers.append(self._spawn(index))
+        for worker in old:
+            self.retire(worker, "reload")
+        self.on_change()
+
+    def scale(self, delta: int) -> None:
+        """SIGTTIN/SIGTTOU: one worker more or fewer."""
+        target = max(1, self.config.workers + delta)
+        if target == self.config.workers:
+            return
+        self.config.workers = target
+        serving = self.serving()
+        if delta > 0:
+            used = {w.index for w in serving}
+            index = next(i for i in range(len(serving) + 1) if i not in used)
+            self.workers.append(self._spawn(index))
+        else:
+            self.retire(max(serving, key=lambda w: w.index), "scaled down")
+        log.info("now %d workers", target)
+        self.on_change()
+
+    def retire(self, worker: Worker, reason: str, grace: float | None = None) -> None:
+        """Stop giving the worker connections; it serves its open ones until they close or
+        the grace period (--graceful-timeout by default) passes, then exits by itself."""
+        if worker.state != "serving":
+            return
+        worker.state = "retiring"
+        worker.retire_reason = reason
+        if grace is None:
+            grace = self.config.graceful_timeout
+        log.info("retiring worker %d (pid %d): %s", worker.index, worker.pid, reason)
+        self._queue(worker, encode_control("retire", grace=grace), None)
+
+    async def stop(self, graceful: bool = True) -> None:
+        """Graceful: every worker answers the requests it has read, closes its connections
+        and exits. Otherwise SIGTERM. Stragglers get SIGKILL."""
         self.stopping = True
         if self._tick is not None:
             self._tick.cancel()
         for worker in self.workers:
-            if worker.proc and worker.proc.poll() is None:
+            if worker.proc.poll() is not None:
+                continue
+            if graceful and worker.chan is not None:
+                worker.state = "serving"
+                self.retire(worker, "stopping", grace=0)
+            else:
                 worker.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
         for worker in self.workers:
-            while worker.proc and worker.proc.poll() is None and time.monotonic() < deadline:
+            while worker.proc.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            if worker.proc and worker.proc.poll() is None:
+            if worker.proc.poll() is None:
                 worker.proc.kill()
                 worker.proc.wait()
             self._drop_channel(worker)
@@ -109,18 +175,27 @@ class WorkerPool:
 
     def dispatch(self, conn: socket.socket, kind: str, peer: str, leftover: bytes,
                  conn_id: int) -> Worker:
-        live = [w for w in self.workers if w.alive]
+        live = self.serving()
         if not live:
             raise RuntimeError("no worker is running")
         worker = min(live, key=lambda w: w.load)
-        data = encode_handoff(conn_id, kind, peer, leftover)
-        if worker.out:
-            worker.out.append((data, os.dup(conn.fileno())))
-        else:
-            self._send(worker, data, conn.fileno(), owned=False)
+        self._queue(worker, encode_handoff(conn_id, kind, peer, leftover), conn.fileno())
         worker.load += 1
         worker.served += 1
+        if worker.serve_limit and worker.served >= worker.serve_limit:
+            self._replace(worker, f"served {worker.served} connections")
         return worker
+
+    def total_load(self) -> int:
+        return sum(w.load for w in self.workers if w.state != "gone")
+
+    def _queue(self, worker: Worker, data: bytes, fd: int | None) -> None:
+        if worker.chan is None:
+            return
+        if worker.out:
+            worker.out.append((data, os.dup(fd) if fd is not None else None))
+        else:
+            self._send(worker, data, fd, owned=False)
 
     def _send(self, worker: Worker, data: bytes, fd: int | None, owned: bool) -> bool:
         """Send one message now; queue what is left of it and return False if it would block.
@@ -153,12 +228,12 @@ class WorkerPool:
 
     def _flush(self, worker: Worker) -> None:
         asyncio.get_running_loop().remove_writer(worker.chan.fileno())
-        while worker.out and worker.alive:
+        while worker.out and worker.chan is not None:
             data, fd = worker.out.popleft()
             if not self._send(worker, data, fd, owned=True):
                 return
 
-    # reports and exits
+    # reports, heartbeats and exits
 
     def _on_readable(self, worker: Worker) -> None:
         try:
@@ -170,11 +245,10 @@ class WorkerPool:
         if not data:
             self._worker_gone(worker)
             return
-        buf = worker.inbuf + data
-        *lines, worker.inbuf = buf.split(b"\n")
+        worker.last_pong = time.monotonic()
+        *lines, worker.inbuf = (worker.inbuf + data).split(b"\n")
         for line in lines:
-            report = orjson.loads(line)
-            closed = report.get("closed")
+            closed = orjson.loads(line).get("closed")
             if closed:
                 worker.load = max(0, worker.load - closed)
 
@@ -192,53 +266,112 @@ class WorkerPool:
                 os.close(fd)
 
     def _worker_gone(self, worker: Worker) -> None:
-        if not worker.alive:
-            return
-        worker.alive = False
         self._drop_channel(worker)
-        if self.stopping:
-            return
-        self._schedule_tick(0.0)
 
-    def _schedule_tick(self, delay: float = 0.5) -> None:
-        if self._tick is not None:
-            self._tick.cancel()
-        self._tick = asyncio.get_running_loop().call_later(delay, self._on_tick)
+    def _replace(self, worker: Worker, reason: str) -> None:
+        self.workers.append(self._spawn(worker.index))
+        self.retire(worker, reason)
+        self.on_change()
 
     def _on_tick(self) -> None:
-        """Reap exited workers and replace them, backing off when they keep crashing."""
         self._tick = None
         if self.stopping:
             return
         now = time.monotonic()
-        for i, worker in enumerate(self.workers):
-            if worker.alive and worker.proc.poll() is None:
+        self._reap(now)
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
+            self._last_heartbeat = now
+            self._heartbeat(now)
+        if now - self._last_recycle_check >= RECYCLE_CHECK_INTERVAL:
+            self._last_recycle_check = now
+            self._recycle_big_workers()
+        self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
+
+    def _heartbeat(self, now: float) -> None:
+        """Ping every worker; one whose loop has not answered for --worker-timeout is hung:
+        kill it, and the reaper replaces it."""
+        for worker in self.workers:
+            if worker.chan is None or worker.proc.poll() is not None:
                 continue
-            if worker.alive:
-                self._worker_gone(worker)
+            if now - worker.last_pong > self.config.worker_timeout:
+                log.warning("worker %d (pid %d) has not answered for %.0f s; killing it",
+                            worker.index, worker.pid, now - worker.last_pong)
+                worker.proc.kill()
+                continue
+            worker.ping_seq += 1
+            self._queue(worker, encode_control("ping", seq=worker.ping_seq), None)
+
+    def _recycle_big_workers(self) -> None:
+        limit = self.config.max_worker_rss
+        if not limit:
+            return
+        for worker in self.serving():
+            try:
+                rss = worker.ps.memory_info().rss if worker.ps else 0
+            except psutil.Error:
+                continue
+            if rss > limit * 1024 * 1024:
+                self._replace(worker, f"RSS {rss / 1048576:.0f} MiB is over "
+                                      f"--max-worker-rss {limit}")
+
+    def _reap(self, now: float) -> None:
+        """Replace serving workers that exited, backing off when they keep crashing; forget
+        retired ones once they are gone."""
+        for worker in list(self.workers):
             code = worker.proc.poll()
             if code is None:
-                continue  # channel closed but process not yet exited: check again soon
-            if i not in self._respawn_at:
-                self.exits += 1
-                lived = time.time() - worker.started
-                self._crash_streak = self._crash_streak + 1 if lived < 5 else 0
-                delay = min(RESPAWN_MAX, RESPAWN_MIN * (2 ** max(0, self._crash_streak - 1)))
-                self._respawn_at[i] = now + (0 if self._crash_streak <= 1 else delay)
-                log.warning("worker %d (pid %d) exited with %s; replacing it", worker.index,
-                            worker.pid, _describe_exit(code))
-            if now >= self._respawn_at[i]:
-                del self._respawn_at[i]
-                self.workers[i] = self._spawn(worker.index)
-        self._schedule_tick(0.05 if self._respawn_at or any(
-            not w.alive for w in self.workers) else 0.5)
+                continue
+            self._drop_channel(worker)
+            if worker.state == "retiring":
+                log.info("worker %d (pid %d) retired (%s)", worker.index, worker.pid,
+                         worker.retire_reason)
+                worker.state = "gone"
+                self.workers.remove(worker)
+                self.on_change()
+                continue
+            if worker.state == "gone":
+                continue
+            if now < self._respawn_after:
+                continue
+            worker.state = "gone"
+            self.exits += 1
+            lived = time.time() - worker.started
+            self._crash_streak = self._crash_streak + 1 if lived < 5 else 0
+            delay = 0.0 if self._crash_streak <= 1 else min(
+                RESPAWN_MAX, 0.1 * 2 ** (self._crash_streak - 1))
+            self._respawn_after = now + delay
+            log.warning("worker %d (pid %d) exited with %s; %d connection(s) lost; replacing it%s",
+                        worker.index, worker.pid, _describe_exit(code), worker.load,
+                        f" in {delay:.1f} s" if delay else "")
+            self.workers.remove(worker)
+            if delay:
+                asyncio.get_running_loop().call_later(delay, self._respawn, worker.index)
+            else:
+                self._respawn(worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if self.stopping or len(self.serving()) >= self.config.workers:
+            return
+        self.workers.append(self._spawn(index))
+        self.on_change()
 
     def snapshot(self) -> list[dict]:
-        return [
-            {"index": w.index, "pid": w.pid, "generation": w.generation, "alive": w.alive,
-             "connections": w.load, "served": w.served, "started": w.started}
-            for w in self.workers
-        ]
+        rows = []
+        for w in self.workers:
+            row = {"index": w.index, "pid": w.pid, "generation": w.generation,
+                   "state": w.state, "alive": w.proc.poll() is None and w.chan is not None,
+                   "connections": w.load, "served": w.served,
+                   "age": round(time.time() - w.started, 1)}
+            try:
+                if w.ps is not None:
+                    with w.ps.oneshot():
+                        row["rss"] = w.ps.memory_info().rss
+                        times = w.ps.cpu_times()
+                        row["cpu"] = round(times.user + times.system, 2)
+            except psutil.Error:
+                pass
+            rows.append(row)
+        return rows
 
 
 def _describe_exit(code: int) -> str:

@@ -1,0 +1,67 @@
+"""`cmuxd-remote status`: ask the supervisor's control socket, print a table for people."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import orjson
+
+
+def query_status(path: Path, timeout: float = 5.0) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise OSError(f"no daemon answers on {path}; is it running (or is its "
+                          "--state-dir elsewhere)?") from None
+        sock.sendall(b'{"method":"status"}\n')
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply = orjson.loads(data)
+    if not reply.get("ok"):
+        raise OSError(f"the daemon refused the status request: {reply.get('error')}")
+    return reply["result"]
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1048576:.1f}M"
+
+
+def format_status(st: dict) -> str:
+    lines = [
+        f"cmuxd {st['version']}  pid {st['pid']}  up {_duration(st['uptime'])}  "
+        f"relay {st.get('relay_id') or '-'}  generation {st.get('generation', 1)}",
+        "",
+        "LISTENER                                   KIND  ORIGIN",
+    ]
+    for l in st["listeners"]:
+        lines.append(f"{l['address']:<42} {l['kind']:<5} {l['origin']}")
+    lines += ["", "WORKER  PID      GEN  STATE     CONNS  SERVED   RSS      CPU(s)  AGE"]
+    for w in st["workers"]:
+        lines.append(
+            f"{w['index']:<7} {w['pid']:<8} {w['generation']:<4} {w['state']:<9} "
+            f"{w['connections']:<6} {w['served']:<8} {_mib(w.get('rss')):<8} "
+            f"{w.get('cpu', '-'):<7} {_duration(w['age'])}"
+        )
+    counters = st.get("counters", {})
+    lines += ["", "COUNTERS"]
+    for key in sorted(counters):
+        lines.append(f"  {key:<28} {counters[key]}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d"
