@@ -151,7 +151,9 @@ class ListeningDaemon:
             assert reply["relay_mac"] == proof_for(self.token, RELAY_ID, client_nonce, nonce)
         else:
             assert "relay_mac" not in reply
-        return FrameStream(sock)
+        stream = FrameStream(sock)
+        stream.local_port = sock.getsockname()[1]
+        return stream
 
     def unix(self) -> FrameStream:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -175,11 +175,17 @@ class WorkerPool:
 
     def dispatch(self, conn: socket.socket, kind: str, peer: str, leftover: bytes,
                  conn_id: int) -> Worker:
-        live = self.serving()
-        if not live:
-            raise RuntimeError("no worker is running")
-        worker = min(live, key=lambda w: w.load)
-        self._queue(worker, encode_handoff(conn_id, kind, peer, leftover), conn.fileno())
+        """Hand the connection to the least-loaded serving worker; a worker found dead on the
+        way is skipped, so a crash never costs a connection that was not yet its own."""
+        data = encode_handoff(conn_id, kind, peer, leftover)
+        while True:
+            live = [w for w in self.serving() if w.chan is not None]
+            if not live:
+                raise RuntimeError("no worker is running")
+            worker = min(live, key=lambda w: w.load)
+            self._queue(worker, data, conn.fileno())
+            if worker.chan is not None:
+                break
         worker.load += 1
         worker.served += 1
         if worker.serve_limit and worker.served >= worker.serve_limit:
