@@ -19,6 +19,7 @@ import orjson
 
 from .connection import Connection
 from .handoff import HandoffDecoder, encode_report
+from .hub_link import RemoteHub, hub_socket_path
 from .logs import setup_logging
 
 log = logging.getLogger("cmuxd.worker")
@@ -37,7 +38,8 @@ class WorkerProcess:
         self.connections: set[Connection] = set()
         self.closed_since_report = 0
         self.report_pending = False
-        self.hub = None
+        self.hub = RemoteHub(hub_socket_path(config["state_dir"])) if config.get("state_dir") \
+            else None
         self.stopped: asyncio.Future | None = None
 
     async def run(self) -> None:
@@ -46,6 +48,8 @@ class WorkerProcess:
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, lambda: None)
         loop.add_reader(self.chan.fileno(), self._on_channel)
+        if self.hub is not None:
+            self.hub.start()
         await self.stopped
         for conn in list(self.connections):
             conn.connection_lost(None)

@@ -69,15 +69,26 @@ class WorkerPool:
         self._crash_streak = 0
         self._respawn_after = 0.0
         self._tick: asyncio.TimerHandle | None = None
+        self.hub: subprocess.Popen | None = None
         self._last_heartbeat = 0.0
         self._last_recycle_check = time.monotonic()
 
     # lifecycle
 
     def start(self) -> None:
+        self.hub = self._spawn_hub()
         for index in range(self.config.workers):
             self.workers.append(self._spawn(index))
         self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
+
+    def _spawn_hub(self) -> subprocess.Popen:
+        """The PTY hub: one process that owns every PTY session, reached by the workers over
+        its own socket, so a worker crash loses no terminal."""
+        cmd = [sys.executable, "-m", "cmuxd.hub_link",
+               "--config", orjson.dumps(self.config.worker_json()).decode()]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        log.info("PTY hub started (pid %d)", proc.pid)
+        return proc
 
     def serving(self) -> list[Worker]:
         return [w for w in self.workers if w.state == "serving"]
@@ -170,6 +181,19 @@ class WorkerPool:
                 worker.proc.kill()
                 worker.proc.wait()
             self._drop_channel(worker)
+        await self._stop_hub()
+
+    async def _stop_hub(self) -> None:
+        """The hub ends its sessions (SIGHUP, then SIGKILL after a grace period) on SIGTERM."""
+        if self.hub is None or self.hub.poll() is not None:
+            return
+        self.hub.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while self.hub.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.hub.poll() is None:
+            self.hub.kill()
+            self.hub.wait()
 
     # dispatch
 
@@ -322,7 +346,12 @@ class WorkerPool:
 
     def _reap(self, now: float) -> None:
         """Replace serving workers that exited, backing off when they keep crashing; forget
-        retired ones once they are gone."""
+        retired ones once they are gone. A hub that exited is replaced too, but its sessions
+        are gone with it."""
+        if self.hub is not None and self.hub.poll() is not None:
+            log.error("PTY hub (pid %d) exited with %s; its PTY sessions are lost; replacing it",
+                      self.hub.pid, _describe_exit(self.hub.returncode))
+            self.hub = self._spawn_hub()
         for worker in list(self.workers):
             code = worker.proc.poll()
             if code is None:

@@ -1,0 +1,335 @@
+"""The link between workers and the hub process: `HubServer` runs the one `Hub` of the
+daemon behind a 0600 Unix socket; `RemoteHub` is what a worker's handlers call instead of an
+in-process Hub, with the same methods (the ones that need the hub's answer are coroutines).
+
+Frames are JSON lines. Worker → hub: `{"op":…}` (calls carry an `rid`). Hub → worker:
+replies by `rid` (an attach also gets `{"rid":…,"reserved":true}` once its session exists),
+and `{"peer":…,"event":…}` for events. Flow control crosses the link as counts: the hub lets
+at most OUTBOUND_FRAMES events of one attachment be unconfirmed, and the worker confirms
+them with `drained` as its client reads them, so a slow client is dropped by the hub exactly
+as the spec's per-attachment queue says, without the link ever buffering without bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import orjson
+
+from .protocol import UNAVAILABLE, FrameDecoder, RPCError, encode
+
+log = logging.getLogger("cmuxd.hub")
+
+OUTBOUND_FRAMES = 256
+MSG_NO_HUB = "PTY hub is not available"
+CALLS = ("attach", "cancel", "write", "resize", "detach", "close", "list")
+
+
+def hub_socket_path(state_dir: str) -> Path:
+    return Path(state_dir) / "hub.sock"
+
+
+class _LinkPeer:
+    """One worker-side connection as the hub sees it: events go over the link, counted."""
+
+    def __init__(self, link: "_Link", remote_id: int):
+        self.link = link
+        self.remote_id = remote_id
+        self.unconfirmed: dict[tuple, int] = {}
+
+    def deliver(self, event: dict) -> bool:
+        key = (event["session_id"], event["attachment_id"], event["attachment_token"])
+        if event["event"] == "pty.exit":
+            self.unconfirmed.pop(key, None)
+        else:
+            count = self.unconfirmed.get(key, 0)
+            if count >= OUTBOUND_FRAMES:
+                return False
+            self.unconfirmed[key] = count + 1
+        self.link.send({"peer": self.remote_id, "event": event})
+        return True
+
+
+class _Link(asyncio.Protocol):
+    """The hub end of one worker's link."""
+
+    def __init__(self, server: "HubServer"):
+        self.server = server
+        self.hub = server.hub
+        self.decoder = FrameDecoder()
+        self.transport = None
+        self.peers: dict[int, tuple[int, _LinkPeer]] = {}  # remote id -> (hub peer, peer)
+        self.tasks: set[asyncio.Task] = set()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.send({"hello": {"persistent": self.hub.capabilities(True),
+                             "local": self.hub.capabilities(False)}})
+
+    def send(self, message: dict) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(encode(message))
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self.decoder.feed(data):
+            self._handle(orjson.loads(frame))
+
+    def connection_lost(self, exc) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for hub_peer, _ in self.peers.values():
+            asyncio.get_running_loop().create_task(self.hub.remove_peer(hub_peer))
+        self.peers.clear()
+
+    def _handle(self, msg: dict) -> None:
+        op = msg["op"]
+        if op == "add_peer":
+            peer = _LinkPeer(self, msg["peer"])
+            self.peers[msg["peer"]] = (self.hub.add_peer(peer.deliver), peer)
+        elif op == "remove_peer":
+            entry = self.peers.pop(msg["peer"], None)
+            if entry is not None:
+                self._spawn(self.hub.remove_peer(entry[0]))
+        elif op == "drained":
+            entry = self.peers.get(msg["peer"])
+            if entry is not None:
+                key = tuple(msg["key"])
+                left = entry[1].unconfirmed.get(key, 0) - msg["n"]
+                if key in entry[1].unconfirmed:
+                    entry[1].unconfirmed[key] = max(0, left)
+                self.hub.drained(entry[0], *key, msg["n"])
+        elif op == "call":
+            self._spawn(self._call(msg))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _call(self, msg: dict) -> None:
+        rid, method, args = msg["rid"], msg["method"], msg["args"]
+        try:
+            if method not in CALLS:
+                raise RPCError(UNAVAILABLE, f"unknown hub call {method}")
+            if method in ("list", "close"):
+                result = getattr(self.hub, method)(*args)
+            else:
+                entry = self.peers.get(args[0])
+                if entry is None:
+                    raise RPCError(UNAVAILABLE, MSG_NO_HUB)
+                args = [entry[0], *args[1:]]
+                if method == "write":
+                    args[4] = bytes.fromhex(args[4])
+                if method == "attach":
+                    result = await self.hub.attach(
+                        *args, reserved=lambda: self.send({"rid": rid, "reserved": True}))
+                else:
+                    result = getattr(self.hub, method)(*args)
+                    if asyncio.iscoroutine(result):
+                        result = await result
+            self.send({"rid": rid, "ok": True, "result": result})
+        except RPCError as exc:
+            self.send({"rid": rid, "ok": False, "code": exc.code, "message": exc.message})
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("hub call %s failed", method)
+            self.send({"rid": rid, "ok": False, "code": UNAVAILABLE,
+                       "message": "internal error in the PTY hub; see the daemon log"})
+
+
+class HubServer:
+    def __init__(self, hub, path: Path):
+        self.hub = hub
+        self.path = path
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.path.exists():
+            self.path.unlink()
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.get_running_loop().create_unix_server(
+                lambda: _Link(self), str(self.path))
+        finally:
+            os.umask(old)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class RemoteHub:
+    """A worker's handle on the hub process. While the link is down, calls fail with
+    `unavailable` and the worker keeps reconnecting."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.writer: asyncio.StreamWriter | None = None
+        self.caps = {"persistent": [], "local": []}
+        self.peers: dict[int, object] = {}
+        self._next_peer = 0
+        self._next_rid = 0
+        self._waiting: dict[int, tuple[asyncio.Future, object]] = {}
+        self._runner: asyncio.Task | None = None
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.path))
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            delay = 0.05
+            self.writer = writer
+            for peer in self.peers:
+                self._send({"op": "add_peer", "peer": peer})
+            try:
+                await self._read(reader)
+            except (OSError, orjson.JSONDecodeError):
+                pass
+            self.writer = None
+            self.connected.clear()
+            writer.close()
+            for fut, _ in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(RPCError(UNAVAILABLE, MSG_NO_HUB))
+            self._waiting.clear()
+            log.warning("lost the PTY hub; reconnecting")
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        decoder = FrameDecoder()
+        while data := await reader.read(262144):
+            for frame in decoder.feed(data):
+                msg = orjson.loads(frame)
+                if "event" in msg:
+                    deliver = self.peers.get(msg["peer"])
+                    if deliver is not None:
+                        deliver(msg["event"])
+                elif "rid" in msg:
+                    self._reply(msg)
+                elif "hello" in msg:
+                    self.caps = msg["hello"]
+                    self.connected.set()
+
+    def _reply(self, msg: dict) -> None:
+        if msg.get("reserved"):
+            entry = self._waiting.get(msg["rid"])
+            if entry is not None and entry[1] is not None:
+                entry[1]()
+            return
+        entry = self._waiting.pop(msg["rid"], None)
+        if entry is None or entry[0].done():
+            return
+        if msg["ok"]:
+            entry[0].set_result(msg["result"])
+        else:
+            entry[0].set_exception(RPCError(msg["code"], msg["message"]))
+
+    def _send(self, msg: dict) -> None:
+        if self.writer is not None:
+            self.writer.write(encode(msg))
+
+    async def _call(self, method: str, *args, reserved=None):
+        if self.writer is None:
+            raise RPCError(UNAVAILABLE, MSG_NO_HUB)
+        self._next_rid += 1
+        rid = self._next_rid
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = (fut, reserved)
+        self._send({"op": "call", "rid": rid, "method": method, "args": list(args)})
+        try:
+            return await fut
+        finally:
+            self._waiting.pop(rid, None)
+
+    # the Hub interface the handlers use
+
+    def capabilities(self, persistent: bool) -> list[str]:
+        return list(self.caps["persistent" if persistent else "local"])
+
+    def add_peer(self, deliver) -> int:
+        self._next_peer += 1
+        self.peers[self._next_peer] = deliver
+        self._send({"op": "add_peer", "peer": self._next_peer})
+        return self._next_peer
+
+    async def remove_peer(self, peer: int) -> None:
+        self.peers.pop(peer, None)
+        self._send({"op": "remove_peer", "peer": peer})
+
+    def drained(self, peer: int, session_id: str, attachment_id: str, token: str,
+                frames: int) -> None:
+        self._send({"op": "drained", "peer": peer, "key": [session_id, attachment_id, token],
+                    "n": frames})
+
+    async def attach(self, peer, session_id, attachment_id, token, cols, rows, command,
+                     require_existing, input_seq_ack, reserved=None) -> dict:
+        return await self._call("attach", peer, session_id, attachment_id, token, cols, rows,
+                                command, require_existing, input_seq_ack, reserved=reserved)
+
+    async def cancel(self, peer, session_id, attachment_id, token) -> None:
+        await self._call("cancel", peer, session_id, attachment_id, token)
+
+    def write(self, peer, session_id, attachment_id, token, data: bytes, seq, notification):
+        return self._call("write", peer, session_id, attachment_id, token, data.hex(), seq,
+                          notification)
+
+    def resize(self, peer, session_id, attachment_id, token, cols, rows):
+        return self._call("resize", peer, session_id, attachment_id, token, cols, rows)
+
+    def detach(self, peer, session_id, attachment_id, token):
+        return self._call("detach", peer, session_id, attachment_id, token)
+
+    def close(self, session_id):
+        return self._call("close", session_id)
+
+    def list(self):
+        return self._call("list")
+
+
+async def _serve(config: dict) -> None:
+    from .hub import Hub
+
+    hub = Hub(scrollback=config.get("scrollback", 1 << 20),
+              idle_ttl=config.get("idle_ttl", 86400.0), shell=config.get("shell"))
+    server = HubServer(hub, hub_socket_path(config["state_dir"]))
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    log.info("PTY hub serving on %s", server.path)
+    await stop.wait()
+    await server.close()
+    await hub.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="cmuxd.hub_link")
+    parser.add_argument("--config", default="{}")
+    args = parser.parse_args(argv)
+    setup_logging(f"cmuxd hub [{os.getpid()}]")
+    asyncio.run(_serve(orjson.loads(args.config)))
+
+
+if __name__ == "__main__":
+    main()
