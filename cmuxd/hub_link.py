@@ -304,7 +304,7 @@ class RemoteHub:
         return self._call("list")
 
 
-async def _serve(config: dict) -> None:
+async def _serve(config: dict, lifeline: int | None) -> None:
     from .hub import Hub
 
     hub = Hub(scrollback=config.get("scrollback", 1 << 20),
@@ -315,6 +315,8 @@ async def _serve(config: dict) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)
+    if lifeline is not None:
+        loop.add_reader(lifeline, stop.set)
     log.info("PTY hub serving on %s", server.path)
     await stop.wait()
     await server.close()
@@ -326,9 +328,10 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="cmuxd.hub_link")
     parser.add_argument("--config", default="{}")
+    parser.add_argument("--lifeline-fd", type=int, default=None)
     args = parser.parse_args(argv)
     setup_logging(f"cmuxd hub [{os.getpid()}]")
-    asyncio.run(_serve(orjson.loads(args.config)))
+    asyncio.run(_serve(orjson.loads(args.config), args.lifeline_fd))
 
 
 if __name__ == "__main__":

@@ -84,9 +84,14 @@ class WorkerPool:
     def _spawn_hub(self) -> subprocess.Popen:
         """The PTY hub: one process that owns every PTY session, reached by the workers over
         its own socket, so a worker crash loses no terminal."""
-        cmd = [sys.executable, "-m", "cmuxd.hub_link",
+        # The hub watches the read end of a pipe whose write end only we hold: when the
+        # supervisor is gone, however it went, the hub sees EOF and ends its sessions.
+        lifeline, self._hub_lifeline = os.pipe()
+        cmd = [sys.executable, "-m", "cmuxd.hub_link", "--lifeline-fd", str(lifeline),
                "--config", orjson.dumps(self.config.worker_json()).decode()]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
+                                pass_fds=[lifeline])
+        os.close(lifeline)
         log.info("PTY hub started (pid %d)", proc.pid)
         return proc
 
@@ -349,6 +354,7 @@ class WorkerPool:
         retired ones once they are gone. A hub that exited is replaced too, but its sessions
         are gone with it."""
         if self.hub is not None and self.hub.poll() is not None:
+            os.close(self._hub_lifeline)
             log.error("PTY hub (pid %d) exited with %s; its PTY sessions are lost; replacing it",
                       self.hub.pid, _describe_exit(self.hub.returncode))
             self.hub = self._spawn_hub()
