@@ -10,24 +10,37 @@ import asyncio
 import logging
 
 from ..auth import AuthError, server_credentials
+from .activation import activated_listeners
 from .listeners import ListenerError, bind_tcp, bind_unix
 
 log = logging.getLogger("cmuxd.supervisor")
 
 
 def run_daemon(config) -> int:
-    """Bind, then serve until SIGTERM/SIGINT; the process exit status."""
+    """Take the service manager's sockets or bind our own, then serve until SIGTERM/SIGINT;
+    the process exit status."""
     from .daemon import Supervisor
 
     listeners = []
     try:
         creds = None
-        if config.tcp or config.unix_auth == "token":
+        activated = activated_listeners()
+        if activated is not None:
+            # The service manager's sockets win: binding the flags' addresses as well would
+            # race the socket unit for the same port.
+            listeners = activated
+            log.info("using %d socket(s) passed by %s; --tcp/--socket addresses are not bound",
+                     len(listeners), listeners[0].origin)
+            has_tcp = any(listener.kind == "tcp" for listener in listeners)
+        else:
+            has_tcp = bool(config.tcp)
+        if has_tcp or config.unix_auth == "token":
             creds = server_credentials(config.token_file, config.relay_id)
-        for spec in config.tcp:
-            listeners.extend(bind_tcp(spec))
-        for path in config.sockets:
-            listeners.append(bind_unix(path))
+        if activated is None:
+            for spec in config.tcp:
+                listeners.extend(bind_tcp(spec))
+            for path in config.sockets:
+                listeners.append(bind_unix(path))
     except (AuthError, ListenerError) as exc:
         for listener in listeners:
             listener.close()

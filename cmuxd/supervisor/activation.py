@@ -1,0 +1,236 @@
+"""Listening sockets handed over by a service manager: systemd, then launchd.
+
+With socket activation the service manager owns the listening socket, so connections that
+arrive while the daemon starts or restarts wait in its backlog instead of being refused, and
+the daemon needs no privilege to listen on a low port or in a root-owned directory. Whatever
+it hands over is checked here before the gate trusts it: a datagram socket, a connected
+socket (`Accept=yes`) or a socket of another family would otherwise fail later, in a place
+that says nothing about the unit file that caused it.
+
+Each activated socket becomes an ordinary `Listener` classified by what it is, not by the name
+the unit gave it, so a TCP socket gets the relay handshake even if it was named "unix".
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import sys
+
+from .listeners import Listener, ListenerError, format_address
+
+log = logging.getLogger("cmuxd.supervisor")
+
+SD_LISTEN_FDS_START = 3
+LISTEN_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+# The socket names the launchd plist declares (units/cmuxd.plist.in); one call each.
+LAUNCHD_SOCKET_NAMES = ("tcp", "unix")
+
+_FAMILIES = {socket.AF_INET: "tcp", socket.AF_INET6: "tcp", socket.AF_UNIX: "unix"}
+
+
+def activated_listeners() -> list[Listener] | None:
+    """The service manager's sockets, or None when we were not socket-activated (the caller
+    then binds --tcp/--socket itself)."""
+    listeners = systemd_listeners()
+    if listeners is None and sys.platform == "darwin":
+        listeners = launchd_listeners()
+    return listeners
+
+
+# systemd
+
+
+def systemd_listeners(environ=os.environ) -> list[Listener] | None:
+    """Sockets from LISTEN_FDS, or None when there are none meant for this process.
+
+    The variables are removed whatever they say: a worker or a shell started from a PTY must
+    not believe that fds 3… are sockets meant for it.
+    """
+    if "LISTEN_FDS" not in environ:
+        _forget_listen_variables(environ)
+        return None
+    try:
+        named = _listen_fds_with_names(environ)
+    finally:
+        _forget_listen_variables(environ)
+    if not named:
+        return None
+    listeners: list[Listener] = []
+    try:
+        for fd, name in named:
+            listeners.append(adopt_socket(fd, name, "systemd"))
+    except ListenerError:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def _listen_fds_with_names(environ) -> list[tuple[int, str]]:
+    try:
+        from systemd.daemon import listen_fds_with_names
+    except ImportError:
+        return read_listen_fds(environ)
+    if environ is not os.environ:
+        return read_listen_fds(environ)
+    try:
+        return sorted(listen_fds_with_names(unset_environment=True).items())
+    except OSError as exc:
+        raise ListenerError(
+            f"systemd passed sockets this daemon cannot read ({exc.strerror}); check the "
+            "LISTEN_FDS and LISTEN_FDNAMES the service manager set"
+        ) from None
+
+
+def read_listen_fds(environ=os.environ) -> list[tuple[int, str]]:
+    """sd_listen_fds_with_names(3) without libsystemd: [(fd, name)], empty when the variables
+    name another process (a parent that forgot to unset them)."""
+    pid_text = environ.get("LISTEN_PID", "")
+    count_text = environ.get("LISTEN_FDS", "")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        raise ListenerError(f"LISTEN_PID={pid_text!r} is not a process id; the service "
+                            "manager's environment is broken") from None
+    if pid != os.getpid():
+        return []
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise ListenerError(f"LISTEN_FDS={count_text!r} is not a number; the service "
+                            "manager's environment is broken") from None
+    if count < 0:
+        raise ListenerError(f"LISTEN_FDS={count} is negative; the service manager's "
+                            "environment is broken")
+    names_text = environ.get("LISTEN_FDNAMES")
+    if names_text is None:
+        names = ["unknown"] * count
+    else:
+        names = names_text.split(":") if names_text else []
+        if len(names) != count:
+            raise ListenerError(f"LISTEN_FDNAMES names {len(names)} sockets but LISTEN_FDS "
+                                f"says {count}; the service manager's environment is broken")
+    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass  # reported by adopt_socket, with the socket's name
+    return list(zip(fds, names))
+
+
+def _forget_listen_variables(environ) -> None:
+    for key in LISTEN_VARIABLES:
+        environ.pop(key, None)  # os.environ.pop unsets it in the C environment too
+
+
+# launchd
+
+
+def launchd_listeners() -> list[Listener] | None:
+    """Sockets from the plist's Sockets dictionary, or None when launchd did not start us."""
+    listeners: list[Listener] = []
+    for name in LAUNCHD_SOCKET_NAMES:
+        fds = launch_activate_socket(name)
+        if fds is None:
+            return None
+        try:
+            listeners.extend(adopt_socket(fd, name, "launchd") for fd in fds)
+        except ListenerError:
+            for listener in listeners:
+                listener.close()
+            raise
+    return listeners or None
+
+
+def launch_activate_socket(name: str) -> list[int] | None:
+    """launch_activate_socket(3) for one socket name: its fds, [] when the plist declares no
+    socket of that name, None when this process was not started by launchd (or this is not
+    macOS). The only place that calls into liblaunch."""
+    if sys.platform != "darwin":
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        activate = libc.launch_activate_socket
+    except AttributeError:
+        return None
+    activate.restype = ctypes.c_int
+    activate.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.POINTER(ctypes.c_int)),
+                         ctypes.POINTER(ctypes.c_size_t)]
+    fds = ctypes.POINTER(ctypes.c_int)()
+    count = ctypes.c_size_t(0)
+    err = activate(name.encode(), ctypes.byref(fds), ctypes.byref(count))
+    if err == errno.ESRCH:
+        return None
+    if err == errno.ENOENT:
+        return []
+    if err != 0:
+        raise ListenerError(f"launchd could not hand over the socket {name!r}: "
+                            f"{os.strerror(err)}; check the Sockets dictionary of the plist")
+    try:
+        return [fds[i] for i in range(count.value)]
+    finally:
+        libc.free(fds)
+
+
+# checks shared by both
+
+
+def adopt_socket(fd: int, name: str, origin: str) -> Listener:
+    """A checked, non-blocking, non-inheritable Listener for an fd the service manager passed."""
+    what = f"{origin} socket {name!r} (fd {fd})"
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        raise ListenerError(f"{what} is not an open file; check the socket unit") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenerError(f"{what} is not a socket; cmuxd needs ListenStream= sockets, "
+                            "not files, FIFOs or devices")
+    sock = socket.socket(fileno=fd)
+    try:
+        kind = _FAMILIES.get(sock.family)
+        if kind is None:
+            raise ListenerError(f"{what} is an {_family_name(sock.family)} socket; cmuxd "
+                                "listens only on TCP (IPv4, IPv6) and Unix sockets")
+        if sock.type != socket.SOCK_STREAM:
+            raise ListenerError(f"{what} is not a stream socket; use ListenStream= (not "
+                                "ListenDatagram= or ListenSequentialPacket=)")
+        if not _is_listening(sock):
+            raise ListenerError(f"{what} is not listening; the socket unit needs Accept=no "
+                                "(cmuxd accepts connections itself)")
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+        address = _describe(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(sock, kind, address, origin=origin, name=name)
+
+
+def _is_listening(sock: socket.socket) -> bool:
+    option = getattr(socket, "SO_ACCEPTCONN", None)
+    if option is None:
+        return True  # cannot tell here; accept() will fail loudly if it is not
+    return bool(sock.getsockopt(socket.SOL_SOCKET, option))
+
+
+def _family_name(family: int) -> str:
+    try:
+        return socket.AddressFamily(family).name
+    except ValueError:
+        return f"address family {family}"
+
+
+def _describe(sock: socket.socket) -> str:
+    address = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if isinstance(address, bytes):  # abstract namespace
+            return "@" + address[1:].decode(errors="replace")
+        return address or "(unnamed)"
+    return format_address(sock.family, address)
