@@ -17,6 +17,7 @@ from ..auth import AuthError, Credentials, server_credentials
 from .control import ControlServer
 from .gate import Gate
 from .listeners import Listener, ListenerError
+from .notify import Notifier, pool_healthy, status_line
 from .pool import WorkerPool
 
 log = logging.getLogger("cmuxd.supervisor")
@@ -34,6 +35,7 @@ class Supervisor:
         self.gate = Gate(listeners, creds, self.pool, config, self.counters)
         self.control = ControlServer(config.control_path, self.status)
         self.stop_requested: asyncio.Event | None = None
+        self.notifier = Notifier()  # sd_notify; does nothing without NOTIFY_SOCKET
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -56,6 +58,9 @@ class Supervisor:
             log.info("listening on %s %s (%s, %s)", listener.kind, listener.address,
                      listener.origin, auth)
         log.info("cmuxd %s serving with %d workers", __version__, self.config.workers)
+        self.notifier.start(lambda: status_line(self.listeners, self.pool),
+                            lambda: pool_healthy(self.pool))
+        self.notifier.ready()
         await self.stop_requested.wait()
         log.info("stopping")
         await self.shutdown()
@@ -70,6 +75,7 @@ class Supervisor:
         """SIGHUP: re-read the token, start a new generation of workers; the old one keeps
         its open connections until they close or --graceful-timeout passes."""
         log.info("reloading")
+        self.notifier.reloading()
         try:
             if self.creds is not None:
                 self.creds = server_credentials(self.config.token_file, self.config.relay_id)
@@ -78,13 +84,16 @@ class Supervisor:
             log.error("reload: keeping the old token: %s", exc)
         self.pool.reload()
         log.info("reloaded: generation %d serves new connections", self.pool.generation)
+        self.notifier.ready()
 
     async def shutdown(self) -> None:
+        self.notifier.stopping()
         self.gate.stop()
         for listener in self.listeners:
             listener.close()
         await self.pool.stop(graceful=not self.immediate)
         self.control.close()
+        self.notifier.close()
         log.info("stopped")
 
     def status(self) -> dict:
