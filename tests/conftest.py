@@ -1,0 +1,29 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import StdioDaemon  # noqa: E402
+
+
+@pytest.fixture
+def spawn_daemon():
+    """Start `serve --stdio` children; every one started is killed at the end of the test."""
+    started: list[StdioDaemon] = []
+
+    def spawn(*args: str, **kwargs) -> StdioDaemon:
+        daemon = StdioDaemon(*args, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield spawn
+    for daemon in started:
+        daemon.close()
+
+
+@pytest.fixture
+def daemon(spawn_daemon) -> StdioDaemon:
+    """A fresh stdio daemon (one connection)."""
+    return spawn_daemon()
