@@ -165,12 +165,63 @@ def connect(uri: str, *, stdio: bool = False, token_file: str | None = None,
     sys.exit(_run_client(bridge_stdio(uri, **_client_kwargs(token_file, relay_id, unix_auth))))
 
 
+@argh.named("install")
+@argh.arg("--systemd", help="systemd units: cmuxd.socket and cmuxd.service")
+@argh.arg("--launchd", help="a launchd LaunchAgent plist (macOS)")
+@argh.arg("--user", help="systemd: your own instance (~/.config/systemd/user)")
+@argh.arg("--system", help="systemd: the system instance (/etc/systemd/system; needs root)")
+@argh.arg("--as", dest="as_user", metavar="USER", help="--system: the User= the daemon runs as (default: you, or SUDO_USER under sudo)")
+@argh.arg("--print", dest="print_only", help="write the units to stdout; install nothing, create no token")
+@argh.arg("--token-file", help="the relay token the units load (default: ~/.config/cmuxd/relay-token, /etc/cmuxd/relay-token for --system; created when missing)")
+@argh.arg("--port", help="the TCP port on loopback (and on the tailnet addresses)")
+@argh.arg("--tailnet", help="systemd: also listen on this host's Tailscale addresses (`tailscale ip`)")
+@argh.arg("--tailnet-address", action="append", metavar="ADDR", help="systemd: a Tailscale address to listen on; repeatable; implies --tailnet")
+def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = False,
+                  system: bool = False, as_user: str | None = None, print_only: bool = False,
+                  token_file: str | None = None, port: int = DEFAULT_PORT,
+                  tailnet: bool = False, tailnet_address: list[str] | None = None) -> None:
+    """Install service units that start the daemon on the first connection."""
+    from . import units
+
+    if systemd == launchd:
+        raise argh.CommandError("choose one of --systemd and --launchd")
+    try:
+        if systemd:
+            if user == system:
+                raise argh.CommandError("choose one of --user and --system")
+            addresses = tailnet_address or (units.tailscale_addresses() if tailnet else [])
+            plan = units.systemd_plan("system" if system else "user", user=as_user,
+                                      token_file=token_file, port=port, tailnet=addresses)
+            mkdirs = []
+        else:
+            if user or system or as_user or tailnet or tailnet_address:
+                raise argh.CommandError("--user, --system, --as and --tailnet apply to --systemd")
+            plan = units.launchd_plan(token_file=token_file, port=port)
+            mkdirs = units.launchd_dirs()
+        if print_only:
+            for path, content in plan.files.items():
+                if len(plan.files) > 1:
+                    print(f"# {path}")
+                print(content if isinstance(content, str) else content.decode(), end="")
+            return
+        units.install(plan, mkdirs=mkdirs)
+    except (units.UnitsError, AuthError, OSError) as exc:
+        raise argh.CommandError(str(exc)) from None
+    for path in plan.files:
+        print(f"wrote {path}")
+    made = "created a new token in" if plan.token_created else "the token is"
+    print(f"{made} {plan.token_file}; clients need the same token")
+    print("next:\n" + "\n".join(f"    {step}" for step in plan.next_steps))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="cmuxd: %(message)s", stream=sys.stderr)
     parser = argh.ArghParser(prog="cmuxd-remote", description=__doc__)
     parser.add_commands([version, serve, ping, rpc, connect])
     parser.add_commands([token_new], group_name="token",
                         group_kwargs={"help": "manage the relay token"})
+    parser.add_commands([units_install], group_name="units",
+                        group_kwargs={"help": "install systemd or launchd service units"})
     parser.dispatch()
 
 

@@ -1,0 +1,388 @@
+"""Service units for systemd and launchd, rendered for this installation.
+
+The units in units/ are these functions' output for a conventional system install
+(/usr/local/bin/cmuxd-remote, /etc/cmuxd/relay-token); `cmuxd-remote units install` renders
+the same text with the paths of the running installation, so the files a fleet copies and the
+files the command writes cannot drift apart (a test compares them).
+
+Rendering is pure (text in, text out); `install_*` is the only part that touches the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import pwd
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .auth import default_token_path, write_new_token
+from .config import DEFAULT_PORT
+
+SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
+SYSTEM_TOKEN_FILE = Path("/etc/cmuxd/relay-token")
+FLEET_COMMAND = ["/usr/local/bin/cmuxd-remote"]
+LAUNCHD_LABEL = "com.cmux.cmuxd"
+WATCHDOG_SEC = 30
+# Where a home directory may live; ProtectHome= would hide an interpreter installed there.
+HOME_PREFIXES = ("/home/", "/root/", "/run/user/", "/Users/", "/var/home/")
+
+
+class UnitsError(Exception):
+    """The units could not be rendered or installed; the message says what to change."""
+
+
+@dataclass
+class SystemdUnits:
+    mode: str  # "user" (systemctl --user) or "system"
+    command: list[str]  # the installed cmuxd-remote, absolute
+    token_file: Path  # what LoadCredential= hands the service as relay-token
+    user: str | None = None  # User= for a system unit
+    port: int = DEFAULT_PORT
+    protect_home: bool = True
+    tailnet: list[str] = field(default_factory=list)  # extra addresses (drop-in)
+    serve_args: list[str] = field(default_factory=list)
+
+    def render(self) -> dict[str, str]:
+        """{path relative to the unit directory: text}."""
+        units = {"cmuxd.socket": self.socket(), "cmuxd.service": self.service()}
+        if self.tailnet:
+            units["cmuxd.socket.d/tailnet.conf"] = tailnet_dropin(self.tailnet, self.port)
+        return units
+
+    @property
+    def system(self) -> bool:
+        return self.mode == "system"
+
+    def socket(self) -> str:
+        # The socket's directory must be traversable by User= before the service first runs
+        # (systemd creates it as root); the socket file itself is 0600 and owned by User=.
+        owner = ""
+        if self.system and self.user not in (None, "root"):
+            owner = f"SocketUser={self.user}\n"
+        return f"""\
+# cmux remote daemon: the sockets. systemd listens; the first connection starts
+# cmuxd.service, and connections that arrive while it restarts wait in the backlog.
+[Unit]
+Description=cmux remote daemon sockets
+
+[Socket]
+ListenStream=127.0.0.1:{self.port}
+ListenStream=%t/cmuxd/cmuxd.sock
+FileDescriptorName=cmuxd
+Accept=no
+Backlog=1024
+SocketMode=0600
+DirectoryMode={"0755" if self.system else "0700"}
+{owner}
+[Install]
+WantedBy=sockets.target
+"""
+
+    def service(self) -> str:
+        exec_start = " ".join(
+            [*(exec_quote(a) for a in self.command), "serve", "--state-dir=%t/cmuxd",
+             *(exec_quote(a) for a in self.serve_args)])
+        user = ""
+        if self.system and self.user not in (None, "root"):
+            user = f"User={self.user}\n"
+        elif self.system:
+            user = ("# User= the account whose shells the daemon serves (root without it):\n"
+                    "# `cmuxd-remote units install --system --as USER` sets it.\n")
+        return f"""\
+# cmux remote daemon. Socket-activated by cmuxd.socket; reload (SIGHUP) re-reads the token
+# and replaces the workers without closing open connections.
+[Unit]
+Description=cmux remote daemon
+Requires=cmuxd.socket
+After=cmuxd.socket
+
+[Service]
+Type=notify
+{user}ExecStart={exec_start}
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+WatchdogSec={WATCHDOG_SEC}s
+TimeoutStopSec=30s
+# SIGTERM to the supervisor only: it drains and stops its workers itself.
+KillMode=mixed
+LoadCredential=relay-token:{unit_escape(str(self.token_file))}
+RuntimeDirectory=cmuxd
+RuntimeDirectoryMode=0700
+# Keep the directory (and cmuxd.socket's socket file in it) across restarts.
+RuntimeDirectoryPreserve=yes
+LimitNOFILE=65536
+UMask=0077
+
+# Hardening. The shells that pty.* starts run inside this sandbox too; loosen it with
+# `systemctl{"" if self.system else " --user"} edit cmuxd.service` where that gets in the way (README).
+{self.hardening()}
+[Install]
+Also=cmuxd.socket
+"""
+
+    def hardening(self) -> str:
+        # These need no namespace: they work in a user manager without user namespaces too.
+        lines = [
+            "NoNewPrivileges=yes",
+            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+            "RestrictRealtime=yes",
+            "RestrictSUIDSGID=yes",
+            "LockPersonality=yes",
+            "SystemCallArchitectures=native",
+        ]
+        if self.system:
+            lines += [
+                "ProtectSystem=full",
+                "PrivateTmp=yes",
+                "ProtectKernelTunables=yes",
+                "ProtectKernelModules=yes",
+                "ProtectKernelLogs=yes",
+                "ProtectControlGroups=yes",
+                "ProtectClock=yes",
+                "ProtectHostname=yes",
+                "RestrictNamespaces=yes",
+            ]
+            if self.protect_home:
+                lines.append("ProtectHome=read-only")
+            else:
+                lines.append("# No ProtectHome=: the interpreter or cmuxd lives in a home "
+                             "directory.")
+        return "\n".join(lines) + "\n"
+
+
+def tailnet_dropin(addresses: list[str], port: int = DEFAULT_PORT, example: bool = False) -> str:
+    listens = "\n".join(f"ListenStream={_bracket(a)}:{port}" for a in addresses)
+    note = ""
+    if example:
+        note = ("# EXAMPLE: replace the address with this host's `tailscale ip -4`, or let\n"
+                "# `cmuxd-remote units install --systemd --system --tailnet` write this file.\n")
+    return f"""\
+{note}# Also listen on this host's Tailscale address(es) (`tailscale ip`). FreeBind lets the socket
+# come up at boot before tailscaled has assigned them.
+[Unit]
+After=tailscaled.service
+
+[Socket]
+{listens}
+FreeBind=yes
+"""
+
+
+def render_plist(command: list[str], token_file: Path, socket_path: Path, log_file: Path,
+                 port: int = DEFAULT_PORT, label: str = LAUNCHD_LABEL) -> bytes:
+    """A LaunchAgent: launchd listens on loopback TCP and a Unix socket (names "tcp" and
+    "unix", which cmuxd asks launch_activate_socket for) and starts cmuxd on demand."""
+    plist = {
+        "Label": label,
+        "ProgramArguments": [*command, "serve", "--token-file", str(token_file)],
+        "Sockets": {
+            "tcp": {
+                "SockNodeName": "127.0.0.1",
+                "SockServiceName": str(port),
+                "SockType": "stream",
+                "SockFamily": "IPv4",
+            },
+            "unix": {
+                "SockPathName": str(socket_path),
+                "SockPathMode": 0o600,  # plist integers are decimal: this is 384
+                "SockType": "stream",
+            },
+        },
+        "RunAtLoad": True,
+        # Restart after a crash; after a clean exit launchd starts it on the next connection.
+        "KeepAlive": {"SuccessfulExit": False},
+        "ProcessType": "Interactive",
+        "StandardOutPath": str(log_file),
+        "StandardErrorPath": str(log_file),
+    }
+    return plistlib.dumps(plist, sort_keys=False)
+
+
+def fleet_files() -> dict[str, str | bytes]:
+    """What units/ holds: a system install at conventional paths, the same on every host (the
+    tailnet drop-in and the plist are examples to adapt)."""
+    units = SystemdUnits("system", FLEET_COMMAND, SYSTEM_TOKEN_FILE).render()
+    units["cmuxd.socket.d/tailnet.conf"] = tailnet_dropin(["100.64.0.1"], example=True)
+    home = Path("/Users/you")
+    units["cmuxd.plist"] = render_plist(
+        FLEET_COMMAND, home / ".config/cmuxd/relay-token", home / ".local/state/cmux/cmuxd.sock",
+        home / "Library/Logs/cmuxd.log")
+    return units
+
+
+def write_fleet_files(directory: str) -> None:
+    for name, content in fleet_files().items():
+        path = Path(directory) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+# Paths of this installation
+
+
+def installed_command() -> list[str]:
+    """The absolute cmuxd-remote of this installation: the script beside the interpreter (a
+    venv or pipx install), else the one on PATH, else `python -m cmuxd`. The interpreter path
+    is kept as is, not resolved: a venv's python symlink is what makes it the venv."""
+    beside = Path(os.path.abspath(sys.executable)).parent / "cmuxd-remote"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("cmuxd-remote")
+    if found:
+        return [os.path.abspath(found)]
+    return [os.path.abspath(sys.executable), "-m", "cmuxd"]
+
+
+def protect_home_is_safe(command: list[str], homes: list[str] = ()) -> bool:
+    """Whether ProtectHome= would leave the daemon able to start: not if the script, its
+    interpreter or the cmuxd package live in a home directory (pyenv, pipx, a checkout)."""
+    paths = [command[0], sys.executable, os.path.realpath(sys.executable),
+             os.path.dirname(os.path.abspath(__file__))]
+    interpreter = _shebang_interpreter(command[0])
+    if interpreter:
+        paths += [interpreter, os.path.realpath(interpreter)]
+    prefixes = HOME_PREFIXES + tuple(h.rstrip("/") + "/" for h in homes if h and h != "/")
+    return not any(os.path.abspath(p).startswith(prefixes) for p in paths)
+
+
+def _shebang_interpreter(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    parts = first[2:].strip().split()
+    return parts[0].decode(errors="replace") if parts else None
+
+
+def tailscale_addresses() -> list[str]:
+    tailscale = shutil.which("tailscale")
+    if tailscale is None:
+        raise UnitsError("tailscale is not installed here; pass the addresses with "
+                         "--tailnet-address ADDR")
+    try:
+        out = subprocess.run([tailscale, "ip"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UnitsError(f"`tailscale ip` failed ({exc}); pass --tailnet-address ADDR") from None
+    addresses = out.stdout.split()
+    if out.returncode != 0 or not addresses:
+        raise UnitsError("`tailscale ip` printed no address (is tailscaled up and logged in?); "
+                         "pass --tailnet-address ADDR")
+    return addresses
+
+
+def invoking_user() -> str:
+    """The person behind the command: SUDO_USER when run through sudo, else ourselves."""
+    sudo_user = os.environ.get("SUDO_USER")
+    if sudo_user and os.geteuid() == 0:
+        return sudo_user
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+# Installing
+
+
+@dataclass
+class Installed:
+    files: dict[Path, str | bytes]  # what was (or, with --print, would be) written
+    token_file: Path
+    token_created: bool
+    next_steps: list[str]
+
+
+def systemd_plan(mode: str, *, user: str | None = None, token_file: str | None = None,
+                 port: int = DEFAULT_PORT, tailnet: list[str] | None = None) -> Installed:
+    if mode not in ("user", "system"):
+        raise UnitsError("choose --user (your own systemd instance) or --system")
+    command = installed_command()
+    if mode == "system":
+        user = user or invoking_user()
+        try:
+            account = pwd.getpwnam(user)
+        except KeyError:
+            raise UnitsError(f"there is no user {user!r} here; pass --as an existing "
+                             "account") from None
+        homes = [account.pw_dir, pwd.getpwuid(os.getuid()).pw_dir]
+        unit_dir = SYSTEM_UNIT_DIR
+        token = Path(token_file) if token_file else SYSTEM_TOKEN_FILE
+        steps = ["systemctl daemon-reload", "systemctl enable --now cmuxd.socket"]
+    else:
+        if user is not None:
+            raise UnitsError("--as applies to --system units; a --user unit runs as you")
+        homes = [str(Path.home())]
+        config = os.environ.get("XDG_CONFIG_HOME")
+        base = Path(config) if config and os.path.isabs(config) else Path.home() / ".config"
+        unit_dir = base / "systemd" / "user"
+        token = Path(token_file) if token_file else default_token_path()
+        steps = ["systemctl --user daemon-reload", "systemctl --user enable --now cmuxd.socket"]
+    units = SystemdUnits(mode, command, token.absolute(), user=user, port=port,
+                         protect_home=protect_home_is_safe(command, homes),
+                         tailnet=list(tailnet or []))
+    files: dict[Path, str | bytes] = {unit_dir / name: text
+                                      for name, text in units.render().items()}
+    return Installed(files, token.absolute(), False, steps)
+
+
+def launchd_plan(*, token_file: str | None = None, port: int = DEFAULT_PORT) -> Installed:
+    home = Path.home()
+    token = Path(token_file).absolute() if token_file else default_token_path()
+    plist_path = home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
+    socket_path = home / ".local" / "state" / "cmux" / "cmuxd.sock"
+    log_file = home / "Library" / "Logs" / "cmuxd.log"
+    data = render_plist(installed_command(), token, socket_path, log_file, port)
+    steps = [f"launchctl bootstrap gui/{os.getuid()} {plist_path}"]
+    return Installed({plist_path: data}, token, False, steps)
+
+
+def install(plan: Installed, *, mkdirs: list[Path] = ()) -> Installed:
+    """Write the files of a plan; create the token (0600) when it does not exist yet."""
+    if not plan.token_file.exists():
+        write_new_token(plan.token_file)
+        plan.token_created = True
+    for directory in mkdirs:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path, content in plan.files.items():
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        data = content.encode() if isinstance(content, str) else content
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return plan
+
+
+def launchd_dirs() -> list[Path]:
+    """Directories launchd will not create: the Unix socket's and the log's."""
+    home = Path.home()
+    return [home / ".local" / "state" / "cmux", home / "Library" / "Logs"]
+
+
+# systemd syntax
+
+
+def unit_escape(value: str) -> str:
+    """A literal for a unit-file value: % would start a specifier."""
+    return value.replace("%", "%%")
+
+
+def exec_quote(arg: str) -> str:
+    """One ExecStart= word: specifiers escaped, quoted when it holds spaces or quotes."""
+    arg = unit_escape(arg)
+    if arg and not any(c in arg for c in " \t\"'\\;$"):
+        return arg
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$")
+    return f'"{escaped}"'
+
+
+def _bracket(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+if __name__ == "__main__":  # regenerate units/: python -m cmuxd.units units
+    write_fleet_files(sys.argv[1])
