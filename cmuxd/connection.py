@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections import deque
 from typing import Any
@@ -310,11 +311,16 @@ class Connection(asyncio.Protocol):
 INTERNAL_ERROR = "internal error in the daemon; see its log"
 
 
-class _StdoutSide(asyncio.BaseProtocol):
+class _StdoutSide(asyncio.Protocol):
     """Forwards the stdout pipe's flow control and closing to the connection."""
 
     def __init__(self, conn: Connection):
         self.conn = conn
+
+    def connection_made(self, transport) -> None:
+        if isinstance(transport, asyncio.Transport):
+            # A socket stdout is only written: its bytes belong to stdin.
+            transport.pause_reading()
 
     def pause_writing(self) -> None:
         self.conn.pause_writing()
@@ -410,6 +416,13 @@ async def serve_stdio(hub: Any = None) -> int:
     out_fd = os.dup(sys.stdout.fileno())
     if _is_regular(out_fd):
         conn.writer = _FileWriter(out_fd, conn)
+    elif _is_stream_socket(out_fd):
+        # inetd style (systemd Accept=yes, a socketpair): a pipe transport would take any byte
+        # arriving on the socket for the reader having gone, so write through a socket
+        # transport that never reads.
+        conn.writer, _ = await loop.connect_accepted_socket(
+            lambda: _StdoutSide(conn), sock=socket.socket(fileno=out_fd)
+        )
     else:
         conn.writer, _ = await loop.connect_write_pipe(
             lambda: _StdoutSide(conn), os.fdopen(out_fd, "wb", buffering=0)
@@ -435,3 +448,15 @@ def _is_regular(fd: int) -> bool:
     import stat
 
     return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def _is_stream_socket(fd: int) -> bool:
+    import stat
+
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return False
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        return sock.type == socket.SOCK_STREAM
+    finally:
+        sock.close()

@@ -411,19 +411,30 @@ def daemon_command(*args: str) -> list[str]:
 
 
 class StdioDaemon(FrameStream):
-    """`cmuxd-remote serve --stdio` as a child process, spoken to through its pipes."""
+    """`cmuxd-remote serve --stdio` as a child process, spoken to through its pipes, or with
+    `over_socket`, through one end of a socketpair that is both its stdin and its stdout (the
+    way inetd-style launchers run it)."""
 
-    def __init__(self, *extra_args: str, env: dict | None = None):
+    def __init__(self, *extra_args: str, env: dict | None = None, over_socket: bool = False):
         self.stderr_file = tempfile.TemporaryFile()
+        if over_socket:
+            ours, theirs = socket.socketpair()
+            stdin = stdout = theirs
+        else:
+            stdin = stdout = subprocess.PIPE
         self.proc = subprocess.Popen(
             daemon_command("serve", "--stdio", *extra_args),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdin=stdin,
+            stdout=stdout,
             stderr=self.stderr_file,
             bufsize=0,
             env=env,
         )
-        super().__init__(self.proc.stdout, self.proc.stdin)
+        if over_socket:
+            theirs.close()
+            super().__init__(ours)
+        else:
+            super().__init__(self.proc.stdout, self.proc.stdin)
 
     @property
     def pid(self) -> int:

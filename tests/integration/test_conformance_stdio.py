@@ -981,3 +981,32 @@ def test_regular_files_as_stdin_and_stdout(tmp_path):
         ok(snapshot("sess-1", [], 0, 0), id=3),
         ok(PONG, id=4),
     ])
+
+
+def test_stdin_and_stdout_on_one_socket(spawn_daemon):
+    """inetd style: the same stream socket is stdin and stdout."""
+    daemon = spawn_daemon(over_socket=True)
+    watcher = EofWatcher()
+    with TcpServer(echo_then_tail(5)) as echo, TcpServer(watcher) as idle:
+        daemon.expect({"id": 1, "method": "ping"}, ok(PONG, id=1))
+        daemon.send_raw(b'\r\n{"id":2,"method":"proxy.open","params":{"host":"127.0.0.1","port":%d}}\r\n'
+                        b'{"id":3,"method":"proxy.stream.subscribe","params":{"stream_id":"s-1"}}\n'
+                        b'{"id":4,"method":"proxy.write","params":{"stream_id":"s-1","data_base64":"aGVsbG8="}}\n'
+                        % echo.port)
+        match(daemon.next_response(), ok({"stream_id": "s-1"}, id=2))
+        match(daemon.next_response(), ok({"subscribed": True, "already_subscribed": False}, id=3))
+        match(daemon.next_response(), ok({"written": 5}, id=4))
+        data = b""
+        while True:
+            event = daemon.next_event()
+            if event["event"] == "proxy.stream.eof":
+                break
+            data += base64.b64decode(event["data_base64"])
+        assert data == b"hellotail"
+        daemon.expect({"id": 5, "method": "proxy.open", "params": {"host": "127.0.0.1", "port": idle.port}},
+                      ok({"stream_id": "s-2"}, id=5))
+        daemon.send_raw(b'{"id":6,"method":"ping"}')
+        daemon.close_write()
+        match(daemon.read_until_eof(), [ok(PONG, id=6)])
+        assert daemon.wait() == 0
+        wait_for(lambda: watcher.eofs == 1, message="the proxied socket to close")
