@@ -45,18 +45,23 @@ def version() -> None:
 @argh.arg("--max-handshakes", help="unauthenticated connections in flight at once")
 @argh.arg("--backoff-failures", help="failed handshakes from one address before it is refused for a while")
 @argh.arg("--state-dir", help="where the control socket lives (default: $XDG_RUNTIME_DIR/cmuxd)")
+@argh.arg("--max-connections", help="open connections at most; past it new ones are refused with a reason")
+@argh.arg("--max-connections-served", help="recycle a worker after about this many connections (0: never)")
+@argh.arg("--max-worker-rss", help="recycle a worker whose RSS exceeds this many MiB (0: never)")
+@argh.arg("--worker-timeout", help="seconds a worker may miss heartbeats before it is killed and replaced")
+@argh.arg("--graceful-timeout", help="seconds old workers keep serving open connections after a reload")
 def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str] | None = None,
           workers: int = 0, token_file: str | None = None, relay_id: str | None = None,
           unix_auth: str = "peer", max_handshakes: int = 256, backoff_failures: int = 20,
-          state_dir: str = "") -> None:
+          state_dir: str = "", max_connections: int = 10000, max_connections_served: int = 0,
+          max_worker_rss: int = 0, worker_timeout: float = 10.0,
+          graceful_timeout: float = 30.0) -> None:
     """Serve the cmux remote protocol. Without --stdio, --tcp or --socket it listens on
     127.0.0.1:5555 and a Unix socket under $XDG_RUNTIME_DIR/cmuxd."""
     if stdio:
         if tcp or socket:
             raise argh.CommandError("--stdio serves one pipe; it cannot be combined with --tcp or --socket")
-        from .connection import serve_stdio
-
-        sys.exit(asyncio.run(serve_stdio()))
+        sys.exit(asyncio.run(_serve_stdio()))
     from .supervisor import run_daemon
     from .supervisor.listeners import default_socket_path
 
@@ -65,8 +70,24 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
         socket = [str(default_socket_path())]
     config = Config(tcp=tcp or [], sockets=socket or [], workers=workers, token_file=token_file,
                     relay_id=relay_id, unix_auth=unix_auth, max_handshakes=max_handshakes,
-                    backoff_failures=backoff_failures, state_dir=state_dir)
+                    backoff_failures=backoff_failures, state_dir=state_dir,
+                    max_connections=max_connections,
+                    max_connections_served=max_connections_served,
+                    max_worker_rss=max_worker_rss, worker_timeout=worker_timeout,
+                    graceful_timeout=graceful_timeout)
     sys.exit(run_daemon(config))
+
+
+async def _serve_stdio() -> int:
+    # The one connection owns the hub: its PTY sessions die with stdin (spec §1.2).
+    from .connection import serve_stdio
+    from .hub import Hub
+
+    hub = Hub()
+    try:
+        return await serve_stdio(hub)
+    finally:
+        await hub.shutdown()
 
 
 @argh.arg("--force", help="replace an existing token (clients holding the old one are refused)")
@@ -165,6 +186,23 @@ def connect(uri: str, *, stdio: bool = False, token_file: str | None = None,
     sys.exit(_run_client(bridge_stdio(uri, **_client_kwargs(token_file, relay_id, unix_auth))))
 
 
+@argh.arg("--json", help="print the raw status object")
+@argh.arg("--state-dir", help="the daemon's --state-dir (default: $XDG_RUNTIME_DIR/cmuxd)")
+def status(*, json: bool = False, state_dir: str = "") -> None:
+    """Show how the running daemon is doing: listeners, workers, counters."""
+    from .status import format_status, query_status
+
+    try:
+        result = query_status(Config(state_dir=state_dir).control_path)
+    except OSError as exc:
+        print(f"cmuxd-remote: {exc}", file=sys.stderr)
+        sys.exit(3)
+    if json:
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_status(result))
+
+
 @argh.named("install")
 @argh.arg("--systemd", help="systemd units: cmuxd.socket and cmuxd.service")
 @argh.arg("--launchd", help="a launchd LaunchAgent plist (macOS)")
@@ -214,10 +252,25 @@ def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = 
     print("next:\n" + "\n".join(f"    {step}" for step in plan.next_steps))
 
 
+@argh.arg("uri", help="cmux://HOST:PORT, HOST:PORT, [IPV6]:PORT or unix:///PATH")
+@argh.arg("session", help="the PTY session to join (started with the shell, or --command, if absent)")
+@argh.arg("--command", help="command for a new session (default: the login shell)")
+def attach(uri: str, session: str, *, command: str = "", token_file: str | None = None,
+           relay_id: str | None = None, unix_auth: bool = False) -> None:
+    """Attach this terminal to a PTY session interactively; Ctrl-] detaches and leaves the
+    session running."""
+    from .client import attach_terminal
+
+    sys.exit(_run_client(attach_terminal(uri, session, command,
+                                         **_client_kwargs(token_file, relay_id, unix_auth))))
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="cmuxd: %(message)s", stream=sys.stderr)
+    from .logs import setup_logging
+
+    setup_logging()
     parser = argh.ArghParser(prog="cmuxd-remote", description=__doc__)
-    parser.add_commands([version, serve, ping, rpc, connect])
+    parser.add_commands([version, serve, status, ping, rpc, connect, attach])
     parser.add_commands([token_new], group_name="token",
                         group_kwargs={"help": "manage the relay token"})
     parser.add_commands([units_install], group_name="units",

@@ -13,6 +13,7 @@ import itertools
 import os
 import socket
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -398,3 +399,79 @@ async def ping_series(target: str | Address, count: int, interval: float, report
     finally:
         await client.close()
     return connect_ms, rtts
+
+
+DETACH_KEY = b"\x1d"  # Ctrl-]
+
+
+async def attach_terminal(target: str | Address, session_id: str, command: str = "",
+                          **kwargs) -> int:
+    """Attach the local terminal to a PTY session: raw mode, keystrokes as id-less pty.write,
+    window changes as pty.resize, output straight to stdout. Ctrl-] detaches (the session
+    keeps running); the session's end ends the command."""
+    import base64
+    import secrets
+    import signal
+    import termios
+    import tty
+
+    client = await AsyncClient.connect(target, **kwargs)
+    loop = asyncio.get_running_loop()
+    ident = {"session_id": session_id, "attachment_id": f"cli-{os.getpid()}",
+             "client_attachment_token": secrets.token_hex(16)}
+    cols, rows = os.get_terminal_size(0) if os.isatty(0) else (0, 0)
+    cols, rows = cols or 80, rows or 24  # a terminal with no size set reports 0x0
+    params = dict(ident, cols=cols, rows=rows)
+    if command:
+        params["command"] = command
+    saved = termios.tcgetattr(0) if os.isatty(0) else None
+    done = loop.create_future()
+
+    def on_key() -> None:
+        data = os.read(0, 65536)
+        if not data or DETACH_KEY in data:
+            data = data.split(DETACH_KEY, 1)[0]
+            if not done.done():
+                done.set_result("detached")
+        if data:
+            client.writer.write(orjson.dumps({"method": "pty.write", "params": dict(
+                ident, data_base64=base64.b64encode(data).decode())}) + b"\n")
+
+    def on_winch() -> None:
+        c, r = os.get_terminal_size(0)
+        if not (c and r):
+            return
+        client.writer.write(orjson.dumps(
+            {"method": "pty.resize", "params": dict(ident, cols=c, rows=r)}) + b"\n")
+
+    try:
+        await client.rpc("pty.attach", params)
+        if saved is not None:
+            tty.setraw(0)
+            loop.add_signal_handler(signal.SIGWINCH, on_winch)
+        loop.add_reader(0, on_key)
+
+        async def output() -> None:
+            while (event := await client.next_event()) is not None:
+                name = event.get("event")
+                if name == "pty.data":
+                    os.write(1, base64.b64decode(event["data_base64"]))
+                elif name == "pty.exit":
+                    break
+                elif name == "pty.error":
+                    os.write(2, f"\r\ncmuxd-remote: {event.get('message')}\r\n".encode())
+            if not done.done():
+                done.set_result("ended")
+
+        out = loop.create_task(output())
+        reason = await done
+        out.cancel()
+        if reason == "detached":
+            await client.rpc("pty.detach", ident)
+    finally:
+        loop.remove_reader(0)
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        await client.close()
+    print(f"\r\n[{reason}: session {session_id}]", file=sys.stderr)
+    return 0

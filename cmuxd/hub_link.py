@@ -26,6 +26,7 @@ from .protocol import UNAVAILABLE, FrameDecoder, RPCError, encode
 log = logging.getLogger("cmuxd.hub")
 
 OUTBOUND_FRAMES = 256
+CONNECT_WAIT = 5.0
 MSG_NO_HUB = "PTY hub is not available"
 CALLS = ("attach", "cancel", "write", "resize", "detach", "close", "list")
 
@@ -247,8 +248,12 @@ class RemoteHub:
             self.writer.write(encode(msg))
 
     async def _call(self, method: str, *args, reserved=None):
-        if self.writer is None:
-            raise RPCError(UNAVAILABLE, MSG_NO_HUB)
+        if self.writer is None or not self.connected.is_set():
+            # Just started, or the hub is being replaced: give the link a moment.
+            try:
+                await asyncio.wait_for(self.connected.wait(), CONNECT_WAIT)
+            except TimeoutError:
+                raise RPCError(UNAVAILABLE, MSG_NO_HUB) from None
         self._next_rid += 1
         rid = self._next_rid
         fut = asyncio.get_running_loop().create_future()

@@ -163,6 +163,9 @@ class ListeningDaemon:
     def client_env(self) -> dict:
         return dict(self.env, CMUX_RELAY_ID=RELAY_ID, CMUX_RELAY_TOKEN=self.token)
 
+    def cli_command(self) -> list[str]:
+        return daemon_command()
+
     def cli(self, *args: str, input: bytes | None = None, timeout: float = 30):
         return subprocess.run(daemon_command(*args), input=input, capture_output=True,
                               env=self.client_env(), timeout=timeout)

@@ -1,0 +1,119 @@
+"""PTY sessions across the whole daemon: the hub process shared by every worker."""
+
+from __future__ import annotations
+
+import base64
+import os
+import pty
+import select
+import signal
+import time
+
+import psutil
+
+from helpers import wait_for
+from listening import ListeningDaemon
+
+
+def collect(stream, want: bytes, timeout: float = 10) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while want not in out:
+        ev = stream.next_event("pty.data", timeout=max(0.1, deadline - time.monotonic()))
+        out += base64.b64decode(ev["data_base64"])
+    return out
+
+
+def ident(aid, tok):
+    return {"session_id": "shared", "attachment_id": aid, "client_attachment_token": tok}
+
+
+def on_worker(d, stream) -> int:
+    """The pid of the worker holding this client's connection."""
+    def owner():
+        for w in d.status()["workers"]:
+            conns = psutil.Process(w["pid"]).net_connections("tcp")
+            if any(c.raddr and c.raddr.port == stream.local_port for c in conns):
+                return w["pid"]
+        return None
+    return wait_for(owner)
+
+
+def test_session_shared_across_workers_and_survives_a_worker_crash():
+    d = ListeningDaemon(workers=2).wait_ready()
+    try:
+        a = d.authed()
+        b = d.authed()
+        assert on_worker(d, a) != on_worker(d, b)  # least-loaded: one per worker
+        r = a.call("pty.attach", dict(ident("a", "ta"), cols=100, rows=40,
+                                      command="exec /bin/sh"))
+        assert r["ok"], r
+        r = b.call("pty.attach", dict(ident("b", "tb"), cols=90, rows=50,
+                                      require_existing=True))
+        assert r["ok"], r
+        b.send({"method": "pty.write", "params": dict(
+            ident("b", "tb"), data_base64=base64.b64encode(b"stty size; echo m-$((6*7))\n").decode())})
+        assert b"40 90" in collect(a, b"m-42")
+        assert b"m-42" in collect(b, b"m-42")
+        # Kill the worker serving `a`: its connection ends, the session does not.
+        os.kill(on_worker(d, a), signal.SIGKILL)
+        wait_for(lambda: len([w for w in d.status()["workers"] if w["alive"]]) == 2, timeout=10)
+        c = d.authed()
+        r = c.call("pty.attach", dict(ident("c", "tc"), cols=80, rows=24, require_existing=True))
+        assert r["ok"] and r["result"]["replay_bytes"] > 0, r
+        assert b"m-42" in collect(c, b"m-42")
+        listed = c.call("pty.list")["result"]["sessions"]
+        assert [s["session_id"] for s in listed] == ["shared"]
+    finally:
+        d.close()
+
+
+def test_stopping_the_daemon_ends_its_pty_processes():
+    d = ListeningDaemon(workers=1).wait_ready()
+    s = d.authed()
+    r = s.call("pty.attach", dict(ident("a", "t"), cols=80, rows=24,
+                                  command="echo pid=$$; exec sleep 600"))
+    assert r["ok"], r
+    out = collect(s, b"pid=")
+    pid = int(out.split(b"pid=")[1].split()[0])
+    assert psutil.pid_exists(pid)
+    assert d.stop() == 0
+    wait_for(lambda: not psutil.pid_exists(pid) or
+             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
+    d.close()
+
+
+def test_attach_command_is_interactive_and_detaches():
+    d = ListeningDaemon(workers=1).wait_ready()
+    try:
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execvpe(d.cli_command()[0], d.cli_command() + [
+                "attach", f"cmux://127.0.0.1:{d.port}", "tty1", "--command", "exec /bin/sh"],
+                d.client_env())
+        out = b""
+
+        def pump(until: bytes, timeout: float = 10) -> None:
+            nonlocal out
+            deadline = time.monotonic() + timeout
+            while until not in out and time.monotonic() < deadline:
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                if ready:
+                    try:
+                        out += os.read(fd, 65536)
+                    except OSError:
+                        return
+
+        pump(b"# ")
+        os.write(fd, b"echo marker-$((40+2))\r")
+        pump(b"marker-42\r\n")
+        os.write(fd, b"\x1d")
+        pump(b"[detached")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert b"marker-42" in out and b"[detached: session tty1]" in out
+        # Detached, not ended: the session is still there.
+        s = d.authed()
+        assert [x["session_id"] for x in s.call("pty.list")["result"]["sessions"]] == ["tty1"]
+    finally:
+        d.close()
