@@ -475,10 +475,14 @@ class TcpServer:
     fails the test.
     """
 
-    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1"):
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1",
+                 rcvbuf: int | None = None):
         self.handler = handler
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf is not None:
+            # Inherited by accepted sockets: a small window makes the peer's writes block.
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.listener.bind((host, 0))
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]

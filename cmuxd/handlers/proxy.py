@@ -108,9 +108,15 @@ class ProxyStream(asyncio.Protocol):
         return data
 
     async def write(self, data: bytes) -> None:
+        # The bytes of an earlier write that timed out may still be queued: wait for them
+        # first, so that writes that time out cannot pile up in memory.
+        await self._drain()
         if self.transport.is_closing():
             raise OSError(self.error or "stream is closed")
         self.transport.write(data)
+        await self._drain()
+
+    async def _drain(self) -> None:
         if self._write_paused:
             self._drain_waiter = asyncio.get_running_loop().create_future()
             try:

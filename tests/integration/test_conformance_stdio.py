@@ -30,6 +30,7 @@ from helpers import (
     TcpServer,
     closed_port,
     daemon_command,
+    dumps,
     error,
     match,
     ok,
@@ -1010,3 +1011,101 @@ def test_stdin_and_stdout_on_one_socket(spawn_daemon):
         match(daemon.read_until_eof(), [ok(PONG, id=6)])
         assert daemon.wait() == 0
         wait_for(lambda: watcher.eofs == 1, message="the proxied socket to close")
+
+
+def echo_all(n: int):
+    """Echo everything until `n` bytes went back, then close."""
+    def handler(conn: socket.socket) -> None:
+        conn.settimeout(DEFAULT_TIMEOUT)
+        left = n
+        while left:
+            chunk = conn.recv(min(left, 65536))
+            if not chunk:
+                raise EOFError(f"peer closed with {left} bytes to go")
+            conn.sendall(chunk)
+            left -= len(chunk)
+    return handler
+
+
+def test_proxy_binary_round_trip_with_pipelined_writes(daemon):
+    payload = random.Random(11).randbytes(2 * 1024 * 1024 + 3)
+    with TcpServer(echo_all(len(payload))) as server:
+        daemon.expect({"id": 1, "method": "proxy.open", "params": {"host": "127.0.0.1", "port": server.port}},
+                      ok({"stream_id": "s-1"}, id=1))
+        daemon.expect({"id": 2, "method": "proxy.stream.subscribe", "params": {"stream_id": "s-1"}},
+                      ok({"subscribed": True, "already_subscribed": False}, id=2))
+        chunks = [payload[i : i + 49_152] for i in range(0, len(payload), 49_152)]
+        writer = daemon.send_in_background(b"".join(
+            dumps({"id": 100 + i, "method": "proxy.write",
+                   "params": {"stream_id": "s-1", "data_base64": b64(chunk)}})
+            for i, chunk in enumerate(chunks)))
+        for i, chunk in enumerate(chunks):
+            match(daemon.next_response(), ok({"written": len(chunk)}, id=100 + i))
+        echoed = bytearray()
+        while True:
+            event = daemon.next_event()
+            if event["event"] == "proxy.stream.eof":
+                break
+            chunk = base64.b64decode(event["data_base64"], validate=True)
+            assert len(chunk) <= 32768
+            echoed += chunk
+        assert echoed == payload
+        writer.join()
+
+
+def test_proxy_write_timeouts_keep_the_stream_and_do_not_pile_up(daemon):
+    go = threading.Event()
+    received = bytearray()
+
+    def slow_reader(conn: socket.socket) -> None:
+        assert go.wait(30)
+        conn.settimeout(30)
+        while not received.endswith(b"hi"):
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            received.extend(chunk)
+
+    with TcpServer(slow_reader, rcvbuf=4096) as server:
+        daemon.expect({"id": 1, "method": "proxy.open", "params": {"host": "127.0.0.1", "port": server.port}},
+                      ok({"stream_id": "s-1"}, id=1))
+        proc = psutil.Process(daemon.pid)
+        baseline = proc.memory_info().rss
+        blob = b64(b"w" * 3_000_000)
+        # Fill every buffer on the way until a write times out.
+        for _ in range(10):
+            resp = daemon.call("proxy.write", {"stream_id": "s-1", "data_base64": blob, "timeout_ms": 100})
+            if not resp["ok"]:
+                break
+        match(resp, error("stream_error", NONEMPTY_STR, id=resp["id"]))
+        # Writes that time out must not queue their bytes without bound.
+        for _ in range(15):
+            resp = daemon.call("proxy.write", {"stream_id": "s-1", "data_base64": blob, "timeout_ms": 20})
+            match(resp, error("stream_error", NONEMPTY_STR, id=resp["id"]))
+        grown = proc.memory_info().rss - baseline
+        assert grown < 24 * 1024 * 1024, f"daemon RSS grew by {grown >> 20} MiB"
+        # A failed write does not close the stream: once the peer reads, writes succeed.
+        go.set()
+        daemon.expect({"id": 2, "method": "proxy.write", "params": {"stream_id": "s-1", "data_base64": "aGk="}},
+                      ok({"written": 2}, id=2), timeout=30)
+        wait_for(lambda: received.endswith(b"hi"), message="the last write at the server")
+        assert set(received[:-2]) <= {ord("w")}
+
+
+def test_proxy_open_timeout(daemon):
+    # TEST-NET-1 is never routed: the dial either times out or fails at once.
+    start = time.monotonic()
+    daemon.expect({"id": 1, "method": "proxy.open",
+                   "params": {"host": "192.0.2.1", "port": 9, "timeout_ms": 200}},
+                  error("open_failed", NONEMPTY_STR, id=1))
+    assert time.monotonic() - start < 5
+
+
+def test_proxy_read_negative_timeout_takes_the_default(daemon):
+    with TcpServer(EofWatcher()) as server:
+        daemon.expect({"id": 1, "method": "proxy.open", "params": {"host": "127.0.0.1", "port": server.port}},
+                      ok({"stream_id": "s-1"}, id=1))
+        start = time.monotonic()
+        daemon.expect({"id": 2, "method": "proxy.read", "params": {"stream_id": "s-1", "timeout_ms": -1}},
+                      ok({"data_base64": "", "eof": False}, id=2))
+        assert 0.04 <= time.monotonic() - start < 5
