@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
