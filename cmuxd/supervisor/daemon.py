@@ -22,6 +22,8 @@ from .pool import WorkerPool
 
 log = logging.getLogger("cmuxd.supervisor")
 
+STOP_DRAIN = 1.0  # seconds accepted connections get to finish before a stop closes them
+
 
 class Supervisor:
     def __init__(self, config, listeners: list[Listener], creds: Credentials | None):
@@ -88,6 +90,8 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         self.notifier.stopping()
+        if not self.immediate:
+            await self.gate.drain(STOP_DRAIN)
         self.gate.stop()
         for listener in self.listeners:
             listener.close()

@@ -87,14 +87,29 @@ class Gate:
             loop.add_reader(listener.sock.fileno(), self._accept, listener)
 
     def stop(self) -> None:
+        self.stop_accepting()
+        for task in list(self.tasks):
+            task.cancel()
+
+    def stop_accepting(self) -> None:
         loop = asyncio.get_running_loop()
         for listener in self.listeners:
             try:
                 loop.remove_reader(listener.sock.fileno())
             except (ValueError, OSError):
                 pass
-        for task in list(self.tasks):
-            task.cancel()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, then give what was already accepted up to `timeout` seconds to
+        finish: handshakes in flight complete and are handed off, short connections get their
+        answers. New connections wait in the listen backlog meanwhile; under socket activation
+        the service manager keeps that backlog for the next process, so a restart loses no
+        connection attempt."""
+        self.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self.in_flight or self.pool.total_load()) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     def _accept(self, listener: Listener) -> None:
         for _ in range(128):
