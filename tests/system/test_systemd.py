@@ -1,0 +1,424 @@
+"""The units under a real systemd 252, booted as PID 1 of a PID and mount namespace.
+
+The namespace shares the host's network, so the test connects to the socket unit's TCP port
+directly and reaches its Unix socket through /proc/<PID 1>/root. systemd runs on an overlay of
+the host's root whose writes land in a tmpfs (see boot-systemd.sh): booted on the real root
+it would empty the host's /tmp. One boot serves the whole module; the tests run in order
+and each leaves cmuxd.socket listening.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cmuxd import units
+from helpers import FrameStream, wait_for
+from listening import RELAY_ID, free_port, mac_for, proof_for, read_line
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+BOOT_SCRIPT = HERE / "boot-systemd.sh"
+TARGET = "cmuxd-test.target"
+SYSTEMD = Path("/lib/systemd/systemd")
+WATCHDOG_SEC = 3
+RESTARTS = 3
+PR_SET_PDEATHSIG = 1
+
+
+def unshare_refusal() -> str | None:
+    """Why a systemd cannot be booted here, or None."""
+    if os.geteuid() != 0:
+        return "booting systemd in a namespace needs root"
+    for tool in ("unshare", "nsenter", "systemctl", "journalctl"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt: util-linux, systemd)"
+    if not SYSTEMD.exists():
+        return f"{SYSTEMD} is not installed (apt: systemd)"
+    probe = subprocess.run(["unshare", "-p", "-f", "-m", "--propagation", "private", "true"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return f"unshare of a PID and mount namespace is not permitted: {probe.stderr.strip()}"
+    return None
+
+
+def hidden_from_overlay(path: Path) -> bool:
+    """The overlay shows only the root filesystem, and /tmp and /run are fresh inside."""
+    path = path.resolve()
+    if os.stat(path).st_dev != os.stat("/").st_dev:
+        return True
+    return any(path == Path(p) or Path(p) in path.parents for p in ("/tmp", "/run"))
+
+
+def _die_with_parent():
+    # If the test process dies, unshare dies, and --kill-child takes the namespace with it.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class BootedSystemd:
+    def __init__(self):
+        # Files systemd must read (units, token) go where the overlay shows them: not /tmp.
+        parent = "/var/tmp" if os.access("/var/tmp", os.W_OK) else None
+        self.work = Path(tempfile.mkdtemp(prefix="cmuxd-systemd-", dir=parent))
+        self.base = self.work / f"root-{self.work.name}"
+        self.base.mkdir()
+        self.unit_dir = self.work / "units"
+        self.unit_dir.mkdir()
+        self.token = secrets.token_hex(32)
+        self.token_file = self.work / "relay-token"
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, (self.token + "\n").encode())
+        os.close(fd)
+        self.port = free_port()
+        self.log_file = open(self.work / "boot.log", "w+b")
+        self.unshare: subprocess.Popen | None = None
+        self.pid1 = 0
+
+    # setup and teardown
+
+    def write_units(self) -> None:
+        command = units.installed_command()
+        rendered = units.SystemdUnits(
+            "system", command, self.token_file, port=self.port,
+            protect_home=units.protect_home_is_safe(command),
+            serve_args=["--workers", "2", "--relay-id", RELAY_ID]).render()
+        # Only what a test needs to finish quickly differs from the installed units.
+        rendered["cmuxd.service.d/test.conf"] = (
+            f"[Service]\nWatchdogSec={WATCHDOG_SEC}s\nTimeoutAbortSec=5s\nLimitCORE=0\n")
+        rendered[TARGET] = ("[Unit]\nDescription=cmuxd test boot: nothing but the journal\n"
+                            "Wants=systemd-journald.socket systemd-journald.service\n")
+        for name, text in rendered.items():
+            path = self.unit_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+    def boot(self) -> None:
+        self.write_units()
+        needed = {REPO, Path(sys.prefix), Path(sys.base_prefix).resolve(),
+                  Path(os.path.realpath(sys.executable)).parent, self.work}
+        extra = sorted(str(p.resolve()) for p in needed if hidden_from_overlay(p))
+        self.unshare = subprocess.Popen(
+            ["unshare", "-p", "-f", "-m", "--propagation", "private", "--kill-child",
+             str(BOOT_SCRIPT), str(self.base), str(self.unit_dir), TARGET, *extra],
+            stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file,
+            preexec_fn=_die_with_parent)
+
+        def pid1():
+            if self.unshare.poll() is not None:
+                raise AssertionError(f"the boot failed:\n{self.boot_log()}")
+            for child in psutil.Process(self.unshare.pid).children():
+                try:
+                    if child.cmdline()[:2] == [str(SYSTEMD), "--system"]:
+                        return child.pid
+                except psutil.NoSuchProcess:
+                    pass
+            return None
+        self.pid1 = wait_for(pid1, timeout=30, message="systemd to start")
+
+        def running():
+            state = self.nsenter("systemctl", "is-system-running").stdout.strip()
+            return state in ("running", "degraded")
+        wait_for(running, timeout=60, interval=0.05, message="systemd to finish booting")
+
+    def teardown(self) -> None:
+        if self.pid1:
+            try:
+                os.kill(self.pid1, signal.SIGKILL)  # PID 1 ignores SIGTERM
+            except ProcessLookupError:
+                pass
+        if self.unshare is not None:
+            try:
+                self.unshare.wait(30)
+            except subprocess.TimeoutExpired:
+                self.unshare.kill()
+                self.unshare.wait()
+        self.log_file.close()
+        self._remove_cgroups()
+        self.base.rmdir()  # the tmpfs on it existed only in the namespace
+        shutil.rmtree(self.work)
+
+    def _remove_cgroups(self) -> None:
+        record = Path(f"{self.base}.cgroup")
+        if not record.exists():
+            return
+        relative = record.read_text().strip().lstrip("/")
+        hierarchies = [line.split()[4] for line in open("/proc/self/mountinfo")
+                       if " - cgroup" in line]
+        roots = [Path(h) / relative for h in hierarchies if (Path(h) / relative).is_dir()]
+
+        def removed():
+            for root in roots:
+                for directory, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+                    try:
+                        os.rmdir(directory)
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        return False  # processes still leaving it
+            return True
+        wait_for(removed, timeout=30, interval=0.05, message="the boot's cgroups to empty")
+
+    # driving it
+
+    def nsenter(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        result = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-r", *args],
+                                capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n"
+                                 f"{result.stdout}{result.stderr}\n{self.journal()}")
+        return result
+
+    def systemctl(self, *args: str) -> str:
+        return self.nsenter("systemctl", *args, check=True).stdout
+
+    def show(self, prop: str, unit: str = "cmuxd.service") -> str:
+        return self.systemctl("show", "-p", prop, "--value", unit).strip()
+
+    def journal(self, unit: str = "cmuxd.service", output: str = "cat") -> str:
+        return self.nsenter("journalctl", "--no-pager", "-o", output, "-u", unit).stdout
+
+    def boot_log(self) -> str:
+        self.log_file.flush()
+        return (self.work / "boot.log").read_text(errors="replace")
+
+    def path(self, inside: str) -> Path:
+        return Path(f"/proc/{self.pid1}/root{inside}")
+
+    def main_pid(self) -> int:
+        return int(self.show("MainPID"))
+
+    def cmuxd_processes(self) -> list[psutil.Process]:
+        found = []
+        for proc in psutil.Process(self.pid1).children(recursive=True):
+            try:
+                if any("cmuxd" in part for part in proc.cmdline()):
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    # clients
+
+    def authed(self) -> FrameStream:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock.settimeout(10)
+        challenge = json.loads(read_line(sock))
+        assert challenge["relay_id"] == RELAY_ID
+        client_nonce = secrets.token_hex(32)
+        sock.sendall(json.dumps({"mac": mac_for(self.token, RELAY_ID, challenge["nonce"]),
+                                 "relay_id": RELAY_ID,
+                                 "client_nonce": client_nonce}).encode() + b"\n")
+        reply = json.loads(read_line(sock))
+        assert reply["ok"] is True, reply
+        assert reply["relay_mac"] == proof_for(self.token, RELAY_ID, client_nonce,
+                                               challenge["nonce"])
+        sock.settimeout(None)
+        return FrameStream(sock)
+
+    def unix(self) -> FrameStream:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(self.path("/run/cmuxd/cmuxd.sock")))
+        sock.settimeout(None)
+        return FrameStream(sock)
+
+    def control_status(self) -> dict:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.path("/run/cmuxd/control.sock")))
+            s.sendall(b'{"method":"status"}\n')
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return json.loads(data)["result"]
+
+
+@pytest.fixture(scope="module")
+def systemd():
+    reason = unshare_refusal()
+    if reason is not None:
+        print(f"\nsystem tests skipped: {reason}")
+        pytest.skip(reason)
+    booted = BootedSystemd()
+    try:
+        booted.boot()
+        booted.systemctl("start", "cmuxd.socket")
+        yield booted
+    finally:
+        booted.teardown()
+
+
+def ping_ok(stream: FrameStream, id: int = 1) -> None:
+    assert stream.call("ping", id=id) == {"id": id, "ok": True, "result": {"pong": True}}
+
+
+def wait_serving(systemd: BootedSystemd) -> None:
+    """The service is up (READY=1 was sent) with both workers alive."""
+    def ready():
+        if systemd.show("ActiveState") != "active" or systemd.show("SubState") != "running":
+            return False
+        return "2/2 workers" in systemd.show("StatusText")
+    wait_for(ready, timeout=30, interval=0.05, message="cmuxd.service to be running")
+
+
+def test_first_tcp_connection_starts_the_service(systemd):
+    assert systemd.show("ActiveState", "cmuxd.socket") == "active"
+    assert systemd.show("ActiveState") == "inactive"
+    stream = systemd.authed()  # waits in the socket's backlog while the service starts
+    ping_ok(stream)
+    stream.close()
+    wait_serving(systemd)
+    assert "token from systemd credential /run/credentials/cmuxd.service/relay-token" \
+        in systemd.journal()
+
+
+def test_unix_socket_serves_without_handshake_and_is_private(systemd):
+    stream = systemd.unix()
+    ping_ok(stream)
+    assert stream.call("hello", id=2)["result"]["name"] == "cmuxd-remote"
+    stream.close()
+    sock_path = systemd.path("/run/cmuxd/cmuxd.sock")
+    assert sock_path.stat().st_mode & 0o777 == 0o600
+    assert sock_path.parent.stat().st_mode & 0o777 == 0o700  # RuntimeDirectoryMode=
+
+
+def test_main_pid_and_status_text(systemd):
+    wait_serving(systemd)
+    stream = systemd.authed()
+    ping_ok(stream)
+    status = systemd.control_status()
+    assert systemd.main_pid() == status["pid"]  # both as seen inside the namespace
+    assert {(l["kind"], l["origin"]) for l in status["listeners"]} == {
+        ("tcp", "systemd"), ("unix", "systemd")}
+    expected = (f"1 connection, 2/2 workers, listening on tcp 127.0.0.1:{systemd.port}, "
+                "unix /run/cmuxd/cmuxd.sock")
+    wait_for(lambda: systemd.show("StatusText") == expected, timeout=15, interval=0.1,
+             message=f"StatusText {expected!r}")
+    stream.close()
+    wait_for(lambda: systemd.show("StatusText").startswith("0 connections, "), timeout=15,
+             interval=0.1, message="StatusText to count the closed connection")
+
+
+def test_reload_keeps_every_open_connection_serving(systemd):
+    wait_serving(systemd)
+    main_pid = systemd.main_pid()
+    generation = systemd.control_status()["generation"]
+    streams = [systemd.authed() for _ in range(3)] + [systemd.unix() for _ in range(2)]
+    for i, stream in enumerate(streams):
+        ping_ok(stream, id=i)
+    systemd.systemctl("reload", "cmuxd.service")
+    wait_for(lambda: systemd.control_status()["generation"] == generation + 1, timeout=15,
+             message="the new worker generation")
+    wait_serving(systemd)
+    assert systemd.main_pid() == main_pid
+    for i, stream in enumerate(streams):
+        ping_ok(stream, id=100 + i)
+        stream.close()
+    ping_ok(systemd.authed(), id=200)
+    assert "reloaded: generation" in systemd.journal()
+
+
+class ConnectLoop(threading.Thread):
+    """Connect, authenticate, ping, close: again and again, counting every failed attempt."""
+
+    def __init__(self, systemd: BootedSystemd):
+        super().__init__(daemon=True)
+        self.systemd = systemd
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                stream = self.systemd.authed()
+                ping_ok(stream)
+                stream.close()
+                self.ok += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is what we count
+                self.failures.append(repr(exc))
+
+
+def test_restart_loses_no_connection_attempt(systemd):
+    wait_serving(systemd)
+    old_pid = systemd.main_pid()
+    loop = ConnectLoop(systemd)
+    loop.start()
+    try:
+        wait_for(lambda: loop.ok >= 20 or loop.failures, timeout=30,
+                 message="the connect loop to get going")
+        for _ in range(RESTARTS):
+            systemd.systemctl("restart", "cmuxd.service")
+            wait_for(lambda: systemd.main_pid() not in (0, old_pid), timeout=30,
+                     message="a new main process")
+            old_pid = systemd.main_pid()
+            after_restart = loop.ok
+            wait_for(lambda: loop.ok >= after_restart + 20 or loop.failures, timeout=30,
+                     message="connections to the new process")
+    finally:
+        loop.stop.set()
+        loop.join(30)
+    assert loop.failures == [], f"{len(loop.failures)} of {loop.ok + len(loop.failures)} " \
+                                f"attempts failed: {loop.failures[:5]}"
+    wait_serving(systemd)
+
+
+def test_stop_exits_promptly_and_leaves_no_process(systemd):
+    wait_serving(systemd)
+    stream = systemd.authed()  # an open connection must not hold the stop up
+    ping_ok(stream)
+    assert len(systemd.cmuxd_processes()) >= 3  # supervisor, workers (and the hub)
+    stopper = subprocess.Popen(["nsenter", "-t", str(systemd.pid1), "-m", "-p", "-r",
+                                "systemctl", "stop", "cmuxd.service"])
+    wait_for(lambda: stopper.poll() is not None, timeout=10, interval=0.05,
+             message="`systemctl stop` to return")
+    assert stopper.returncode == 0
+    assert systemd.show("ActiveState") == "inactive"
+    assert systemd.show("Result") == "success"
+    assert systemd.cmuxd_processes() == []
+    assert stream.at_eof()
+    stream.close()
+    # The socket stays: the next connection starts the service again.
+    assert systemd.show("ActiveState", "cmuxd.socket") == "active"
+    ping_ok(systemd.authed())
+    wait_serving(systemd)
+
+
+def test_watchdog_restarts_a_supervisor_that_stopped_answering(systemd):
+    wait_serving(systemd)
+    old_pid = systemd.main_pid()
+    restarts = int(systemd.show("NRestarts"))
+    systemd.nsenter("kill", "-STOP", str(old_pid), check=True)
+    wait_for(lambda: int(systemd.show("NRestarts")) > restarts, timeout=WATCHDOG_SEC * 5,
+             interval=0.1, message="the watchdog to restart the service")
+    wait_serving(systemd)
+    assert systemd.main_pid() != old_pid
+    ping_ok(systemd.authed())
+    assert "Watchdog timeout" in systemd.journal(output="short")
+
+
+def test_journal_carries_the_log_and_never_the_token(systemd):
+    text = systemd.journal()
+    assert f"listening on tcp 127.0.0.1:{systemd.port} (systemd, relay-token auth)" in text
+    assert "listening on unix /run/cmuxd/cmuxd.sock (systemd, peer uid check)" in text
+    assert "worker 0 started" in text
+    assert systemd.token not in systemd.journal(output="verbose")
+    records = [json.loads(line) for line in systemd.journal(output="json").splitlines()]
+    ours = [r for r in records if "serving with 2 workers" in str(r.get("MESSAGE"))]
+    assert ours and all(r.get("_SYSTEMD_UNIT") == "cmuxd.service" for r in ours)
