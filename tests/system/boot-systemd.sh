@@ -70,12 +70,17 @@ mount --make-rshared "$root"
 mkdir -p "$root/run/systemd/system"
 cp -r -- "$units"/. "$root/run/systemd/system/"
 
-# Units that would reach the host's kernel settings or run maintenance on the shared disk.
+# Units that would reach the host's kernel settings, devices or network, or run maintenance
+# on the shared disk. (Any socket or service unit pulls in sysinit.target, so its members
+# start too, not just the target given below.)
 for unit in systemd-sysctl.service systemd-modules-load.service systemd-binfmt.service \
         proc-sys-fs-binfmt_misc.automount proc-sys-fs-binfmt_misc.mount \
         apt-daily.timer apt-daily-upgrade.timer fstrim.timer e2scrub_all.timer \
         man-db.timer dpkg-db-backup.timer systemd-tmpfiles-clean.timer \
-        systemd-journald-audit.socket; do
+        systemd-journald-audit.socket systemd-pstore.service systemd-remount-fs.service \
+        kmod-static-nodes.service systemd-tmpfiles-setup-dev.service systemd-udevd.service \
+        systemd-udev-trigger.service systemd-networkd.service systemd-resolved.service \
+        systemd-timesyncd.service; do
     ln -sfn /dev/null "$root/etc/systemd/system/$unit"
 done
 # The journal of this boot holds what ran in it, not the host's kernel log.

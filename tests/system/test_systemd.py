@@ -36,6 +36,9 @@ TARGET = "cmuxd-test.target"
 SYSTEMD = Path("/lib/systemd/systemd")
 WATCHDOG_SEC = 3
 RESTARTS = 3
+TAILNET_ADDRESS = "192.0.2.1"  # TEST-NET-1: never a real host's; FreeBind lets it bind
+TEST_USER = "cmuxd-test"
+USER_RUNTIME = "/run/cmuxd-test-user"
 PR_SET_PDEATHSIG = 1
 
 
@@ -93,13 +96,20 @@ class BootedSystemd:
         command = units.installed_command()
         rendered = units.SystemdUnits(
             "system", command, self.token_file, port=self.port,
-            protect_home=units.protect_home_is_safe(command),
+            protect_home=units.protect_home_is_safe(command), tailnet=[TAILNET_ADDRESS],
             serve_args=["--workers", "2", "--relay-id", RELAY_ID]).render()
         # Only what a test needs to finish quickly differs from the installed units.
         rendered["cmuxd.service.d/test.conf"] = (
             f"[Service]\nWatchdogSec={WATCHDOG_SEC}s\nTimeoutAbortSec=5s\nLimitCORE=0\n")
         rendered[TARGET] = ("[Unit]\nDescription=cmuxd test boot: nothing but the journal\n"
                             "Wants=systemd-journald.socket systemd-journald.service\n")
+        # A user manager for an unprivileged account, run as user@.service runs one (which
+        # itself would need logind and D-Bus here).
+        rendered["cmuxd-test-user-manager.service"] = (
+            f"[Unit]\nDescription=systemd --user for {TEST_USER}\n[Service]\nType=notify\n"
+            f"User={TEST_USER}\nRuntimeDirectory={Path(USER_RUNTIME).name}\n"
+            f"RuntimeDirectoryMode=0700\nEnvironment=XDG_RUNTIME_DIR={USER_RUNTIME}\n"
+            f"Delegate=yes\nExecStart={SYSTEMD} --user --unit={TARGET}\n")
         for name, text in rendered.items():
             path = self.unit_dir / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,26 +222,28 @@ class BootedSystemd:
 
     # clients
 
-    def authed(self) -> FrameStream:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+    def authed(self, port: int | None = None, token: str | None = None,
+               relay_id: str = RELAY_ID) -> FrameStream:
+        token = token or self.token
+        sock = socket.create_connection(("127.0.0.1", port or self.port), timeout=10)
         sock.settimeout(10)
         challenge = json.loads(read_line(sock))
-        assert challenge["relay_id"] == RELAY_ID
+        assert challenge["relay_id"] == relay_id
         client_nonce = secrets.token_hex(32)
-        sock.sendall(json.dumps({"mac": mac_for(self.token, RELAY_ID, challenge["nonce"]),
-                                 "relay_id": RELAY_ID,
+        sock.sendall(json.dumps({"mac": mac_for(token, relay_id, challenge["nonce"]),
+                                 "relay_id": relay_id,
                                  "client_nonce": client_nonce}).encode() + b"\n")
         reply = json.loads(read_line(sock))
         assert reply["ok"] is True, reply
-        assert reply["relay_mac"] == proof_for(self.token, RELAY_ID, client_nonce,
+        assert reply["relay_mac"] == proof_for(token, relay_id, client_nonce,
                                                challenge["nonce"])
         sock.settimeout(None)
         return FrameStream(sock)
 
-    def unix(self) -> FrameStream:
+    def unix(self, inside: str = "/run/cmuxd/cmuxd.sock") -> FrameStream:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(10)
-        sock.connect(str(self.path("/run/cmuxd/cmuxd.sock")))
+        sock.connect(str(self.path(inside)))
         sock.settimeout(None)
         return FrameStream(sock)
 
@@ -304,10 +316,12 @@ def test_main_pid_and_status_text(systemd):
     ping_ok(stream)
     status = systemd.control_status()
     assert systemd.main_pid() == status["pid"]  # both as seen inside the namespace
-    assert {(l["kind"], l["origin"]) for l in status["listeners"]} == {
-        ("tcp", "systemd"), ("unix", "systemd")}
-    expected = (f"1 connection, 2/2 workers, listening on tcp 127.0.0.1:{systemd.port}, "
-                "unix /run/cmuxd/cmuxd.sock")
+    assert sorted((l["kind"], l["address"], l["origin"]) for l in status["listeners"]) == [
+        ("tcp", f"127.0.0.1:{systemd.port}", "systemd"),
+        ("tcp", f"{TAILNET_ADDRESS}:{systemd.port}", "systemd"),  # the tailnet drop-in
+        ("unix", "/run/cmuxd/cmuxd.sock", "systemd")]
+    expected = "1 connection, 2/2 workers, listening on " + ", ".join(
+        f"{l['kind']} {l['address']}" for l in status["listeners"])
     wait_for(lambda: systemd.show("StatusText") == expected, timeout=15, interval=0.1,
              message=f"StatusText {expected!r}")
     stream.close()
@@ -422,3 +436,56 @@ def test_journal_carries_the_log_and_never_the_token(systemd):
     records = [json.loads(line) for line in systemd.journal(output="json").splitlines()]
     ours = [r for r in records if "serving with 2 workers" in str(r.get("MESSAGE"))]
     assert ours and all(r.get("_SYSTEMD_UNIT") == "cmuxd.service" for r in ours)
+
+
+def test_units_install_user_serves_an_unprivileged_user(systemd):
+    """The README's first lines, as a user without privileges: `units install --systemd
+    --user`, then `systemctl --user enable --now cmuxd.socket`, then connect."""
+    systemd.nsenter("useradd", "--create-home", "--shell", "/bin/sh", TEST_USER, check=True)
+    uid = int(systemd.nsenter("id", "-u", TEST_USER, check=True).stdout)
+    # Let the account reach this installation (a pyenv under /root, say); the overlay takes
+    # the change, the host keeps its modes.
+    for target in (Path(os.path.realpath(sys.executable)), Path(sys.prefix), REPO):
+        for directory in target.parents:
+            if directory != Path("/"):
+                systemd.nsenter("chmod", "o+x", str(directory))
+    as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups", "env",
+               f"HOME=/home/{TEST_USER}", f"USER={TEST_USER}", f"XDG_RUNTIME_DIR={USER_RUNTIME}"]
+    command = units.installed_command()
+    probe = systemd.nsenter(*as_user, *command, "version")
+    if probe.returncode != 0:
+        reason = f"{TEST_USER} cannot run {command[0]}: {probe.stderr.strip()[-200:]}"
+        print(f"\nuser-unit test skipped: {reason}")
+        pytest.skip(reason)
+    user_units = systemd.path("/run/systemd/user")
+    user_units.mkdir(exist_ok=True)
+    (user_units / TARGET).write_text("[Unit]\nDescription=cmuxd test user boot\n")
+    systemd.systemctl("start", "cmuxd-test-user-manager.service")
+
+    port = free_port()
+    installed = systemd.nsenter(*as_user, *command, "units", "install", "--systemd", "--user",
+                                "--port", str(port), check=True).stdout
+    assert "systemctl --user enable --now cmuxd.socket" in installed
+    systemd.nsenter(*as_user, "systemctl", "--user", "daemon-reload", check=True)
+    systemd.nsenter(*as_user, "systemctl", "--user", "enable", "--now", "cmuxd.socket",
+                    check=True)
+    token = systemd.path(f"/home/{TEST_USER}/.config/cmuxd/relay-token").read_text().strip()
+    stream = systemd.authed(port=port, token=token, relay_id=os.uname().nodename.split(".")[0])
+    ping_ok(stream)
+
+    def user_show(prop):
+        return systemd.nsenter(*as_user, "systemctl", "--user", "show", "-p", prop, "--value",
+                               "cmuxd.service", check=True).stdout.strip()
+    wait_for(lambda: "1 connection, 2/2 workers" in user_show("StatusText"), timeout=15,
+             interval=0.1, message="the user service's StatusText")
+    stream.close()
+    main_pid = user_show("MainPID")
+    status = systemd.path(f"/proc/{main_pid}/status").read_text()
+    assert f"Uid:\t{uid}\t" in status
+    unix = systemd.unix(f"{USER_RUNTIME}/cmuxd/cmuxd.sock")
+    ping_ok(unix)
+    unix.close()
+    log = systemd.nsenter("journalctl", "--no-pager", "-o", "cat", f"_UID={uid}").stdout
+    assert (f"token from systemd credential {USER_RUNTIME}/credentials/cmuxd.service/"
+            "relay-token") in log
+    assert token not in log
