@@ -7,8 +7,8 @@ only through `ctx` (see connection.ConnectionContext).
 
 from __future__ import annotations
 
-from . import proxy, session, system
+from . import proxy, pty, session, system
 
 METHODS: dict = {}
-for _family in (system, proxy, session):
+for _family in (system, proxy, session, pty):
     METHODS.update(_family.METHODS)

@@ -1,0 +1,809 @@
+"""The daemon-wide owner of PTY sessions.
+
+One `Hub` holds every PTY session of the daemon, so a terminal started from one connection
+can be attached from any other. Its API is shaped like messages on purpose: every call takes
+plain JSON values (plus `bytes` for input, which a channel would base64) and returns a JSON
+dict or raises protocol.RPCError, and events leave only through the `deliver` callable a
+connection registers with `add_peer`. That keeps the hub movable into its own process behind
+a local channel without changing what the handlers see.
+
+Flow control. Each attachment's events wait in an outbound queue owned by its connection
+(256 frames). `deliver` returning False means that queue overflowed, and the spec's rule is
+then to drop the attachment. So that a fast producer does not drop clients that are merely a
+little behind, the hub also counts the frames each attachment has not yet reported as
+written (`drained`), and stops reading a PTY while some attachment is far behind: the process
+then blocks on its terminal like it would on a slow real one. An attachment that stays that
+far behind for `stall_timeout` seconds while another one keeps up no longer holds the PTY
+back; it fills its queue and is dropped, so one client that stops reading cannot stall
+everyone else.
+
+Replay is queued at once, so a scrollback configured beyond about 12 MiB (256 replay
+chunks) overflows a new attachment's queue and drops it on attach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hmac
+import logging
+import os
+import signal
+import struct
+import subprocess
+import tempfile
+import termios
+from collections import deque
+from collections.abc import Callable
+
+import orjson
+
+from .handlers.pty import (
+    MSG_ATTACHMENT_NOT_FOUND,
+    MSG_INACTIVE,
+    MSG_NO_HUB,
+    MSG_QUEUE_FULL,
+    MSG_SESSION_NOT_FOUND,
+)
+from .handlers.session import SizeCoordinator
+from .protocol import (
+    NOT_FOUND,
+    PTY_INPUT_QUEUE_FULL,
+    PTY_INPUT_SEQ_GAP,
+    PTY_SESSION_NOT_FOUND,
+    PTY_START_FAILED,
+    REMOTE_CONNECTION_INACTIVE,
+    UNAVAILABLE,
+    RPCError,
+    b64,
+)
+
+log = logging.getLogger("cmuxd.hub")
+
+READ_MAX = 32768
+"""Largest PTY read, hence largest live pty.data payload."""
+REPLAY_CHUNK = 49152
+INPUT_CHUNK = 16384
+INPUT_QUEUE_CHUNKS = 256
+DIMENSION_MAX = 65535
+INLINE_COMMAND_MAX = 122880
+"""Longer commands go through a temporary script: argv has a size limit, a file has not."""
+
+BEHIND_FRAMES = 128
+"""Undrained frames at which an attachment holds the PTY's reading back. Half the outbound
+queue, so the events a single step can add (acks, replay, one read per attachment) always
+fit below the overflow mark."""
+STALL_TIMEOUT = 2.0
+SHUTDOWN_GRACE = 1.0
+"""Between SIGHUP and SIGKILL when the daemon stops."""
+
+FALLBACK_SHELLS = ("/bin/bash", "/usr/bin/bash", "/bin/sh")
+
+PTY_CAPABILITIES = (
+    "pty.session",
+    "pty.session.token",
+    "pty.write.notification",
+    "pty.resize.notification",
+    "pty.attach.cancel",
+    "pty.input.seq_ack",
+)
+PERSISTENT_CAPABILITY = "pty.session.persistent_daemon"
+
+
+def _quote(text: str) -> str:
+    return orjson.dumps(text).decode()
+
+
+def _os_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _tokens_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+
+
+def _clamp(value: int) -> int:
+    return min(value, DIMENSION_MAX)
+
+
+def _set_winsize(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def resolve_shell(configured: str | None) -> str:
+    if configured:
+        return configured
+    env_shell = os.environ.get("SHELL", "")
+    if env_shell and os.path.isfile(env_shell):
+        return env_shell
+    for candidate in FALLBACK_SHELLS:
+        if os.path.isfile(candidate):
+            return candidate
+    return "/bin/sh"
+
+
+def child_environment(shell: str) -> dict[str, str]:
+    """The daemon's environment, adjusted so programs see a modern UTF-8 colour terminal."""
+    env = dict(os.environ)
+    env["TERM"] = "xterm-256color"
+    for key, value in (("COLORTERM", "truecolor"), ("TERM_PROGRAM", "ghostty"), ("SHELL", shell)):
+        if not env.get(key):
+            env[key] = value
+    locale = next((env[k] for k in ("LC_ALL", "LC_CTYPE", "LANG") if env.get(k)), "")
+    folded = locale.upper()
+    if "UTF-8" not in folded and "UTF8" not in folded:
+        for key in ("LC_ALL", "LC_CTYPE", "LANG"):
+            env[key] = "C.UTF-8"
+    return env
+
+
+def _take_controlling_tty() -> None:
+    # Runs in the child between fork and exec, after setsid(): stdin is the PTY's slave side.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class _Exit(asyncio.SubprocessProtocol):
+    """Tells the session its process was reaped (asyncio's child watcher does the waiting)."""
+
+    def __init__(self, session: "PtySession"):
+        self.session = session
+
+    def process_exited(self) -> None:
+        self.session._process_exited()
+
+
+class Attachment:
+    __slots__ = (
+        "session", "id", "token", "peer", "cols", "rows", "seq_ack", "next_seq",
+        "acked", "behind", "slow", "attached",
+    )
+
+    def __init__(self, session, attachment_id, token, peer, cols, rows, seq_ack):
+        self.session: PtySession = session
+        self.id: str = attachment_id
+        self.token: str = token
+        self.peer: int = peer
+        self.cols = cols
+        self.rows = rows
+        self.seq_ack: bool = seq_ack
+        self.next_seq = 1
+        self.acked = 0
+        self.behind = 0
+        """Frames delivered that the peer has not yet reported written."""
+        self.slow = False
+        """Behind for longer than the stall timeout: no longer holds the PTY's reading back."""
+        self.attached = True
+
+    def event(self, name: str, **extra) -> dict:
+        return {
+            "event": name,
+            "session_id": self.session.id,
+            "attachment_id": self.id,
+            "attachment_token": self.token,
+            **extra,
+        }
+
+
+class _AttachRequest:
+    """One pty.attach on its way into a session."""
+
+    __slots__ = ("peer", "attachment_id", "token", "cols", "rows", "seq_ack", "abandoned",
+                 "attachment", "replay")
+
+    def __init__(self, peer, attachment_id, token, cols, rows, seq_ack):
+        self.peer = peer
+        self.attachment_id = attachment_id
+        self.token = token
+        self.cols = cols
+        self.rows = rows
+        self.seq_ack = seq_ack
+        self.abandoned = False
+        self.attachment: Attachment | None = None
+        self.replay = 0
+
+
+class PtySession:
+    """One process on one PTY, its scrollback, its attachments and its input queue."""
+
+    def __init__(self, hub: "Hub", session_id: str, master: int, slave: int):
+        self.hub = hub
+        self.id = session_id
+        self.master = master
+        self.slave: int | None = slave
+        self.sizes = SizeCoordinator()
+        self.attachments: dict[str, Attachment] = {}
+        self.scrollback = bytearray()
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.pid: int | None = None
+        self.script: str | None = None
+        self.started: asyncio.Task | None = None
+        self.exited: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.eof = False
+        self.ended = False
+        self.reading = False
+        self.input: deque[list] = deque()
+        """Entries [chunk (memoryview), acks [(attachment, seq)]], in PTY order."""
+        self.writer_armed = False
+        self.pump_scheduled = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.stall_timer: asyncio.TimerHandle | None = None
+
+    # process
+
+    async def start(self, command: str, cols: int, rows: int) -> None:
+        loop = asyncio.get_running_loop()
+        shell = resolve_shell(self.hub.shell)
+        command = command.strip()
+        if not command:
+            argv = [shell]
+        elif len(command.encode("utf-8", "surrogatepass")) <= INLINE_COMMAND_MAX:
+            argv = ["/bin/sh", "-c", command]
+        else:
+            self.script = _write_script(command)
+            argv = ["/bin/sh", self.script]
+        home = os.environ.get("HOME", "")
+        # A terminal opens in the home directory, whatever directory the daemon runs in.
+        cwd = home if home and os.path.isdir(home) else None
+        _set_winsize(self.master, cols, rows)
+        try:
+            self.transport, _ = await loop.subprocess_exec(
+                lambda: _Exit(self),
+                *argv,
+                stdin=self.slave,
+                stdout=self.slave,
+                stderr=self.slave,
+                env=child_environment(shell),
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_take_controlling_tty,
+            )
+        finally:
+            os.close(self.slave)
+            self.slave = None
+        self.pid = self.transport.get_pid()
+
+    def _process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+        if self.eof:
+            self.finish()
+
+    def signal(self, signum: int) -> None:
+        if self.pid is None or self.exited.done():
+            return
+        try:
+            os.killpg(self.pid, signum)
+        except OSError:
+            try:
+                os.kill(self.pid, signum)
+            except OSError:
+                pass
+
+    def finish(self) -> None:
+        """The session is over: release everything, then end every attachment. Frames queued
+        before pty.exit still reach the client first, since they share its queue."""
+        if self.ended:
+            return
+        self.ended = True
+        hub = self.hub
+        if hub.sessions.get(self.id) is self:
+            del hub.sessions[self.id]
+        for timer in (self.idle_timer, self.stall_timer):
+            if timer is not None:
+                timer.cancel()
+        if self.started is None or self.started.done():
+            self.release()
+        # else the start in progress owns the descriptors and calls release() itself.
+        for att in list(self.attachments.values()):
+            att.attached = False
+            hub._deliver_exit(att)
+        self.attachments.clear()
+
+    def release(self) -> None:
+        self._read_off()
+        if self.writer_armed:
+            asyncio.get_running_loop().remove_writer(self.master)
+            self.writer_armed = False
+        self.input.clear()
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+        if self.slave is not None:
+            os.close(self.slave)
+            self.slave = None
+        if self.transport is not None:
+            self.transport.close()
+        if self.script is not None:
+            if self.pid is None or self.exited.done():
+                self._remove_script()
+            else:
+                self.exited.add_done_callback(lambda _: self._remove_script())
+
+    def _remove_script(self) -> None:
+        if self.script is not None:
+            try:
+                os.unlink(self.script)
+            except OSError:
+                pass
+            self.script = None
+
+    # output
+
+    def _read_on(self) -> None:
+        if not self.reading and not self.eof and self.master >= 0:
+            asyncio.get_running_loop().add_reader(self.master, self._on_readable)
+            self.reading = True
+
+    def _read_off(self) -> None:
+        if self.reading:
+            asyncio.get_running_loop().remove_reader(self.master)
+            self.reading = False
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.master, READ_MAX)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                log.warning("reading PTY %s failed: %s", self.id, exc)
+            data = b""
+        if not data:
+            self._read_off()
+            self.eof = True
+            if self.exited.done():
+                self.finish()
+            return
+        self._record(data)
+        if self.attachments:
+            encoded = b64(data)
+            hub = self.hub
+            for att in list(self.attachments.values()):
+                hub._send(att, att.event("pty.data", data_base64=encoded))
+            self.update_reading()
+
+    def _record(self, data: bytes) -> None:
+        ring = self.scrollback
+        ring += data
+        excess = len(ring) - self.hub.scrollback
+        if excess > 0:
+            del ring[:excess]
+
+    def update_reading(self) -> None:
+        """Read the PTY unless an attachment that still counts is far behind."""
+        if self.ended:
+            return
+        held = any(a.behind >= BEHIND_FRAMES and not a.slow for a in self.attachments.values())
+        if held and self.reading:
+            self._read_off()
+            if self.stall_timer is None:
+                self.stall_timer = asyncio.get_running_loop().call_later(
+                    self.hub.stall_timeout, self._stalled
+                )
+        elif not held:
+            if self.stall_timer is not None:
+                self.stall_timer.cancel()
+                self.stall_timer = None
+            self._read_on()
+
+    def _stalled(self) -> None:
+        """Held back for the whole stall timeout. If some attachment is keeping up, the ones
+        behind stop counting, and will be dropped when their queues overflow. If every one is
+        behind, nobody is kept waiting: the process stays blocked, as on a real terminal whose
+        reader paused, and none is dropped."""
+        self.stall_timer = None
+        behind = [a for a in self.attachments.values() if a.behind >= BEHIND_FRAMES]
+        if len(behind) == len(self.attachments):
+            self.stall_timer = asyncio.get_running_loop().call_later(
+                self.hub.stall_timeout, self._stalled
+            )
+            return
+        for att in behind:
+            att.slow = True
+        self.update_reading()
+
+    # input
+
+    def enqueue(self, att: Attachment, data: bytes, seq: int | None) -> None:
+        chunks = [data[i : i + INPUT_CHUNK] for i in range(0, len(data), INPUT_CHUNK)]
+        if len(self.input) + len(chunks) > INPUT_QUEUE_CHUNKS:
+            raise RPCError(PTY_INPUT_QUEUE_FULL, MSG_QUEUE_FULL)
+        if seq is not None:
+            att.next_seq = seq + 1
+        for chunk in chunks:
+            self.input.append([memoryview(chunk), []])
+        if seq is not None and att.seq_ack:
+            if self.input:
+                self.input[-1][1].append((att, seq))
+            else:
+                self.hub._ack(att, seq)
+        if chunks and not self.writer_armed and not self.pump_scheduled:
+            self.pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump_input)
+
+    def _pump_input(self) -> None:
+        """The session's single writer: apply queued chunks in order until the PTY pushes back."""
+        self.pump_scheduled = False
+        if self.ended:
+            return
+        queue = self.input
+        acks: dict[Attachment, int] = {}
+        blocked = False
+        while queue:
+            entry = queue[0]
+            try:
+                written = os.write(self.master, entry[0])
+            except BlockingIOError:
+                blocked = True
+                break
+            except OSError as exc:
+                log.info("writing to PTY %s failed: %s", self.id, exc)
+                queue.clear()
+                break
+            if written < len(entry[0]):
+                entry[0] = entry[0][written:]
+                continue
+            queue.popleft()
+            for att, seq in entry[1]:
+                acks[att] = seq
+        loop = asyncio.get_running_loop()
+        if blocked and not self.writer_armed:
+            loop.add_writer(self.master, self._pump_input)
+            self.writer_armed = True
+        elif not blocked and self.writer_armed:
+            loop.remove_writer(self.master)
+            self.writer_armed = False
+        # Cumulative acks: one per attachment per pass covers every write it finished.
+        for att, seq in acks.items():
+            self.hub._ack(att, seq)
+
+    # attachments
+
+    def attach(self, want: "_AttachRequest") -> None:
+        hub = self.hub
+        old = self.attachments.get(want.attachment_id)
+        if old is not None:
+            self._remove(old)
+            hub._deliver_exit(old)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        att = Attachment(self, want.attachment_id, want.token, want.peer, want.cols, want.rows,
+                         want.seq_ack)
+        self.attachments[att.id] = att
+        self.sizes.set(att.id, att.cols, att.rows, persistent=True)
+        self.apply_size()
+        # Ready, snapshot and registration happen in one step, so the replay ends exactly
+        # where live output begins.
+        snapshot = bytes(self.scrollback)
+        want.attachment = att
+        want.replay = len(snapshot)
+        if hub._send(att, att.event("pty.ready")):
+            for i in range(0, len(snapshot), REPLAY_CHUNK):
+                chunk = b64(snapshot[i : i + REPLAY_CHUNK])
+                if not hub._send(att, att.event("pty.data", data_base64=chunk)):
+                    break
+
+    def _remove(self, att: Attachment) -> None:
+        att.attached = False
+        if self.attachments.get(att.id) is att:
+            del self.attachments[att.id]
+            self.sizes.remove(att.id)
+            self.apply_size()
+        if not self.attachments:
+            self._arm_idle()
+        self.update_reading()
+
+    def resize(self, att: Attachment, cols: int, rows: int) -> None:
+        att.cols, att.rows = cols, rows
+        self.sizes.set(att.id, cols, rows, persistent=True)
+        self.apply_size()
+
+    def apply_size(self) -> None:
+        cols, rows = self.sizes.size
+        if cols and rows and self.master >= 0:
+            try:
+                _set_winsize(self.master, cols, rows)
+            except OSError as exc:
+                log.info("resizing PTY %s failed: %s", self.id, exc)
+
+    def _arm_idle(self) -> None:
+        if self.idle_timer is None and not self.ended:
+            self.idle_timer = asyncio.get_running_loop().call_later(self.hub.idle_ttl, self._idle)
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        if not self.attachments:
+            self.kill()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.finish()
+
+    def snapshot(self) -> dict:
+        entry = self.sizes.snapshot(self.id, ("cols", "rows", "persistent"))
+        entry["scrollback_bytes"] = len(self.scrollback)
+        return entry
+
+
+def _write_script(command: str) -> str:
+    fd, path = tempfile.mkstemp(prefix="cmuxd-command-", suffix=".sh")
+    try:
+        view = memoryview(command.encode("utf-8", "surrogatepass"))
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, 0o400)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    return path
+
+
+class Hub:
+    """Every PTY session of the daemon. See the module docstring for the shape of the API."""
+
+    def __init__(self, *, scrollback: int = 1 << 20, idle_ttl: float = 86400.0,
+                 shell: str | None = None):
+        self.scrollback = scrollback
+        self.idle_ttl = idle_ttl
+        self.shell = shell
+        self.stall_timeout = STALL_TIMEOUT
+        self.sessions: dict[str, PtySession] = {}
+        self.peers: dict[int, Callable[[dict], bool]] = {}
+        self._peer_counter = 0
+        self._supported: bool | None = None
+        self.closing = False
+
+    # capabilities and peers
+
+    def supported(self) -> bool:
+        if self._supported is None:
+            try:
+                master, slave = os.openpty()
+            except (OSError, AttributeError):
+                self._supported = False
+            else:
+                os.close(master)
+                os.close(slave)
+                self._supported = True
+        return self._supported
+
+    def capabilities(self, persistent: bool) -> list[str]:
+        if not self.supported():
+            return []
+        caps = list(PTY_CAPABILITIES)
+        if persistent:
+            caps.append(PERSISTENT_CAPABILITY)
+        return caps
+
+    def add_peer(self, deliver: Callable[[dict], bool]) -> int:
+        """Register a connection; `deliver(event) -> bool` queues one event for it and returns
+        False when that attachment's outbound queue is full."""
+        self._peer_counter += 1
+        self.peers[self._peer_counter] = deliver
+        return self._peer_counter
+
+    async def remove_peer(self, peer: int) -> None:
+        self.peers.pop(peer, None)
+        for session in list(self.sessions.values()):
+            for att in list(session.attachments.values()):
+                if att.peer == peer:
+                    session._remove(att)
+
+    def drained(self, peer: int, session_id: str, attachment_id: str, token: str,
+                frames: int) -> None:
+        """The peer wrote `frames` events of this attachment to its client."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return
+        att = session.attachments.get(attachment_id)
+        if att is None or att.peer != peer or att.token != token:
+            return
+        att.behind = max(0, att.behind - frames)
+        if att.behind < BEHIND_FRAMES:
+            att.slow = False
+        session.update_reading()
+
+    # delivery
+
+    def _send(self, att: Attachment, event: dict) -> bool:
+        """Queue one event for an attachment; an overflowing queue drops the attachment."""
+        if not att.attached:
+            return False
+        deliver = self.peers.get(att.peer)
+        if deliver is None:
+            return True
+        if deliver(event):
+            att.behind += 1
+            return True
+        log.info("PTY %s attachment %s fell behind and was dropped", att.session.id, att.id)
+        att.session._remove(att)
+        self._deliver_exit(att)
+        return False
+
+    def _deliver_exit(self, att: Attachment) -> None:
+        deliver = self.peers.get(att.peer)
+        if deliver is not None:
+            deliver(att.event("pty.exit"))
+
+    def _ack(self, att: Attachment, seq: int) -> None:
+        if att.attached and seq > att.acked:
+            att.acked = seq
+            self._send(att, att.event("pty.input_ack", seq=seq))
+
+    def _find(self, session_id: str, attachment_id: str, token: str) -> Attachment:
+        session = self.sessions.get(session_id)
+        att = None if session is None else session.attachments.get(attachment_id)
+        if att is None or not _tokens_equal(att.token, token):
+            raise RPCError(NOT_FOUND, MSG_ATTACHMENT_NOT_FOUND)
+        return att
+
+    # methods
+
+    async def attach(self, peer: int, session_id: str, attachment_id: str, token: str,
+                     cols: int, rows: int, command: str | None, require_existing: bool,
+                     input_seq_ack: bool, reserved: Callable[[], None] | None = None) -> dict:
+        """Attach, starting the session's process first if needed.
+
+        `reserved()` is called once the session exists in the hub (found, or created and
+        starting), before any wait: from then on other calls observe it, so the caller may
+        go on reading requests while the process starts. It is not called when the attach
+        fails before that point.
+        """
+        if self.closing or peer not in self.peers:
+            # Also a connection that ended while its attach travelled here.
+            raise RPCError(REMOTE_CONNECTION_INACTIVE, MSG_INACTIVE)
+        if not self.supported():
+            raise RPCError(UNAVAILABLE, MSG_NO_HUB)
+        cols, rows = _clamp(cols), _clamp(rows)
+        want = _AttachRequest(peer, attachment_id, token, cols, rows, input_seq_ack)
+        session = self.sessions.get(session_id)
+        starter = session is None
+        if starter:
+            if require_existing:
+                raise RPCError(
+                    PTY_SESSION_NOT_FOUND,
+                    f"persistent PTY session {_quote(session_id)} is not running",
+                )
+            try:
+                master, slave = os.openpty()
+            except OSError as exc:
+                raise RPCError(
+                    PTY_START_FAILED, f"could not allocate a remote PTY: {_os_text(exc)}"
+                ) from None
+            session = self.sessions[session_id] = PtySession(self, session_id, master, slave)
+            session.started = asyncio.get_running_loop().create_task(
+                self._start(session, command or "", want)
+            )
+        if reserved is not None:
+            reserved()
+        if not session.started.done():
+            try:
+                await asyncio.shield(session.started)
+            except asyncio.CancelledError:
+                want.abandoned = True
+                if want.attachment is not None:
+                    self._detach(want.attachment)
+                raise
+        failure = session.started.result()
+        if failure is not None:
+            code = PTY_SESSION_NOT_FOUND if require_existing else PTY_START_FAILED
+            raise RPCError(code, failure)
+        if self.closing or peer not in self.peers:
+            raise RPCError(REMOTE_CONNECTION_INACTIVE, MSG_INACTIVE)
+        if session.ended or (starter and want.attachment is None):
+            code = PTY_SESSION_NOT_FOUND if require_existing else PTY_START_FAILED
+            raise RPCError(code, f"PTY session {_quote(session_id)} ended before the attach completed")
+        if not starter:
+            session.attach(want)
+        return {
+            "session_id": session_id,
+            "attachment_id": attachment_id,
+            "attachment_token": token,
+            "attached": True,
+            "replay_bytes": want.replay,
+        }
+
+    async def _start(self, session: PtySession, command: str, first: "_AttachRequest") -> str | None:
+        """Start the process; the failure text, or None.
+
+        Runs apart from any one attach, so a cancelled attach never leaves a half-started
+        session. The attach that started the session is attached here, before the first
+        read, so it sees every byte the process writes live (its replay is empty).
+        """
+        try:
+            await session.start(command, first.cols, first.rows)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            session.finish()
+            session.release()
+            return f"could not start the PTY process: {_os_text(exc)}"
+        if session.ended or self.closing:
+            # Closed (pty.close, shutdown) while it was starting.
+            session.signal(signal.SIGKILL)
+            session.finish()
+            session.release()
+            return None
+        session.sizes.last_cols, session.sizes.last_rows = first.cols, first.rows
+        if not first.abandoned and first.peer in self.peers:
+            session.attach(first)
+        else:
+            session._arm_idle()
+        os.set_blocking(session.master, False)
+        session._read_on()
+        return None
+
+    async def cancel(self, peer: int, session_id: str, attachment_id: str, token: str) -> None:
+        try:
+            att = self._find(session_id, attachment_id, token)
+        except RPCError:
+            return
+        self._detach(att)
+
+    def write(self, peer: int, session_id: str, attachment_id: str, token: str, data: bytes,
+              seq: int | None, notification: bool) -> dict:
+        """Queue input. A notification that fails on sequence or capacity also detaches, since
+        its sender will never see an error response to resynchronise on."""
+        att = self._find(session_id, attachment_id, token)
+        try:
+            if seq is not None and seq != att.next_seq:
+                raise RPCError(PTY_INPUT_SEQ_GAP, f"PTY input sequence gap: got {seq}, want {att.next_seq}")
+            att.session.enqueue(att, data, seq)
+        except RPCError:
+            if notification:
+                self._detach(att)
+            raise
+        return {"written": len(data)}
+
+    def resize(self, peer: int, session_id: str, attachment_id: str, token: str, cols: int,
+               rows: int) -> dict:
+        att = self._find(session_id, attachment_id, token)
+        att.session.resize(att, _clamp(cols), _clamp(rows))
+        return {"resized": True}
+
+    def detach(self, peer: int, session_id: str, attachment_id: str, token: str) -> dict:
+        self._detach(self._find(session_id, attachment_id, token))
+        return {"detached": True}
+
+    def _detach(self, att: Attachment) -> None:
+        if not att.attached:
+            return
+        att.session._remove(att)
+        self._deliver_exit(att)
+
+    def close(self, session_id: str) -> dict:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise RPCError(NOT_FOUND, MSG_SESSION_NOT_FOUND)
+        session.kill()
+        return {"session_id": session_id, "closed": True}
+
+    def list(self) -> dict:
+        sessions = sorted(self.sessions.values(), key=lambda s: s.id.encode("utf-8", "surrogatepass"))
+        return {"sessions": [s.snapshot() for s in sessions if s.pid is not None]}
+
+    async def shutdown(self) -> None:
+        """Stop every session: SIGHUP, then SIGKILL whatever outlived the grace period."""
+        self.closing = True
+        sessions = list(self.sessions.values())
+        starting = [s.started for s in sessions if s.started is not None and not s.started.done()]
+        if starting:
+            await asyncio.gather(*starting, return_exceptions=True)
+        sessions = [s for s in sessions if s.pid is not None]
+        for session in sessions:
+            session.signal(signal.SIGHUP)
+        waiting = [s.exited for s in sessions if not s.exited.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=SHUTDOWN_GRACE)
+        for session in sessions:
+            session.signal(signal.SIGKILL)
+        waiting = [s.exited for s in sessions if not s.exited.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=SHUTDOWN_GRACE * 5)
+        for session in list(self.sessions.values()):
+            session.finish()
+
