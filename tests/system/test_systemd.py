@@ -9,6 +9,7 @@ and each leaves cmuxd.socket listening.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import os
@@ -346,6 +347,24 @@ def test_reload_keeps_every_open_connection_serving(systemd):
         stream.close()
     ping_ok(systemd.authed(), id=200)
     assert "reloaded: generation" in systemd.journal()
+
+
+def test_a_pty_shell_works_inside_the_sandbox(systemd):
+    """The hardening must leave the daemon's real job working: a shell on a PTY, with its
+    own private /tmp (PrivateTmp=)."""
+    wait_serving(systemd)
+    stream = systemd.authed()
+    ident = {"session_id": "sandbox", "attachment_id": "a1", "client_attachment_token": "t"}
+    stream.send({"id": 1, "method": "pty.attach", "params": {
+        **ident, "cols": 80, "rows": 24,
+        "command": "echo uid=$(id -u); echo hi > /tmp/cmuxd-probe && echo tmp=ok"}})
+    out = b""
+    while b"tmp=ok" not in out:
+        out += base64.b64decode(stream.next_event("pty.data", timeout=15)["data_base64"])
+    assert stream.next_response()["result"]["attached"] is True
+    assert b"uid=0" in out
+    assert not systemd.path("/tmp/cmuxd-probe").exists()  # the service's /tmp is its own
+    stream.close()
 
 
 class ConnectLoop(threading.Thread):
