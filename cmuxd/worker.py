@@ -72,14 +72,18 @@ class WorkerProcess:
             asyncio.get_running_loop().remove_reader(self.chan.fileno())
             self.stop()
             return
+        got = []
         for header, leftover in self.decoder.feed(data):
             kind = header.get("t")
             if kind is None:
+                got.append(header["id"])
                 self._serve(self.fds.popleft(), header, leftover)
             elif kind == "ping":
                 self._send(encode_report(pong=header["seq"], connections=len(self.connections)))
             elif kind == "retire":
                 asyncio.get_running_loop().create_task(self.retire(header["grace"]))
+        if got:
+            self._send(encode_report(got=got))
 
     async def retire(self, grace: float) -> None:
         """Serve the open connections until they close or `grace` seconds pass, then close

@@ -48,6 +48,7 @@ class Worker:
         self.load = 0
         self.served = 0
         self.out: deque = deque()  # (bytes, fd or None) not yet sent
+        self.unacked: dict[int, tuple[int, bytes]] = {}  # conn id -> (our dup of fd, message)
         self.inbuf = b""
         self.last_pong = time.monotonic()
         self.ping_seq = 0
@@ -206,15 +207,21 @@ class WorkerPool:
                  conn_id: int) -> Worker:
         """Hand the connection to the least-loaded serving worker; a worker found dead on the
         way is skipped, so a crash never costs a connection that was not yet its own."""
-        data = encode_handoff(conn_id, kind, peer, leftover)
+        return self._dispatch(conn_id, encode_handoff(conn_id, kind, peer, leftover),
+                              conn.fileno())
+
+    def _dispatch(self, conn_id: int, data: bytes, fd: int) -> Worker:
+        """Until the worker confirms it took the fd, we keep a copy: if it dies first, the
+        connection goes to another worker instead of being lost with it."""
         while True:
             live = [w for w in self.serving() if w.chan is not None]
             if not live:
                 raise RuntimeError("no worker is running")
             worker = min(live, key=lambda w: w.load)
-            self._queue(worker, data, conn.fileno())
+            self._queue(worker, data, fd)
             if worker.chan is not None:
                 break
+        worker.unacked[conn_id] = (os.dup(fd), data)
         worker.load += 1
         worker.served += 1
         if worker.serve_limit and worker.served >= worker.serve_limit:
@@ -283,7 +290,12 @@ class WorkerPool:
         worker.last_pong = time.monotonic()
         *lines, worker.inbuf = (worker.inbuf + data).split(b"\n")
         for line in lines:
-            closed = orjson.loads(line).get("closed")
+            report = orjson.loads(line)
+            for conn_id in report.get("got", ()):
+                entry = worker.unacked.pop(conn_id, None)
+                if entry is not None:
+                    os.close(entry[0])
+            closed = report.get("closed")
             if closed:
                 worker.load = max(0, worker.load - closed)
 
@@ -302,6 +314,15 @@ class WorkerPool:
 
     def _worker_gone(self, worker: Worker) -> None:
         self._drop_channel(worker)
+        unacked, worker.unacked = worker.unacked, {}
+        for conn_id, (fd, data) in unacked.items():
+            try:
+                if not self.stopping:
+                    self._dispatch(conn_id, data, fd)
+            except RuntimeError:
+                pass
+            finally:
+                os.close(fd)
 
     def _replace(self, worker: Worker, reason: str) -> None:
         self.workers.append(self._spawn(worker.index))
@@ -362,7 +383,7 @@ class WorkerPool:
             code = worker.proc.poll()
             if code is None:
                 continue
-            self._drop_channel(worker)
+            self._worker_gone(worker)
             if worker.state == "retiring":
                 log.info("worker %d (pid %d) retired (%s)", worker.index, worker.pid,
                          worker.retire_reason)
