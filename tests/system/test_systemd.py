@@ -457,25 +457,35 @@ def test_journal_carries_the_log_and_never_the_token(systemd):
     assert ours and all(r.get("_SYSTEMD_UNIT") == "cmuxd.service" for r in ours)
 
 
-def test_units_install_user_serves_an_unprivileged_user(systemd):
-    """The README's first lines, as a user without privileges: `units install --systemd
-    --user`, then `systemctl --user enable --now cmuxd.socket`, then connect."""
-    systemd.nsenter("useradd", "--create-home", "--shell", "/bin/sh", TEST_USER, check=True)
+def unprivileged_account(systemd: BootedSystemd) -> tuple[int, list[str]]:
+    """An unprivileged account inside the boot (in the overlay's /etc/passwd), able to run
+    this installation; (uid, argv prefix that runs a command as it)."""
+    if systemd.nsenter("id", "-u", TEST_USER).returncode != 0:
+        systemd.nsenter("useradd", "--create-home", "--shell", "/bin/sh", TEST_USER,
+                        check=True)
+        # Let the account reach this installation (a pyenv under /root, say); the overlay
+        # takes the change, the host keeps its modes.
+        for target in (Path(os.path.realpath(sys.executable)), Path(sys.prefix), REPO):
+            for directory in target.parents:
+                if directory != Path("/"):
+                    systemd.nsenter("chmod", "o+x", str(directory))
     uid = int(systemd.nsenter("id", "-u", TEST_USER, check=True).stdout)
-    # Let the account reach this installation (a pyenv under /root, say); the overlay takes
-    # the change, the host keeps its modes.
-    for target in (Path(os.path.realpath(sys.executable)), Path(sys.prefix), REPO):
-        for directory in target.parents:
-            if directory != Path("/"):
-                systemd.nsenter("chmod", "o+x", str(directory))
     as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups", "env",
                f"HOME=/home/{TEST_USER}", f"USER={TEST_USER}", f"XDG_RUNTIME_DIR={USER_RUNTIME}"]
     command = units.installed_command()
     probe = systemd.nsenter(*as_user, *command, "version")
     if probe.returncode != 0:
         reason = f"{TEST_USER} cannot run {command[0]}: {probe.stderr.strip()[-200:]}"
-        print(f"\nuser-unit test skipped: {reason}")
+        print(f"\ntest skipped: {reason}")
         pytest.skip(reason)
+    return uid, as_user
+
+
+def test_units_install_user_serves_an_unprivileged_user(systemd):
+    """The README's first lines, as a user without privileges: `units install --systemd
+    --user`, then `systemctl --user enable --now cmuxd.socket`, then connect."""
+    uid, as_user = unprivileged_account(systemd)
+    command = units.installed_command()
     user_units = systemd.path("/run/systemd/user")
     user_units.mkdir(exist_ok=True)
     (user_units / TARGET).write_text("[Unit]\nDescription=cmuxd test user boot\n")
@@ -508,3 +518,34 @@ def test_units_install_user_serves_an_unprivileged_user(systemd):
     assert (f"token from systemd credential {USER_RUNTIME}/credentials/cmuxd.service/"
             "relay-token") in log
     assert token not in log
+
+
+def test_units_install_system_as_another_user(systemd):
+    """`units install --systemd --system --as USER`, run inside the boot (its /etc is the
+    overlay's): the service runs as USER with a token file only root can read."""
+    uid, _ = unprivileged_account(systemd)
+    systemd.systemctl("stop", "cmuxd.service", "cmuxd.socket")
+    port = free_port()
+    command = units.installed_command()
+    installed = systemd.nsenter(*command, "units", "install", "--systemd", "--system", "--as",
+                                TEST_USER, "--port", str(port), check=True).stdout
+    assert "wrote /etc/systemd/system/cmuxd.service" in installed
+    token_file = systemd.path("/etc/cmuxd/relay-token")
+    assert token_file.stat().st_uid == 0 and token_file.stat().st_mode & 0o777 == 0o600
+    systemd.systemctl("daemon-reload")  # /etc/systemd/system now overrides the test's units
+    systemd.systemctl("start", "cmuxd.socket")
+    stream = systemd.authed(port=port, token=token_file.read_text().strip(),
+                            relay_id=os.uname().nodename.split(".")[0])
+    ping_ok(stream)
+    wait_for(lambda: "1 connection, " in systemd.show("StatusText"), timeout=15, interval=0.1,
+             message="the service to count the connection")
+    status = systemd.path(f"/proc/{systemd.main_pid()}/status").read_text()
+    assert f"Uid:\t{uid}\t" in status
+    sock = systemd.path("/run/cmuxd/cmuxd.sock")
+    assert sock.stat().st_uid == uid and sock.stat().st_mode & 0o777 == 0o600
+    assert sock.parent.stat().st_uid == uid and sock.parent.stat().st_mode & 0o777 == 0o700
+    unix = systemd.unix()  # root may connect too
+    ping_ok(unix)
+    unix.close()
+    stream.close()
+    assert "token from systemd credential" in systemd.journal()
