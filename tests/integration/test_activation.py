@@ -27,7 +27,6 @@ ACTIVATE = shutil.which("systemd-socket-activate")
 pytestmark = pytest.mark.skipif(ACTIVATE is None,
                                 reason="systemd-socket-activate is not installed (apt: systemd)")
 
-NOTIFY_NAME = "cmuxd-activation-test"
 
 # Runs the CLI with systemd-python made unimportable, so the built-in LISTEN_FDS reader is
 # the one that reads the sockets.
@@ -146,10 +145,11 @@ def test_activated_tcp_still_requires_the_relay_handshake(spawn):
 
 def test_listen_and_notify_variables_do_not_reach_workers(spawn):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind("\0" + NOTIFY_NAME)
+    name = f"cmuxd-activation-test-{secrets.token_hex(8)}"  # abstract names are host-wide
+    notify.bind("\0" + name)
     notify.settimeout(15)
     try:
-        d = spawn(env={"NOTIFY_SOCKET": "@" + NOTIFY_NAME, "WATCHDOG_USEC": "60000000"})
+        d = spawn(env={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "60000000"})
         ping_ok(d.authed())
         d.wait_ready()
         assert f"MAINPID={d.proc.pid}" in next_message_with(notify, "READY=1")
