@@ -1,0 +1,957 @@
+"""Benchmarks of cmuxd-remote: scripts that print figures, never timed assertions.
+
+    scripts/bench                       # every section (well under a minute)
+    scripts/bench --only stdio          # sections: stdio, ssh, tcp (comma separated)
+    scripts/bench --only stdio --runs 15 --pings 50000
+    scripts/bench --only ssh --connects 50
+
+Sections
+
+* stdio: `cmuxd-remote serve --stdio` as a child process; 20,000 pipelined pings written as
+  fast as the pipe takes them while a reader thread counts the replies. Timed from the first
+  byte written to the last reply read; several runs, each on a fresh daemon, and their median.
+* ssh: the same daemon reached the way cmux reaches it today, `ssh host cmuxd-remote serve
+  --stdio`, against an OpenSSH server the script starts on a loopback port with its own keys
+  and config: connect + first reply (fresh connection, and over a ControlMaster), the
+  round-trip time of sequential pings over one open pipe, and pipelined pings over it.
+* tcp: the same figures over cmuxd's own TCP listener with the relay-token handshake, side by
+  side with the ssh figures (see `tcp_section`).
+
+Every process a section starts (daemons, sshd, ssh clients and what they spawned) is ended
+when the section ends, also on Ctrl-C or SIGTERM. Only loopback addresses are ever used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import hashlib
+import hmac
+import importlib.util
+import ipaddress
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import orjson
+import psutil
+
+PING = b'{"id":1,"method":"ping"}\n'
+
+
+# ---------------------------------------------------------------------------------------------
+# processes: everything started here is ended here
+
+
+class Processes:
+    """The processes a section started; `close` ends them and everything they spawned."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        # A session of its own: Ctrl-C reaches only this script, which then ends the children
+        # in order (clients before the sshd that serves them) instead of all at once.
+        kwargs.setdefault("start_new_session", True)
+        proc = subprocess.Popen(argv, **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def forget(self, proc: subprocess.Popen) -> None:
+        """`proc` has exited and been waited for."""
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 3.0) -> None:
+        """End `proc` and its descendants: SIGTERM, then SIGKILL after `timeout`."""
+        try:
+            tree = [psutil.Process(proc.pid)]
+            tree += tree[0].children(recursive=True)
+        except psutil.Error:
+            tree = []
+        for p in tree:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=timeout)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=timeout)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.forget(proc)
+
+    def close(self) -> None:
+        # Newest first: clients end before the servers they talk to. A second Ctrl-C waits
+        # until the cleanup is done.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            while self._procs:
+                self.stop(self._procs[-1])
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------------------------
+# a byte pipe to a daemon, whatever carries it
+
+
+class Pipe:
+    """Both directions of one RPC connection as raw fds (pipes or a socket)."""
+
+    def __init__(self, write_fd: int, read_fd: int, leftover: bytes = b""):
+        self.write_fd = write_fd
+        self.read_fd = read_fd
+        self.buf = bytearray(leftover)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.write_fd, view) :]
+
+    def read(self, size: int = 1 << 20) -> bytes:
+        if self.buf:
+            data = bytes(self.buf)
+            self.buf.clear()
+            return data
+        return os.read(self.read_fd, size)
+
+    def readline(self) -> bytes:
+        while True:
+            cut = self.buf.find(b"\n")
+            if cut >= 0:
+                line = bytes(self.buf[: cut + 1])
+                del self.buf[: cut + 1]
+                return line
+            data = os.read(self.read_fd, 1 << 16)
+            if not data:
+                raise EOFError("the daemon closed the connection")
+            self.buf += data
+
+
+def ping_batch(count: int) -> bytes:
+    return b"".join(b'{"id":%d,"method":"ping"}\n' % i for i in range(1, count + 1))
+
+
+def check_pong(line: bytes, want_id=None) -> None:
+    msg = orjson.loads(line)
+    if msg.get("ok") is not True or msg.get("result") != {"pong": True}:
+        raise RuntimeError(f"unexpected reply to ping: {line[:200]!r}")
+    if want_id is not None and msg.get("id") != want_id:
+        raise RuntimeError(f"reply has id {msg.get('id')!r}, expected {want_id!r}")
+
+
+def pipelined(pipe: Pipe, payload: bytes, count: int, timeout: float = 120.0) -> float:
+    """Write `payload` (`count` pings) as fast as it goes while a thread reads the replies;
+    seconds from the first byte written to the `count`-th reply."""
+    done = threading.Event()
+    state: dict = {"error": None, "end": 0.0}
+
+    def reader() -> None:
+        seen = 0
+        tail = b""
+        try:
+            while seen < count:
+                data = pipe.read()
+                if not data:
+                    raise EOFError(f"the daemon closed the connection after {seen} replies")
+                seen += data.count(b"\n")
+                tail = (tail + data)[-512:] if len(data) < 512 else data[-512:]
+            state["end"] = time.perf_counter()
+            if seen != count:
+                raise RuntimeError(f"{seen} replies to {count} pings")
+            check_pong(tail.rstrip(b"\n").rsplit(b"\n", 1)[-1], count)
+        except BaseException as exc:  # reported by the caller
+            state["error"] = exc
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        pipe.write(payload)
+    except OSError as exc:
+        done.wait(5)
+        raise state["error"] or exc
+    deadline = time.monotonic() + timeout
+    while not done.wait(0.2):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no complete answer to {count} pings within {timeout:.0f} s")
+    if state["error"] is not None:
+        raise state["error"]
+    return state["end"] - start
+
+
+def sequential_rtts(pipe: Pipe, count: int) -> list[float]:
+    """Round-trip times of `count` pings, each sent once the previous reply arrived."""
+    rtts = []
+    clock = time.perf_counter
+    for i in range(1, count + 1):
+        frame = b'{"id":%d,"method":"ping"}\n' % i
+        t0 = clock()
+        pipe.write(frame)
+        line = pipe.readline()
+        rtts.append(clock() - t0)
+        if i == 1 or i == count:
+            check_pong(line, i)
+    return rtts
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(p / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def rate(value: float) -> str:
+    return f"{value:,.0f}/s"
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    print("  " + line.format(*header))
+    print("  " + "  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  " + line.format(*row))
+
+
+def daemon_argv(args) -> list[str]:
+    """The command that runs the daemon under test (absolute, so ssh finds it too)."""
+    if args.daemon:
+        return shlex.split(args.daemon)
+    script = Path(sys.executable).parent / "cmuxd-remote"
+    if script.exists():
+        return [str(script.absolute()), "serve", "--stdio"]
+    return [sys.executable, "-m", "cmuxd", "serve", "--stdio"]
+
+
+# ---------------------------------------------------------------------------------------------
+# section: stdio
+
+
+def stdio_section(args, procs: Processes, results: dict) -> None:
+    argv = daemon_argv(args)
+    count = args.pings
+    payload = ping_batch(count)
+    print(f"stdio: {count:,} pipelined pings to `{shlex.join(argv)}`, {args.runs} runs")
+    rates, cpus = [], []
+    for run in range(1, args.runs + 1):
+        errlog = tempfile.TemporaryFile()
+        proc = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog)
+        try:
+            pipe = Pipe(proc.stdin.fileno(), proc.stdout.fileno())
+            # Not timed: interpreter start-up and the first request.
+            pipe.write(PING)
+            check_pong(pipe.readline(), 1)
+            daemon = psutil.Process(proc.pid)
+            cpu0 = _cpu(daemon)
+            seconds = pipelined(pipe, payload, count)
+            cpu = _cpu(daemon) - cpu0
+            proc.stdin.close()
+            status = proc.wait(timeout=10)
+            procs.forget(proc)
+            if status != 0:
+                raise RuntimeError(f"the daemon exited with status {status}")
+        except BaseException:
+            procs.stop(proc)
+            errlog.seek(0)
+            sys.stderr.write(errlog.read().decode(errors="replace")[-2000:])
+            raise
+        finally:
+            errlog.close()
+        rates.append(count / seconds)
+        cpus.append(cpu / count)
+        print(f"  run {run}: {rate(count / seconds):>12}   ({ms(seconds)}; daemon CPU "
+              f"{cpu / count * 1e6:.2f} µs/ping)")
+    median = statistics.median(rates)
+    results["stdio_pipelined"] = median
+    print(f"  median: {rate(median):>11}   (min {rate(min(rates))}, max {rate(max(rates))})")
+    cpu = statistics.median(cpus)
+    print(f"  daemon CPU per ping, median: {cpu * 1e6:.2f} µs (one core's worth: "
+          f"{rate(1 / cpu) if cpu else '-'})")
+
+
+def _cpu(proc: psutil.Process) -> float:
+    """CPU seconds used by `proc`: nanosecond run time from schedstat where Linux has it
+    (cpu_times counts in 10 ms ticks, coarse for a 100 ms run)."""
+    try:
+        total = 0
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        t = proc.cpu_times()
+        return t.user + t.system
+
+
+# ---------------------------------------------------------------------------------------------
+# section: ssh
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class SSHServer:
+    """An OpenSSH server on a loopback port, with its own host key, client key and config."""
+
+    def __init__(self, tmp: Path, procs: Processes, sshd: str = "/usr/sbin/sshd"):
+        self.tmp = tmp
+        self.procs = procs
+        self.sshd = sshd
+        self.port = 0
+        self.user = getpass.getuser()
+        self.proc: subprocess.Popen | None = None
+        self.log: list[str] = []
+        self.masters: list[tuple[subprocess.Popen, str]] = []
+
+    def start(self, attempts: int = 3) -> "SSHServer":
+        if not os.path.exists(self.sshd):
+            raise RuntimeError(
+                f"{self.sshd} is missing: install it with `apt-get install -y openssh-server`"
+            )
+        for name in ("host_ed25519", "client_ed25519"):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cmuxd-bench-{name}",
+                 "-f", str(self.tmp / name)],
+                check=True, stdin=subprocess.DEVNULL,
+            )
+        shutil.copy(self.tmp / "client_ed25519.pub", self.tmp / "authorized_keys")
+        if os.geteuid() == 0:
+            # sshd insists on its privilege separation directory.
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        for attempt in range(attempts):
+            self.port = free_port()
+            config = self._write_config()
+            check = subprocess.run([self.sshd, "-t", "-f", str(config)], capture_output=True,
+                                   text=True)
+            if check.returncode != 0:
+                raise RuntimeError(f"sshd refused its config: {check.stderr.strip()}")
+            self.proc = self.procs.start(
+                [self.sshd, "-D", "-e", "-f", str(config)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            if self._wait_listening():
+                return self
+            self.procs.stop(self.proc)
+        raise RuntimeError("sshd did not start:\n" + "\n".join(self.log[-20:]))
+
+    def _write_config(self) -> Path:
+        t = self.tmp
+        config = t / "sshd_config"
+        config.write_text(
+            f"""\
+Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {t / 'host_ed25519'}
+AuthorizedKeysFile {t / 'authorized_keys'}
+PidFile {t / 'sshd.pid'}
+StrictModes no
+UsePAM no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowUsers {self.user}
+UseDNS no
+PrintMotd no
+PrintLastLog no
+PermitTTY no
+X11Forwarding no
+AllowAgentForwarding no
+AllowTcpForwarding no
+MaxStartups 200
+MaxSessions 200
+LogLevel INFO
+"""
+        )
+        return config
+
+    def _wait_listening(self, timeout: float = 10.0) -> bool:
+        listening = threading.Event()
+        stderr = self.proc.stderr
+
+        def drain() -> None:
+            for raw in stderr:
+                line = raw.decode(errors="replace").rstrip()
+                self.log.append(line)
+                del self.log[:-200]
+                if "Server listening" in line:
+                    listening.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if listening.wait(0.05):
+                return True
+            if self.proc.poll() is not None:
+                return False
+        return False
+
+    def ssh_argv(self, *remote: str, control_path: str | None = None, master: bool = False,
+                 persist: str | None = None) -> list[str]:
+        """An ssh command line for this server. With `control_path`, a client that goes through
+        that ControlMaster (or, with `master`, the master itself)."""
+        argv = [
+            "ssh", "-F", "/dev/null", "-i", str(self.tmp / "client_ed25519"),
+            "-p", str(self.port), "-l", self.user,
+            "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
+        ]
+        if control_path is not None:
+            argv += ["-o", f"ControlMaster={'yes' if master else 'no'}",
+                     "-o", f"ControlPath={control_path}"]
+            if persist is not None:
+                argv += ["-o", f"ControlPersist={persist}"]
+        argv.append("127.0.0.1")
+        argv += remote
+        return argv
+
+    def start_master(self) -> str:
+        """An established ControlMaster; returns its ControlPath."""
+        path = str(self.tmp / f"cm-{len(self.masters)}")
+        proc = self.procs.start(
+            self.ssh_argv("-N", control_path=path, master=True, persist="no"),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self.masters.append((proc, path))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("ssh ControlMaster failed: " + proc.stderr.read().decode())
+            check = subprocess.run(
+                ["ssh", "-F", "/dev/null", "-o", f"ControlPath={path}", "-O", "check",
+                 "127.0.0.1"], capture_output=True,
+            )
+            if check.returncode == 0:
+                return path
+            time.sleep(0.05)
+        raise RuntimeError("ssh ControlMaster did not come up")
+
+    def stop(self) -> None:
+        for proc, path in reversed(self.masters):
+            subprocess.run(["ssh", "-F", "/dev/null", "-o", f"ControlPath={path}", "-O", "exit",
+                            "127.0.0.1"], capture_output=True, timeout=5)
+            self.procs.stop(proc)
+        self.masters.clear()
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
+
+
+@contextmanager
+def ssh_server(procs: Processes) -> Iterator[SSHServer]:
+    """An OpenSSH server for the duration of the block, then gone with all its sessions."""
+    with tempfile.TemporaryDirectory(prefix="cmuxd-bench-ssh-") as tmp:
+        server = SSHServer(Path(tmp), procs)
+        try:
+            yield server.start()
+        finally:
+            server.stop()
+
+
+def spawn_first_reply(argv: list[str], procs: Processes) -> float:
+    """Start `argv` (something that ends in `serve --stdio`), send one ping; seconds from the
+    start to the reply line. The process is then closed (not timed)."""
+    errlog = tempfile.TemporaryFile()
+    t0 = time.perf_counter()
+    proc = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog)
+    try:
+        pipe = Pipe(proc.stdin.fileno(), proc.stdout.fileno())
+        pipe.write(PING)
+        line = pipe.readline()
+        elapsed = time.perf_counter() - t0
+        check_pong(line, 1)
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        procs.forget(proc)
+        return elapsed
+    except BaseException:
+        procs.stop(proc)
+        errlog.seek(0)
+        sys.stderr.write(errlog.read().decode(errors="replace")[-2000:])
+        raise
+    finally:
+        errlog.close()
+
+
+def steady_state(argv: list[str], procs: Processes, args) -> tuple[list[float], list[float]]:
+    """Over one open `argv` pipe: sequential ping RTTs, then pipelined runs (seconds each)."""
+    errlog = tempfile.TemporaryFile()
+    proc = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog)
+    try:
+        pipe = Pipe(proc.stdin.fileno(), proc.stdout.fileno())
+        pipe.write(PING)
+        check_pong(pipe.readline(), 1)
+        sequential_rtts(pipe, min(100, args.rtt))  # warm-up
+        rtts = sequential_rtts(pipe, args.rtt)
+        payload = ping_batch(args.pings)
+        runs = [pipelined(pipe, payload, args.pings) for _ in range(args.pipe_runs)]
+        return rtts, runs
+    except BaseException:
+        errlog.seek(0)
+        sys.stderr.write(errlog.read().decode(errors="replace")[-2000:])
+        raise
+    finally:
+        procs.stop(proc)
+        errlog.close()
+
+
+def ssh_section(args, procs: Processes, results: dict) -> None:
+    daemon = daemon_argv(args)
+    n = args.connects
+    print(f"ssh: `ssh -p PORT 127.0.0.1 {shlex.join(daemon)}` against a private OpenSSH server")
+    with ssh_server(procs) as server:
+        print(f"  sshd on 127.0.0.1:{server.port} ({_sshd_version()})")
+        rows = []
+
+        local = [spawn_first_reply(daemon, procs) for _ in range(n)]
+        results["local_first_reply"] = pct(local, 50)
+        rows.append(("spawn + first reply, no ssh (reference)", ms(pct(local, 50)),
+                     ms(pct(local, 90)), str(n)))
+
+        argv = server.ssh_argv(*daemon)
+        fresh = [spawn_first_reply(argv, procs) for _ in range(n)]
+        results["ssh_first_reply"] = pct(fresh, 50)
+        rows.append(("(a) connect + first reply, fresh ssh", ms(pct(fresh, 50)),
+                     ms(pct(fresh, 90)), str(n)))
+
+        path = server.start_master()
+        argv_cm = server.ssh_argv(*daemon, control_path=path)
+        muxed = [spawn_first_reply(argv_cm, procs) for _ in range(n)]
+        results["ssh_cm_first_reply"] = pct(muxed, 50)
+        rows.append(("(b) connect + first reply, ControlMaster", ms(pct(muxed, 50)),
+                     ms(pct(muxed, 90)), str(n)))
+        table(rows, ("", "p50", "p90", "n"))
+
+        rtts, runs = steady_state(argv, procs, args)
+        results["ssh_rtt_p50"] = pct(rtts, 50)
+        results["ssh_rtt_p99"] = pct(rtts, 99)
+        rates = [args.pings / s for s in runs]
+        results["ssh_pipelined"] = statistics.median(rates)
+        print()
+        table(
+            [
+                (f"(c) ping RTT over one ssh pipe ({args.rtt} sequential)", us(pct(rtts, 50)),
+                 us(pct(rtts, 99)), us(min(rtts))),
+                (f"(d) {args.pings:,} pipelined pings over the ssh pipe", "", "", ""),
+            ],
+            ("", "p50", "p99", "min"),
+        )
+        for i, r in enumerate(rates, 1):
+            print(f"      run {i}: {rate(r)}")
+        print(f"      median: {rate(results['ssh_pipelined'])}")
+
+
+def _sshd_version() -> str:
+    out = subprocess.run(["ssh", "-V"], capture_output=True, text=True)
+    return (out.stderr or out.stdout).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# section: tcp (cmuxd's own listener, relay-token handshake)
+
+
+def client_mac(key: bytes, relay_id: str, server_nonce: str) -> str:
+    msg = f"relay_id={relay_id}\nnonce={server_nonce}\nversion=1".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def relay_mac(key: bytes, relay_id: str, client_nonce: str, server_nonce: str) -> str:
+    msg = (f"cmux-relay-server-proof\nrelay_id={relay_id}\nclient_nonce={client_nonce}"
+           f"\nserver_nonce={server_nonce}\nversion=1").encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+class Handshake:
+    """The client side of the relay handshake (spec §7.5) as a small state machine, so the
+    blocking and the asyncio measurements share it. Mutual: the server must prove the token."""
+
+    def __init__(self, relay_id: str, token_hex: str):
+        self.relay_id = relay_id
+        self.key = bytes.fromhex(token_hex)
+        self.client_nonce = secrets.token_hex(32)
+        self.server_nonce = ""
+
+    def answer(self, challenge_line: bytes) -> bytes:
+        ch = orjson.loads(challenge_line)
+        if (ch.get("protocol") != "cmux-relay-auth" or ch.get("version") != 1
+                or ch.get("relay_id") != self.relay_id or not ch.get("nonce")):
+            raise RuntimeError("relay auth challenge mismatch")
+        self.server_nonce = str(ch["nonce"])
+        return orjson.dumps({
+            "client_nonce": self.client_nonce,
+            "mac": client_mac(self.key, self.relay_id, self.server_nonce),
+            "relay_id": self.relay_id,
+        }) + b"\n"
+
+    def check(self, reply_line: bytes) -> None:
+        reply = orjson.loads(reply_line)
+        want = relay_mac(self.key, self.relay_id, self.client_nonce, self.server_nonce)
+        got = reply.get("relay_mac")
+        if reply.get("ok") is not True or type(got) is not str or not hmac.compare_digest(
+            got, want
+        ):
+            raise RuntimeError(f"relay handshake refused: {reply_line[:200]!r}")
+
+
+class TCPTarget:
+    """Where a cmuxd TCP listener is and how to authenticate to it."""
+
+    def __init__(self, host: str, port: int, relay_id: str, token_hex: str):
+        if not ipaddress.ip_address(host).is_loopback:
+            raise SystemExit(f"refusing to benchmark {host}: loopback addresses only")
+        self.host, self.port = host, port
+        self.relay_id, self.token_hex = relay_id, token_hex
+
+    def connect(self, first: bytes = b"") -> tuple[socket.socket, Pipe]:
+        """An authenticated connection; `first` (a request) is pipelined with the MAC."""
+        sock = socket.create_connection((self.host, self.port), timeout=2)
+        sock.settimeout(None)  # Pipe uses the raw fd: it must be blocking
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pipe = Pipe(sock.fileno(), sock.fileno())
+        hs = Handshake(self.relay_id, self.token_hex)
+        pipe.write(hs.answer(pipe.readline()) + first)
+        hs.check(pipe.readline())
+        return sock, pipe
+
+
+def start_tcp_daemon(tmp: Path, procs: Processes, args) -> TCPTarget:
+    """Start `cmuxd-remote serve --tcp` on a free loopback port with a fresh token.
+
+    The flags are the ones the direct-listener issue names (--tcp, --token-file, --relay-id,
+    --workers); the token goes through a 0600 file, never argv.
+    """
+    token = secrets.token_hex(32)
+    relay_id = "cmuxd-bench"
+    token_file = tmp / "relay-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    port = free_port()
+    script = Path(daemon_argv(args)[0])
+    argv = [str(script), "serve", "--tcp", f"127.0.0.1:{port}", "--token-file", str(token_file),
+            "--relay-id", relay_id]
+    if args.workers:
+        argv += ["--workers", str(args.workers)]
+    errlog = open(tmp / "daemon.log", "wb")
+    proc = procs.start(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog)
+    target = TCPTarget("127.0.0.1", port, relay_id, token)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the TCP daemon exited:\n"
+                               + (tmp / "daemon.log").read_text(errors="replace")[-2000:])
+        try:
+            sock, pipe = target.connect(PING)
+        except (OSError, EOFError):
+            time.sleep(0.05)
+            continue
+        check_pong(pipe.readline(), 1)
+        sock.close()
+        return target
+    raise RuntimeError("the TCP daemon did not answer within 15 s")
+
+
+def tcp_listener_available(args) -> bool:
+    """cmuxd.client exists and `serve` takes --tcp: the listener has landed."""
+    if importlib.util.find_spec("cmuxd.client") is None:
+        return False
+    script = daemon_argv(args)[0]
+    out = subprocess.run([script, "serve", "--help"], capture_output=True, text=True)
+    return "--tcp" in out.stdout
+
+
+def tcp_first_reply(target: TCPTarget) -> float:
+    """connect + handshake + first reply (the ping pipelined with the MAC), in seconds."""
+    t0 = time.perf_counter()
+    sock, pipe = target.connect(PING)
+    line = pipe.readline()
+    elapsed = time.perf_counter() - t0
+    sock.close()
+    check_pong(line, 1)
+    return elapsed
+
+
+class _AuthClient(asyncio.Protocol):
+    """One handshake, as lean as asyncio allows so the client is not what gets measured."""
+
+    def __init__(self, target: TCPTarget, done: asyncio.Future):
+        self.hs = Handshake(target.relay_id, target.token_hex)
+        self.done = done
+        self.buf = b""
+        self.answered = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\n" in self.buf and not self.done.done():
+            line, self.buf = self.buf.split(b"\n", 1)
+            try:
+                if not self.answered:
+                    self.answered = True
+                    self.transport.write(self.hs.answer(line))
+                else:
+                    self.hs.check(line)
+                    self.transport.close()
+                    self.done.set_result(None)
+            except Exception as exc:
+                self.transport.close()
+                self.done.set_exception(exc)
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc or EOFError("closed during the handshake"))
+
+
+async def _auth_loop(target: TCPTarget, deadline: float, counter: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    while time.perf_counter() < deadline:
+        done = loop.create_future()
+        await loop.create_connection(lambda: _AuthClient(target, done), target.host, target.port)
+        await done
+        counter[0] += 1
+
+
+def auth_rate(target: TCPTarget, seconds: float, concurrency: int) -> tuple[int, float]:
+    """Authenticated connections made in `seconds` by `concurrency` clients in a loop, and
+    the CPU this process used meanwhile (in cores): near 1.0 means the client was the limit."""
+
+    async def run() -> int:
+        counter = [0]
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(*(_auth_loop(target, deadline, counter)
+                               for _ in range(concurrency)))
+        return counter[0]
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    count = asyncio.run(run())
+    return count, (time.process_time() - c0) / (time.perf_counter() - t0)
+
+
+def _auth_rate_job(job) -> tuple[int, float]:
+    return auth_rate(*job)
+
+
+def auth_rate_parallel(target: TCPTarget, seconds: float, concurrency: int,
+                       processes: int) -> tuple[float, list[float]]:
+    """Authenticated connections per second from `processes` client processes together, and
+    the CPU each of them used (in cores)."""
+    import multiprocessing
+
+    if processes <= 1:
+        count, cpu = auth_rate(target, seconds, concurrency)
+        return count / seconds, [cpu]
+    per = max(1, concurrency // processes)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        out = pool.map(_auth_rate_job, [(target, seconds, per)] * processes)
+    return sum(c for c, _ in out) / seconds, [cpu for _, cpu in out]
+
+
+def tcp_section(args, procs: Processes, results: dict) -> None:
+    """The ssh figures again over cmuxd's TCP listener, and the ratios between them.
+
+    Against `--tcp-addr` (with --token-file/--relay-id) when given, else a daemon started
+    here with `start_tcp_daemon` once `cmuxd.client` exists and `serve` takes --tcp.
+    Figures: connect + handshake + first reply (the ping pipelined with the MAC, as the
+    client may do), sequential ping RTT and pipelined pings over one connection, and
+    authenticated connections per second (`auth_rate_parallel`). The client side is the
+    spec's mutual handshake written out here (`Handshake`), on raw sockets, so that what
+    is measured is the daemon rather than a client library.
+    """
+    print("tcp: cmuxd's TCP listener with the relay-token handshake")
+    with tempfile.TemporaryDirectory(prefix="cmuxd-bench-tcp-") as tmp:
+        if args.tcp_addr:
+            host, _, port = args.tcp_addr.rpartition(":")
+            token = Path(args.token_file).read_text().strip() if args.token_file else \
+                os.environ.get("CMUX_RELAY_TOKEN", "")
+            relay_id = args.relay_id or os.environ.get("CMUX_RELAY_ID", "")
+            target = TCPTarget(host.strip("[]"), int(port), relay_id, token)
+        elif not tcp_listener_available(args):
+            print("  skipped: TCP listener not available")
+            return
+        else:
+            target = start_tcp_daemon(Path(tmp), procs, args)
+        n = args.tcp_connects
+        first = [tcp_first_reply(target) for _ in range(n)]
+        results["tcp_first_reply"] = pct(first, 50)
+
+        sock, pipe = target.connect()
+        try:
+            sequential_rtts(pipe, min(100, args.rtt))
+            rtts = sequential_rtts(pipe, args.rtt)
+            payload = ping_batch(args.pings)
+            rates = [args.pings / pipelined(pipe, payload, args.pings)
+                     for _ in range(args.pipe_runs)]
+        finally:
+            sock.close()
+        results["tcp_rtt_p50"], results["tcp_rtt_p99"] = pct(rtts, 50), pct(rtts, 99)
+        results["tcp_pipelined"] = statistics.median(rates)
+        results["tcp_auth_rate"], auth_cpu = auth_rate_parallel(
+            target, args.auth_seconds, args.auth_concurrency, args.auth_procs)
+
+    r = results
+    rows = [
+        ("connect + auth + first reply (p50)", ms(r["tcp_first_reply"]),
+         _fmt(r, "ssh_first_reply", ms), _ratio(r, "ssh_first_reply", "tcp_first_reply"),
+         _fmt(r, "ssh_cm_first_reply", ms),
+         _ratio(r, "ssh_cm_first_reply", "tcp_first_reply")),
+        ("ping RTT p50", us(r["tcp_rtt_p50"]), _fmt(r, "ssh_rtt_p50", us),
+         _ratio(r, "ssh_rtt_p50", "tcp_rtt_p50"), "", ""),
+        ("ping RTT p99", us(r["tcp_rtt_p99"]), _fmt(r, "ssh_rtt_p99", us),
+         _ratio(r, "ssh_rtt_p99", "tcp_rtt_p99"), "", ""),
+        (f"{args.pings:,} pipelined pings", rate(r["tcp_pipelined"]),
+         _fmt(r, "ssh_pipelined", rate), _ratio(r, "tcp_pipelined", "ssh_pipelined"),
+         _fmt(r, "stdio_pipelined", rate) + " (stdio)",
+         _ratio(r, "tcp_pipelined", "stdio_pipelined")),
+        (f"authenticated connections/s ({args.auth_concurrency} clients)",
+         rate(r["tcp_auth_rate"]), "", "", "", ""),
+    ]
+    table(rows, ("", "tcp", "ssh fresh", "×", "ssh ControlMaster", "×"))
+    print("  (× = how many times better TCP is; > 1 means TCP wins)")
+    print(f"  connections/s: the client processes used {', '.join(f'{c:.0%}' for c in auth_cpu)}"
+          " of a core (near 100% means the client, not the daemon, was the limit; try"
+          " --auth-procs)")
+
+
+def _fmt(results: dict, key: str, fmt: Callable[[float], str]) -> str:
+    return fmt(results[key]) if key in results else "-"
+
+
+def _ratio(results: dict, num: str, den: str) -> str:
+    if num in results and den in results and results[den]:
+        return f"{results[num] / results[den]:.1f}×"
+    return "-"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+SECTIONS = {"stdio": stdio_section, "ssh": ssh_section, "tcp": tcp_section}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help="comma-separated sections to run (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=7, help="stdio runs (default: %(default)s)")
+    p.add_argument("--pings", type=int, default=20000,
+                   help="pipelined pings per run (default: %(default)s)")
+    p.add_argument("--connects", type=int, default=20,
+                   help="ssh connections per connect figure (default: %(default)s)")
+    p.add_argument("--rtt", type=int, default=1000,
+                   help="sequential pings for the RTT figures (default: %(default)s)")
+    p.add_argument("--pipe-runs", type=int, default=3,
+                   help="pipelined runs over one ssh/tcp connection (default: %(default)s)")
+    p.add_argument("--daemon", help="daemon command to benchmark instead of this venv's "
+                   "`cmuxd-remote serve --stdio` (absolute path)")
+    tcp = p.add_argument_group("tcp")
+    tcp.add_argument("--tcp-connects", type=int, default=200,
+                     help="connections for the connect figure (default: %(default)s)")
+    tcp.add_argument("--auth-seconds", type=float, default=3.0,
+                     help="duration of the connections/s figure (default: %(default)s)")
+    tcp.add_argument("--auth-concurrency", type=int, default=64,
+                     help="clients in flight for the connections/s figure (default: %(default)s)")
+    tcp.add_argument("--auth-procs", type=int, default=1,
+                     help="client processes for the connections/s figure (default: %(default)s)")
+    tcp.add_argument("--workers", type=int, default=0, help="--workers for the daemon")
+    tcp.add_argument("--tcp-addr", help="benchmark a running daemon on this loopback "
+                     "HOST:PORT instead of starting one")
+    tcp.add_argument("--token-file", help="its token (else $CMUX_RELAY_TOKEN)")
+    tcp.add_argument("--relay-id", help="its relay id (else $CMUX_RELAY_ID)")
+    args = p.parse_args(argv)
+    args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    print(f"cmuxd bench: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"{os.uname().sysname} {os.uname().release}, load average "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    results: dict = {}
+    status = 0
+    with ExitStack() as stack:
+        for name in args.sections:
+            procs = stack.enter_context(_closing(Processes()))
+            print()
+            try:
+                SECTIONS[name](args, procs, results)
+            except KeyboardInterrupt:
+                print(f"\ninterrupted during {name}; cleaning up", file=sys.stderr)
+                return 130
+            except Exception as exc:
+                traceback.print_exc()
+                print(f"  {name} failed: {exc}", file=sys.stderr)
+                status = 1
+            finally:
+                procs.close()
+    return status
+
+
+@contextmanager
+def _closing(procs: Processes) -> Iterator[Processes]:
+    try:
+        yield procs
+    finally:
+        procs.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
