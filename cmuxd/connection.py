@@ -310,6 +310,9 @@ class Connection(asyncio.Protocol):
 
 INTERNAL_ERROR = "internal error in the daemon; see its log"
 
+STDOUT_HIGH_WATER = 256 * 1024
+"""Bytes buffered for a stdout pipe before the connection stops reading (back-pressure)."""
+
 
 class _StdoutSide(asyncio.Protocol):
     """Forwards the stdout pipe's flow control and closing to the connection."""
@@ -427,6 +430,9 @@ async def serve_stdio(hub: Any = None) -> int:
         conn.writer, _ = await loop.connect_write_pipe(
             lambda: _StdoutSide(conn), os.fdopen(out_fd, "wb", buffering=0)
         )
+        # A 64 KiB pipe fills with every batch of pipelined replies; with asyncio's default
+        # 64 KiB high-water mark that paused reading after nearly every read. Still bounded.
+        conn.writer.set_write_buffer_limits(high=STDOUT_HIGH_WATER)
     if _is_regular(in_fd):
         conn.connection_made(_PausableFile())
         feeder = loop.create_task(_feed_from_file(in_fd, conn))
