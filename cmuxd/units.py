@@ -342,18 +342,22 @@ def launchd_plan(*, token_file: str | None = None, port: int = DEFAULT_PORT) -> 
 
 def install(plan: Installed, *, mkdirs: list[Path] = ()) -> Installed:
     """Write the files of a plan; create the token (0600) when it does not exist yet."""
-    if not plan.token_file.exists():
-        write_new_token(plan.token_file)
-        plan.token_created = True
-    for directory in mkdirs:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for path, content in plan.files.items():
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        data = content.encode() if isinstance(content, str) else content
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+    try:
+        if not plan.token_file.exists():
+            write_new_token(plan.token_file)
+            plan.token_created = True
+        for directory in mkdirs:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path, content in plan.files.items():
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            data = content.encode() if isinstance(content, str) else content
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+    except PermissionError as exc:
+        raise UnitsError(f"cannot write {exc.filename}: permission denied; system units need "
+                         "root (sudo), or install --user units") from None
     return plan
 
 

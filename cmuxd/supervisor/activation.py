@@ -76,7 +76,7 @@ def _listen_fds_with_names(environ) -> list[tuple[int, str]]:
     except ImportError:
         return read_listen_fds(environ)
     if environ is not os.environ:
-        return read_listen_fds(environ)
+        return read_listen_fds(environ)  # libsystemd reads the process environment only
     try:
         return sorted(listen_fds_with_names(unset_environment=True).items())
     except OSError as exc:
@@ -114,12 +114,8 @@ def read_listen_fds(environ=os.environ) -> list[tuple[int, str]]:
         if len(names) != count:
             raise ListenerError(f"LISTEN_FDNAMES names {len(names)} sockets but LISTEN_FDS "
                                 f"says {count}; the service manager's environment is broken")
-    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
-    for fd in fds:
-        try:
-            os.set_inheritable(fd, False)
-        except OSError:
-            pass  # reported by adopt_socket, with the socket's name
+    # (sd_listen_fds also marks the fds close-on-exec; adopt_socket does that here.)
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)
     return list(zip(fds, names))
 
 
