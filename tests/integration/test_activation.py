@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 from helpers import daemon_command, wait_for
@@ -153,14 +154,15 @@ def test_listen_and_notify_variables_do_not_reach_workers(spawn):
         ping_ok(d.authed())
         d.wait_ready()
         assert f"MAINPID={d.proc.pid}" in next_message_with(notify, "READY=1")
-        workers = d.status()["workers"]
-        assert workers
-        for worker in workers:
-            environ = open(f"/proc/{worker['pid']}/environ", "rb").read().split(b"\0")
+        workers = {w["pid"] for w in d.status()["workers"]}
+        children = psutil.Process(d.proc.pid).children(recursive=True)  # workers, PTY hub
+        assert workers and workers <= {child.pid for child in children}
+        for child in children:
+            environ = open(f"/proc/{child.pid}/environ", "rb").read().split(b"\0")
             names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
             leaked = names & {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
                               "WATCHDOG_USEC", "WATCHDOG_PID"}
-            assert not leaked, f"worker {worker['pid']} inherited {leaked}"
+            assert not leaked, f"{child.cmdline()[:3]} (pid {child.pid}) inherited {leaked}"
         d.proc.send_signal(signal.SIGTERM)
         next_message_with(notify, "STOPPING=1")
         assert d.proc.wait(15) == 0
