@@ -179,6 +179,7 @@ class RemoteHub:
         self.writer: asyncio.StreamWriter | None = None
         self.caps = {"persistent": [], "local": []}
         self.peers: dict[int, object] = {}
+        self.attachments: dict[int, set] = {}  # peer -> attachments seen live
         self._next_peer = 0
         self._next_rid = 0
         self._waiting: dict[int, tuple[asyncio.Future, object]] = {}
@@ -212,6 +213,7 @@ class RemoteHub:
                 if not fut.done():
                     fut.set_exception(RPCError(UNAVAILABLE, MSG_NO_HUB))
             self._waiting.clear()
+            self._hub_lost()
             log.warning("lost the PTY hub; reconnecting")
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -220,14 +222,35 @@ class RemoteHub:
             for frame in decoder.feed(data):
                 msg = orjson.loads(frame)
                 if "event" in msg:
-                    deliver = self.peers.get(msg["peer"])
-                    if deliver is not None:
-                        deliver(msg["event"])
+                    self._event(msg["peer"], msg["event"])
                 elif "rid" in msg:
                     self._reply(msg)
                 elif "hello" in msg:
                     self.caps = msg["hello"]
                     self.connected.set()
+
+    def _event(self, peer: int, event: dict) -> None:
+        deliver = self.peers.get(peer)
+        if deliver is None:
+            return
+        key = (event["session_id"], event["attachment_id"], event["attachment_token"])
+        live = self.attachments.setdefault(peer, set())
+        if event["event"] == "pty.exit":
+            live.discard(key)
+        else:
+            live.add(key)
+        deliver(event)
+
+    def _hub_lost(self) -> None:
+        """The hub's sessions died with it: end every attachment we were showing, so clients
+        hear pty.exit instead of waiting on a terminal that is gone."""
+        for peer, keys in self.attachments.items():
+            deliver = self.peers.get(peer)
+            for sid, aid, token in keys:
+                if deliver is not None:
+                    deliver({"event": "pty.exit", "session_id": sid, "attachment_id": aid,
+                             "attachment_token": token})
+        self.attachments.clear()
 
     def _reply(self, msg: dict) -> None:
         if msg.get("reserved"):
@@ -277,6 +300,7 @@ class RemoteHub:
 
     async def remove_peer(self, peer: int) -> None:
         self.peers.pop(peer, None)
+        self.attachments.pop(peer, None)
         self._send({"op": "remove_peer", "peer": peer})
 
     def drained(self, peer: int, session_id: str, attachment_id: str, token: str,

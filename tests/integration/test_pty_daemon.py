@@ -7,6 +7,7 @@ import os
 import pty
 import select
 import signal
+import threading
 import time
 
 import psutil
@@ -16,12 +17,15 @@ from listening import ListeningDaemon
 
 
 def collect(stream, want: bytes, timeout: float = 10) -> bytes:
-    out = b""
+    """PTY output of one attachment until `want` appears (searched only where it can end)."""
+    out = bytearray()
     deadline = time.monotonic() + timeout
-    while want not in out:
+    while True:
         ev = stream.next_event("pty.data", timeout=max(0.1, deadline - time.monotonic()))
+        start = max(0, len(out) - len(want))
         out += base64.b64decode(ev["data_base64"])
-    return out
+        if want in out[start:]:
+            return bytes(out)
 
 
 def ident(aid, tok):
@@ -115,5 +119,86 @@ def test_attach_command_is_interactive_and_detaches():
         # Detached, not ended: the session is still there.
         s = d.authed()
         assert [x["session_id"] for x in s.call("pty.list")["result"]["sessions"]] == ["tty1"]
+    finally:
+        d.close()
+
+
+def test_reconnect_replays_scrollback_exactly_once():
+    d = ListeningDaemon(workers=2).wait_ready()
+    try:
+        a = d.authed()
+        assert a.call("pty.attach", dict(ident("a", "ta"), cols=80, rows=24,
+                                         command="echo before-$((1+1)); exec cat"))["ok"]
+        collect(a, b"before-2")
+        a.close()  # the laptop sleeps: the connection drops without a detach
+        b = d.authed()
+        r = b.call("pty.attach", dict(ident("a2", "tb"), cols=80, rows=24, require_existing=True))
+        assert r["ok"] and r["result"]["replay_bytes"] > 0, r
+        assert b.next_event("pty.ready")
+        b.send({"method": "pty.write", "params": dict(
+            ident("a2", "tb"), data_base64=base64.b64encode(b"after\n").decode())})
+        out = collect(b, b"after\r\nafter")  # the tty echo, then cat's copy
+        assert out.count(b"before-2") == 1
+        assert out.count(b"after") == 2
+    finally:
+        d.close()
+
+
+def test_twenty_mib_reaches_two_attachments_and_a_stalled_one_is_dropped():
+    d = ListeningDaemon(workers=2).wait_ready()
+    try:
+        size = 20 * 1024 * 1024
+        stalled = d.authed()
+        fast1, fast2 = d.authed(), d.authed()
+        cmd = f"read go; head -c {size} /dev/zero | tr '\\0' x; echo; echo END-MARK; exec cat"
+        assert fast1.call("pty.attach", dict(ident("f1", "t1"), cols=200, rows=50,
+                                             command=cmd))["ok"]
+        assert fast2.call("pty.attach", dict(ident("f2", "t2"), cols=200, rows=50,
+                                             require_existing=True))["ok"]
+        assert stalled.call("pty.attach", dict(ident("s", "t3"), cols=200, rows=50,
+                                               require_existing=True))["ok"]
+        fast1.send({"method": "pty.write", "params": dict(
+            ident("f1", "t1"), data_base64=base64.b64encode(b"\n").decode())})
+        # `stalled` reads nothing from here on; the other two, each read by its own thread,
+        # must still get every byte.
+        results = {}
+
+        def read_all(name, stream):
+            results[name] = collect(stream, b"END-MARK", timeout=90).count(b"x")
+
+        readers = [threading.Thread(target=read_all, args=(n, s))
+                   for n, s in (("f1", fast1), ("f2", fast2))]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(100)
+        assert results == {"f1": size, "f2": size}
+        exits = []
+        deadline = time.monotonic() + 30
+        while not exits and time.monotonic() < deadline:
+            ev = stalled.next_event(timeout=30)
+            if ev["event"] == "pty.exit":
+                exits.append(ev)
+        assert exits and exits[0]["attachment_id"] == "s"
+    finally:
+        d.close()
+
+
+def test_a_hub_crash_ends_attachments_and_a_new_hub_takes_over():
+    d = ListeningDaemon(workers=1).wait_ready()
+    try:
+        s = d.authed()
+        assert s.call("pty.attach", dict(ident("a", "t"), cols=80, rows=24,
+                                         command="exec cat"))["ok"]
+        hubs = [p for p in psutil.Process(d.proc.pid).children()
+                if "cmuxd.hub_link" in " ".join(p.cmdline())]
+        assert len(hubs) == 1
+        hubs[0].kill()
+        assert s.next_event("pty.exit", timeout=10)["attachment_id"] == "a"
+        r = s.call("pty.attach", dict(ident("b", "t"), cols=80, rows=24,
+                                      command="echo again; exec cat"), timeout=15)
+        assert r["ok"], r
+        assert b"again" in collect(s, b"again")
+        assert "PTY hub" in d.log() and "sessions are lost" in d.log()
     finally:
         d.close()
