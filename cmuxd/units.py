@@ -43,6 +43,7 @@ class SystemdUnits:
     user: str | None = None  # User= for a system unit
     port: int = DEFAULT_PORT
     protect_home: bool = True
+    tmp_binds: list[str] = field(default_factory=list)  # our own files under /tmp, /var/tmp
     tailnet: list[str] = field(default_factory=list)  # extra addresses (drop-in)
     serve_args: list[str] = field(default_factory=list)
 
@@ -138,6 +139,7 @@ Also=cmuxd.socket
             lines += [
                 "ProtectSystem=full",
                 "PrivateTmp=yes",
+                *(f"BindReadOnlyPaths={p}" for p in self.tmp_binds),
                 "ProtectKernelTunables=yes",
                 "ProtectKernelModules=yes",
                 "ProtectKernelLogs=yes",
@@ -249,6 +251,23 @@ def protect_home_is_safe(command: list[str], homes: list[str] = ()) -> bool:
     return not any(os.path.abspath(p).startswith(prefixes) for p in paths)
 
 
+def paths_under_tmp(command: list[str]) -> list[str]:
+    """Top directories under /tmp or /var/tmp that hold the script, its interpreter or the
+    cmuxd package: PrivateTmp= would hide them, so the unit binds them back read-only."""
+    paths = [command[0], sys.executable, os.path.realpath(sys.executable),
+             os.path.dirname(os.path.abspath(__file__))]
+    interpreter = _shebang_interpreter(command[0])
+    if interpreter:
+        paths += [interpreter, os.path.realpath(interpreter)]
+    found = set()
+    for path in paths:
+        parts = Path(os.path.abspath(path)).parts
+        for depth, tmp in ((2, ("/", "tmp")), (3, ("/", "var", "tmp"))):
+            if parts[:depth] == tmp and len(parts) > depth:
+                found.add(str(Path(*parts[:depth + 1])))
+    return sorted(found)
+
+
 def _shebang_interpreter(path: str) -> str | None:
     try:
         with open(path, "rb") as f:
@@ -323,7 +342,7 @@ def systemd_plan(mode: str, *, user: str | None = None, token_file: str | None =
         steps = ["systemctl --user daemon-reload", "systemctl --user enable --now cmuxd.socket"]
     units = SystemdUnits(mode, command, token.absolute(), user=user, port=port,
                          protect_home=protect_home_is_safe(command, homes),
-                         tailnet=list(tailnet or []))
+                         tmp_binds=paths_under_tmp(command), tailnet=list(tailnet or []))
     files: dict[Path, str | bytes] = {unit_dir / name: text
                                       for name, text in units.render().items()}
     return Installed(files, token.absolute(), False, steps)

@@ -97,7 +97,8 @@ class BootedSystemd:
         command = units.installed_command()
         rendered = units.SystemdUnits(
             "system", command, self.token_file, port=self.port,
-            protect_home=units.protect_home_is_safe(command), tailnet=[TAILNET_ADDRESS],
+            protect_home=units.protect_home_is_safe(command),
+            tmp_binds=units.paths_under_tmp(command), tailnet=[TAILNET_ADDRESS],
             serve_args=["--workers", "2", "--relay-id", RELAY_ID]).render()
         # Only what a test needs to finish quickly differs from the installed units.
         rendered["cmuxd.service.d/test.conf"] = (

@@ -252,3 +252,14 @@ def test_install_refuses_unclear_requests(tmp_path):
         result = cli("units", "install", *args, home=tmp_path)
         assert result.returncode != 0
         assert message in result.stderr, result.stderr
+
+
+def test_files_under_tmp_are_bound_back_into_the_private_tmp(tmp_path):
+    script = Path("/tmp/checkout-x/.venv/bin/cmuxd-remote")
+    binds = units.paths_under_tmp([str(script)])
+    assert "/tmp/checkout-x" in binds
+    assert all(b.startswith(("/tmp/", "/var/tmp/")) and b.count("/") == (2 if b.startswith("/tmp/") else 3)
+               for b in binds)
+    text = units.SystemdUnits("system", [str(script)], Path("/etc/cmuxd/relay-token"),
+                              tmp_binds=binds).render()["cmuxd.service"]
+    assert "PrivateTmp=yes" in text and "BindReadOnlyPaths=/tmp/checkout-x" in text
