@@ -1109,3 +1109,11 @@ def test_proxy_read_negative_timeout_takes_the_default(daemon):
         daemon.expect({"id": 2, "method": "proxy.read", "params": {"stream_id": "s-1", "timeout_ms": -1}},
                       ok({"data_base64": "", "eof": False}, id=2))
         assert 0.04 <= time.monotonic() - start < 5
+
+
+def test_a_clean_session_writes_nothing_to_stderr(daemon):
+    """stderr carries only diagnostics: a session without faults leaves it empty."""
+    assert daemon.call("ping", id=1)["result"] == {"pong": True}
+    daemon.close_stdin()
+    assert daemon.wait() == 0
+    assert daemon.stderr_text() == ""
