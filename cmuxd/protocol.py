@@ -298,6 +298,17 @@ def param_int(params: dict, key: str) -> int | None:
     return None
 
 
+def require_size(method: str, params: dict) -> tuple[int, int]:
+    """`cols` and `rows`, both required and > 0, checked in that order (§6.5.1, §6.6)."""
+    cols = param_int(params, "cols")
+    if cols is None or cols <= 0:
+        raise RPCError(INVALID_PARAMS, f"{method} requires cols > 0")
+    rows = param_int(params, "rows")
+    if rows is None or rows <= 0:
+        raise RPCError(INVALID_PARAMS, f"{method} requires rows > 0")
+    return cols, rows
+
+
 def param_bool(params: dict, key: str) -> bool:
     return params.get(key) is True
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import orjson
 
+from cmuxd.status import query_status
+
 from helpers import DEFAULT_TIMEOUT, FrameStream, daemon_command, wait_for
 
 RELAY_ID = "relay-test"
@@ -102,17 +104,7 @@ class ListeningDaemon:
         return self
 
     def status(self) -> dict:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(str(self.state_dir / "control.sock"))
-            s.sendall(b'{"method":"status"}\n')
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        return json.loads(data)["result"]
+        return query_status(self.state_dir / "control.sock")
 
     def log(self) -> str:
         self.stderr_file.flush()

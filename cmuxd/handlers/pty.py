@@ -8,7 +8,6 @@ created, its in-flight attaches, and turning failed notifications into pty.error
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections import deque
 
@@ -24,6 +23,7 @@ from ..protocol import (
     param_bool,
     param_int,
     param_str,
+    require_size,
 )
 
 log = logging.getLogger("cmuxd.pty")
@@ -185,20 +185,10 @@ def _identity(method: str, params: dict) -> tuple[str, str, str]:
     return sid, aid, token
 
 
-def _size(method: str, params: dict) -> tuple[int, int]:
-    cols = param_int(params, "cols")
-    if cols is None or cols <= 0:
-        raise RPCError(INVALID_PARAMS, f"{method} requires cols > 0")
-    rows = param_int(params, "rows")
-    if rows is None or rows <= 0:
-        raise RPCError(INVALID_PARAMS, f"{method} requires rows > 0")
-    return cols, rows
-
-
 def pty_attach(ctx, req):
     params = req.params
     sid, aid, token = _identity("pty.attach", params)
-    cols, rows = _size("pty.attach", params)
+    cols, rows = require_size("pty.attach", params)
     if ctx.hub is None:
         raise RPCError(UNAVAILABLE, MSG_NO_HUB)
     conn = ctx.state(PtyConnection)
@@ -351,7 +341,7 @@ def _resize(ctx, req) -> dict:
     aid = param_str(params, "attachment_id", trim=True)
     if aid is None:
         raise RPCError(INVALID_PARAMS, "pty.resize requires attachment_id")
-    cols, rows = _size("pty.resize", params)
+    cols, rows = require_size("pty.resize", params)
     token = param_str(params, "client_attachment_token", trim=True)
     if token is None:
         raise RPCError(INVALID_PARAMS, "pty.resize requires client_attachment_token")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from ..protocol import INVALID_PARAMS, NOT_FOUND, RPCError, param_int, param_str
+from ..protocol import INVALID_PARAMS, NOT_FOUND, RPCError, param_str, require_size
 
 
 def rfc3339_now() -> str:
@@ -93,12 +93,7 @@ def _require(method: str, params: dict, *, attachment: bool, size: bool, trim: b
         if attachment_id is None:
             raise RPCError(INVALID_PARAMS, f"{method} requires attachment_id")
     if size:
-        cols = param_int(params, "cols")
-        if cols is None or cols <= 0:
-            raise RPCError(INVALID_PARAMS, f"{method} requires cols > 0")
-        rows = param_int(params, "rows")
-        if rows is None or rows <= 0:
-            raise RPCError(INVALID_PARAMS, f"{method} requires rows > 0")
+        cols, rows = require_size(method, params)
     return session_id, attachment_id, cols, rows
 
 

@@ -27,6 +27,7 @@ import psutil
 import pytest
 
 from cmuxd import units
+from cmuxd.status import query_status
 from helpers import FrameStream, wait_for
 from listening import RELAY_ID, free_port, mac_for, proof_for, read_line
 
@@ -250,17 +251,7 @@ class BootedSystemd:
         return FrameStream(sock)
 
     def control_status(self) -> dict:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(10)
-            s.connect(str(self.path("/run/cmuxd/control.sock")))
-            s.sendall(b'{"method":"status"}\n')
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        return json.loads(data)["result"]
+        return query_status(self.path("/run/cmuxd/control.sock"), timeout=10)
 
 
 @pytest.fixture(scope="module")
