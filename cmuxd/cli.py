@@ -36,7 +36,7 @@ def version() -> None:
 
 
 @argh.arg("--stdio", help="serve one connection on stdin/stdout (what `ssh host cmuxd-remote serve --stdio` runs)")
-@argh.arg("--tcp", action="append", metavar="ADDR", help=":PORT (every address), HOST:PORT or [IPV6]:PORT; repeatable")
+@argh.arg("--tcp", action="append", metavar="ADDR", help=":PORT (every address), HOST:PORT, [IPV6]:PORT, or tailscale:PORT (this host's tailnet addresses; tailscale4:, tailscale6: for one family); repeatable")
 @argh.arg("--socket", action="append", metavar="PATH", help="a Unix socket path; repeatable")
 @argh.arg("--workers", help="worker processes (default: the number of CPUs)")
 @argh.arg("--token-file", help="relay token file (default: $CREDENTIALS_DIRECTORY/relay-token, CMUX_RELAY_TOKEN, then ~/.config/cmuxd/relay-token)")
@@ -50,12 +50,13 @@ def version() -> None:
 @argh.arg("--max-worker-rss", help="recycle a worker whose RSS exceeds this many MiB (0: never)")
 @argh.arg("--worker-timeout", help="seconds a worker may miss heartbeats before it is killed and replaced")
 @argh.arg("--graceful-timeout", help="seconds old workers keep serving open connections after a reload")
+@argh.arg("--allow-from", action="append", metavar="NET", help="serve TCP peers only from these networks: tailnet, loopback, an address or a CIDR; repeatable; others are closed before the handshake")
 def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str] | None = None,
           workers: int = 0, token_file: str | None = None, relay_id: str | None = None,
           unix_auth: str = "peer", max_handshakes: int = 256, backoff_failures: int = 20,
           state_dir: str = "", max_connections: int = 10000, max_connections_served: int = 0,
           max_worker_rss: int = 0, worker_timeout: float = 10.0,
-          graceful_timeout: float = 30.0) -> None:
+          graceful_timeout: float = 30.0, allow_from: list[str] | None = None) -> None:
     """Serve the cmux remote protocol. Without --stdio, --tcp or --socket it listens on
     127.0.0.1:5555 and a Unix socket under $XDG_RUNTIME_DIR/cmuxd."""
     if stdio:
@@ -68,13 +69,16 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
     if not tcp and not socket:
         tcp = [f"127.0.0.1:{DEFAULT_PORT}"]
         socket = [str(default_socket_path())]
-    config = Config(tcp=tcp or [], sockets=socket or [], workers=workers, token_file=token_file,
-                    relay_id=relay_id, unix_auth=unix_auth, max_handshakes=max_handshakes,
-                    backoff_failures=backoff_failures, state_dir=state_dir,
-                    max_connections=max_connections,
-                    max_connections_served=max_connections_served,
-                    max_worker_rss=max_worker_rss, worker_timeout=worker_timeout,
-                    graceful_timeout=graceful_timeout)
+    try:
+        config = Config(tcp=tcp or [], sockets=socket or [], workers=workers,
+                        token_file=token_file, relay_id=relay_id, unix_auth=unix_auth,
+                        max_handshakes=max_handshakes, backoff_failures=backoff_failures,
+                        state_dir=state_dir, max_connections=max_connections,
+                        max_connections_served=max_connections_served,
+                        max_worker_rss=max_worker_rss, worker_timeout=worker_timeout,
+                        graceful_timeout=graceful_timeout, allow_from=allow_from or [])
+    except ValueError as exc:
+        raise argh.CommandError(str(exc)) from None
     sys.exit(run_daemon(config))
 
 

@@ -10,6 +10,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .tailnet import AllowList
+
 DEFAULT_PORT = 5555
 
 
@@ -42,6 +44,8 @@ class Config:
     scrollback: int = 1 << 20
     idle_ttl: float = 86400.0
     state_dir: str = ""
+    allow_from: list[str] = field(default_factory=list)  # --allow-from; empty: every peer
+    allow: AllowList | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.workers <= 0:
@@ -50,6 +54,8 @@ class Config:
             self.state_dir = str(runtime_dir())
         if self.unix_auth not in ("peer", "token"):
             raise ValueError("--unix-auth must be 'peer' or 'token'")
+        if self.allow_from:
+            self.allow = AllowList.parse(self.allow_from)
 
     @property
     def control_path(self) -> Path:

@@ -48,4 +48,7 @@ def run_daemon(config) -> int:
         return 1
     if creds is not None:
         log.info("relay id %s (%s)", creds.relay_id, creds.source)
+    if config.allow is not None:
+        log.info("TCP peers outside %s are closed before the handshake (--allow-from)",
+                 config.allow)
     return asyncio.run(Supervisor(config, listeners, creds).run())

@@ -151,6 +151,13 @@ class Gate:
 
     def _accept_tcp(self, conn: socket.socket, addr, peer: str) -> None:
         host = addr[0]
+        allow = self.config.allow
+        if allow is not None and not allow.allows(host):
+            # Before the challenge: a peer outside --allow-from learns nothing, not even that
+            # a cmux relay listens here, and costs no handshake slot.
+            self._refuse("not_allowed")
+            conn.close()
+            return
         if self.backoff.blocked(host, time.monotonic()):
             self._refuse("backoff")
             conn.close()

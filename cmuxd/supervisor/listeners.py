@@ -15,6 +15,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..tailnet import TCP_KEYWORDS, TailnetError, tailnet_addresses
+
 log = logging.getLogger("cmuxd.supervisor")
 
 BACKLOG = 1024
@@ -54,7 +56,8 @@ def format_address(family: int, sockaddr) -> str:
 
 
 def parse_tcp(spec: str) -> tuple[str | None, int]:
-    """`:5555` (every address), `host:5555`, `[v6]:5555` → (host or None, port)."""
+    """`:5555` (every address), `host:5555`, `[v6]:5555`, `tailscale:5555` → (host or None,
+    port); the tailscale, tailscale4 and tailscale6 hosts are keywords bind_tcp resolves."""
     host, sep, port_text = spec.rpartition(":")
     if not sep:
         raise ListenerError(f"--tcp {spec!r}: expected HOST:PORT, [IPV6]:PORT or :PORT")
@@ -71,6 +74,8 @@ def parse_tcp(spec: str) -> tuple[str | None, int]:
 
 def bind_tcp(spec: str) -> list[Listener]:
     host, port = parse_tcp(spec)
+    if host in TCP_KEYWORDS:
+        return _bind_tailnet(spec, TCP_KEYWORDS[host], port)
     if host is None:
         # Every address, IPv6 and IPv4 on one dual-stack socket where the host allows it.
         try:
@@ -89,6 +94,27 @@ def bind_tcp(spec: str) -> list[Listener]:
             continue
         seen.add(key)
         listeners.append(_bind_tcp_one(family, sockaddr, spec))
+    return listeners
+
+
+def _bind_tailnet(spec: str, versions: tuple[int, ...], port: int) -> list[Listener]:
+    """`tailscale:PORT`: one socket per tailnet address, so nothing else on the host (a LAN
+    address, a public one) ever listens."""
+    try:
+        addresses = tailnet_addresses(versions)
+    except TailnetError as exc:
+        raise ListenerError(f"--tcp {spec}: {exc}") from None
+    listeners: list[Listener] = []
+    try:
+        for address in addresses:
+            if ":" in address:
+                listeners.append(_bind_tcp_one(socket.AF_INET6, (address, port, 0, 0), spec))
+            else:
+                listeners.append(_bind_tcp_one(socket.AF_INET, (address, port), spec))
+    except ListenerError:
+        for listener in listeners:
+            listener.close()
+        raise
     return listeners
 
 
