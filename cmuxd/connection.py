@@ -41,12 +41,13 @@ log = logging.getLogger("cmuxd.connection")
 class ConnectionContext:
     """All a handler knows of its connection: its kind, its state, how to push events."""
 
-    __slots__ = ("_conn", "transport", "hub", "_state")
+    __slots__ = ("_conn", "transport", "hub", "daemon", "_state")
 
-    def __init__(self, conn: "Connection", transport: str, hub: Any):
+    def __init__(self, conn: "Connection", transport: str, hub: Any, daemon: Any = None):
         self._conn = conn
         self.transport = transport
         self.hub = hub
+        self.daemon = daemon  # handlers.system.DaemonFigures in a worker; None under stdio
         self._state: dict[type, Any] = {}
 
     def state(self, cls):
@@ -81,8 +82,9 @@ class Connection(asyncio.Protocol):
     """One RPC connection. `reader` and `writer` are the same socket transport except under
     stdio, where they are the stdin and stdout pipes."""
 
-    def __init__(self, transport: str, hub: Any = None, initial: bytes = b""):
-        self.ctx = ConnectionContext(self, transport, hub)
+    def __init__(self, transport: str, hub: Any = None, initial: bytes = b"",
+                 daemon: Any = None):
+        self.ctx = ConnectionContext(self, transport, hub, daemon)
         self.decoder = FrameDecoder()
         self.pending: deque = deque()
         self.reader = None

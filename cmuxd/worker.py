@@ -12,12 +12,12 @@ import logging
 import os
 import signal
 import socket
-import sys
 from collections import deque
 
 import orjson
 
 from .connection import Connection
+from .handlers.system import DaemonFigures
 from .handoff import HandoffDecoder, encode_report
 from .hub_link import RemoteHub, hub_socket_path
 from .logs import setup_logging
@@ -41,6 +41,8 @@ class WorkerProcess:
         self.hub = RemoteHub(hub_socket_path(config["state_dir"])) if config.get("state_dir") \
             else None
         self.stopped: asyncio.Future | None = None
+        self.figures = DaemonFigures(self.connections)
+        self.figures.update(config.get("daemon"))
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,6 +81,7 @@ class WorkerProcess:
                 got.append(header["id"])
                 self._serve(self.fds.popleft(), header, leftover)
             elif kind == "ping":
+                self.figures.update(header.get("daemon"))
                 self._send(encode_report(pong=header["seq"], connections=len(self.connections)))
             elif kind == "retire":
                 asyncio.get_running_loop().create_task(self.retire(header["grace"]))
@@ -101,7 +104,7 @@ class WorkerProcess:
     def _serve(self, fd: int, header: dict, leftover: bytes) -> None:
         loop = asyncio.get_running_loop()
         sock = socket.socket(fileno=fd)
-        conn = Connection(header["kind"], self.hub, initial=leftover)
+        conn = Connection(header["kind"], self.hub, initial=leftover, daemon=self.figures)
         self.connections.add(conn)
         conn.done.add_done_callback(lambda _: self._closed(conn))
         loop.create_task(loop.connect_accepted_socket(lambda: conn, sock))

@@ -73,6 +73,7 @@ class WorkerPool:
         self.hub: subprocess.Popen | None = None
         self._last_heartbeat = 0.0
         self._last_recycle_check = time.monotonic()
+        self.started = time.time()
 
     # lifecycle
 
@@ -107,7 +108,8 @@ class WorkerPool:
             sys.executable, "-m", "cmuxd.worker",
             "--channel-fd", str(theirs.fileno()),
             "--index", str(index),
-            "--config", orjson.dumps(self.config.worker_json()).decode(),
+            "--config", orjson.dumps(dict(self.config.worker_json(),
+                                          daemon=self.figures())).decode(),
         ]
         worker.proc = subprocess.Popen(
             cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True
@@ -346,6 +348,7 @@ class WorkerPool:
     def _heartbeat(self, now: float) -> None:
         """Ping every worker; one whose loop has not answered for --worker-timeout is hung:
         kill it, and the reaper replaces it."""
+        figures = self.figures()
         for worker in self.workers:
             if worker.chan is None or worker.proc.poll() is not None:
                 continue
@@ -355,7 +358,17 @@ class WorkerPool:
                 worker.proc.kill()
                 continue
             worker.ping_seq += 1
-            self._queue(worker, encode_control("ping", seq=worker.ping_seq), None)
+            self._queue(worker, encode_control(
+                "ping", seq=worker.ping_seq,
+                daemon=dict(figures, elsewhere=figures["elsewhere"] - worker.load)), None)
+
+    def figures(self) -> dict:
+        """The daemon-wide figures a worker may tell any authenticated client (ext.status):
+        they ride on the heartbeats, so answering costs the supervisor nothing per request.
+        `elsewhere` is the whole load here; each worker's heartbeat takes its own share off."""
+        serving = self.serving()
+        return {"started": self.started, "workers": len(serving) or self.config.workers,
+                "elsewhere": self.total_load()}
 
     def _recycle_big_workers(self) -> None:
         limit = self.config.max_worker_rss
