@@ -269,6 +269,94 @@ def attach(uri: str, session: str, *, command: str = "", token_file: str | None 
                                          **_client_kwargs(token_file, relay_id, unix_auth))))
 
 
+@argh.named("config")
+@argh.arg("--from-tailscale", nargs="?", const=None, metavar="FILE", help="read `tailscale status --json` from FILE, or - for stdin (default: run the tailscale CLI)")
+@argh.arg("--tag", action="append", metavar="TAG", help="keep the nodes carrying this ACL tag (tag:cmuxd-fleet); repeatable; default: every node")
+@argh.arg("--port", help="the daemons' TCP port")
+@argh.arg("--token-file", help="one relay token for the whole fleet, as clients find it (default: ~/.config/cmuxd/relay-token)")
+@argh.arg("--token-dir", help="a relay token per host: DIR/<name> (instead of --token-file)")
+@argh.arg("--relay-id", help="one relay id for every host (default: each host's short host name, the daemon's own default)")
+@argh.arg("--srv", metavar="ZONE", help="print _cmux._tcp SRV records for ZONE instead of cmux.json")
+def fleet_config(*, from_tailscale: str | None = None, tag: list[str] | None = None,
+                 port: int = DEFAULT_PORT, token_file: str | None = None,
+                 token_dir: str | None = None, relay_id: str | None = None,
+                 srv: str | None = None) -> None:
+    """Write cmux.json (to stdout) for the hosts of your tailnet that run the daemon."""
+    from .fleet import (DEFAULT_TOKEN_FILE, FleetError, fleet_from_tailscale,
+                        read_tailscale_status, srv_records)
+
+    if token_file and token_dir:
+        raise argh.CommandError("choose one of --token-file (one token for the fleet) and "
+                                "--token-dir (a token per host)")
+    try:
+        doc = read_tailscale_status(from_tailscale)
+        fleet = fleet_from_tailscale(doc, tags=tag or (), port=port,
+                                     token_file=token_file or DEFAULT_TOKEN_FILE,
+                                     token_dir=token_dir, relay_id=relay_id)
+        if not fleet.hosts and tag:
+            raise FleetError(f"no node of the tailnet carries {' or '.join(tag)}; tag the "
+                             "fleet's hosts (`tailscale up --advertise-tags=tag:cmuxd-fleet`) "
+                             "or correct --tag")
+        if not fleet.hosts:
+            raise FleetError("the tailscale status lists no node; is tailscaled logged in "
+                             "(`tailscale up`)?")
+        sys.stdout.write(srv_records(fleet, srv) if srv is not None else fleet.dumps())
+    except FleetError as exc:
+        raise argh.CommandError(str(exc)) from None
+
+
+@argh.named("status")
+@argh.arg("hosts", nargs="*", metavar="HOST", help="only these hosts of cmux.json (default: all)")
+@argh.arg("--fleet", metavar="FILE", help="the fleet file (default: $CMUX_FLEET, else ~/.config/cmuxd/cmux.json)")
+@argh.arg("--timeout", help="seconds each host gets to connect, authenticate and answer")
+@argh.arg("--json", help="print the reports as JSON")
+def fleet_status(hosts: list[str], *, fleet: str | None = None,
+                 timeout: float = 5.0, json: bool = False) -> None:
+    """Check every host of cmux.json at once: state, round trip, version, uptime, workers,
+    connections. Exits 3 when any host is not up."""
+    from .client import EXIT_UNREACHABLE
+    from .fleet import FleetError, load_fleet
+    from .fleet_status import check_fleet, format_table, progress_line
+
+    try:
+        loaded = load_fleet(fleet)
+    except FleetError as exc:
+        print(f"cmuxd-remote: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    chosen = loaded.hosts
+    if hosts:
+        chosen = []
+        for name in hosts:
+            host = loaded.find(name)
+            if host is None:
+                print(f"cmuxd-remote: {name} is not a host of {loaded.path}; `cmuxd-remote "
+                      "fleet status` with no name checks every host", file=sys.stderr)
+                sys.exit(EXIT_USAGE)
+            chosen.append(host)
+    if not chosen:
+        print(f"cmuxd-remote: {loaded.path} lists no host", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    show_progress = sys.stderr.isatty()
+
+    def progress(done: int, total: int, waiting: list[str]) -> None:
+        width = max(20, os.get_terminal_size(2).columns - 1)
+        sys.stderr.write("\r\x1b[K" + progress_line(done, total, waiting, width))
+        sys.stderr.flush()
+
+    reports = asyncio.run(check_fleet(chosen, timeout, progress if show_progress else None))
+    if show_progress:
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+    if json:
+        up = sum(r.up for r in reports)
+        print(orjson.dumps({"hosts": [r.to_json() for r in reports], "up": up,
+                            "not_up": len(reports) - up},
+                           option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_table(reports))
+    sys.exit(0 if all(r.up for r in reports) else EXIT_UNREACHABLE)
+
+
 def main() -> None:
     from .logs import setup_logging
 
@@ -279,6 +367,8 @@ def main() -> None:
                         group_kwargs={"help": "manage the relay token"})
     parser.add_commands([units_install], group_name="units",
                         group_kwargs={"help": "install systemd or launchd service units"})
+    parser.add_commands([fleet_config, fleet_status], group_name="fleet",
+                        group_kwargs={"help": "cmux.json from your tailnet; check every host"})
     parser.dispatch()
 
 

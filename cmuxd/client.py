@@ -1,6 +1,7 @@
 """The authenticated client: dial, handshake, then RPC; asyncio first, with a sync wrapper.
 
-Addresses: `cmux://host:port`, `host:port`, `[v6]:port`, `unix:///path` or a bare `/path`.
+Addresses: `cmux://host:port`, `host:port`, `[v6]:port`, `unix:///path` or a bare `/path`,
+or the name of a host in cmux.json (see cmuxd.fleet), which brings that host's credentials.
 TCP always runs the mutual relay handshake, so a server that cannot prove it holds the
 token is refused before any request is sent.
 """
@@ -15,7 +16,7 @@ import socket
 import struct
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -57,6 +58,10 @@ class Address:
     host: str = ""
     port: int = 0
     path: str = ""
+    # Set when the address came from cmux.json: the host's name there and its credentials.
+    name: str = field(default="", compare=False)
+    relay_id: str | None = field(default=None, compare=False)
+    token_file: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         if self.kind == "unix":
@@ -98,6 +103,10 @@ def parse_address(text: str) -> Address:
         host, port_text = rest, ""
     if not host:
         raise ClientError(f"{text!r}: no host in the address", EXIT_USAGE)
+    if not port_text and ":" not in host:
+        entry = _fleet_entry(host)
+        if entry is not None:
+            return fleet_address(entry)
     try:
         port = int(port_text) if port_text else DEFAULT_PORT
     except ValueError:
@@ -107,11 +116,39 @@ def parse_address(text: str) -> Address:
     return Address("tcp", host=host, port=port)
 
 
-def credentials_for(address: Address, token_file=None, relay_id=None) -> Credentials:
-    """Find credentials as cmux clients do; for a daemon on this host the relay id defaults
-    to the short host name, which is the daemon's own default."""
+def _fleet_entry(name: str):
+    """The one place a client address meets cmux.json: a bare name (no port) found there."""
+    from .fleet import FleetError, lookup_host
+
     try:
-        return client_credentials(address.port or None, token_file, relay_id)
+        return lookup_host(name)
+    except FleetError as exc:
+        raise ClientError(str(exc), EXIT_USAGE) from None
+
+
+def fleet_address(entry) -> Address:
+    """The address of a cmux.json host, carrying the relay id and token file it names."""
+    address = parse_address(entry.uri)
+    return replace(address, name=entry.name, relay_id=entry.relay_id,
+                   token_file=entry.token_file)
+
+
+def credentials_for(address: Address, token_file=None, relay_id=None) -> Credentials:
+    """Find credentials as cmux clients do; flags win over what cmux.json says of the host,
+    and for a daemon on this host the relay id defaults to the short host name, which is the
+    daemon's own default."""
+    from_fleet = []
+    if token_file is None and address.token_file is not None:
+        token_file = address.token_file
+        from_fleet.append(("--token-file", f"the token_file of {address.name} in cmux.json"))
+    if relay_id is None and address.relay_id is not None:
+        relay_id = address.relay_id
+        from_fleet.append(("--relay-id", f"the relay_id of {address.name} in cmux.json"))
+    try:
+        creds = client_credentials(address.port or None, token_file, relay_id)
+        for flag, origin in from_fleet:
+            creds = replace(creds, source=creds.source.replace(flag, origin))
+        return creds
     except AuthError as exc:
         if relay_id is None and address.is_local and not os.environ.get("CMUX_RELAY_ID"):
             try:

@@ -1,0 +1,143 @@
+"""`cmuxd-remote fleet status`: check every host of cmux.json at once and print one line each.
+
+Each host gets its own connection and its own deadline, all at the same time, so one host
+that is down (a dial that times out) costs the whole check only that deadline, however many
+hosts there are. What a remote client may see is what is reported: `hello` (version,
+capabilities), the round trip of a `ping`, and `ext.status` (uptime, workers, connections)
+where the daemon advertises it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass
+
+from .client import EXIT_AUTH, EXIT_TIMEOUT, AsyncClient, ClientError, RemoteError, fleet_address
+from .fleet import FleetHost
+from .status import _duration
+
+DEFAULT_TIMEOUT = 5.0
+STATUS_CAPABILITY = "ext.status"
+
+
+@dataclass
+class HostReport:
+    name: str
+    address: str
+    state: str  # up, down, timeout, auth, error
+    rtt_ms: float | None = None
+    version: str | None = None
+    uptime: float | None = None
+    workers: int | None = None
+    connections: int | None = None
+    error: str | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+async def check_host(host: FleetHost, timeout: float = DEFAULT_TIMEOUT) -> HostReport:
+    """Connect, authenticate with the host's own credentials, hello, ping, ext.status."""
+    address = fleet_address(host)
+    shown = str(address).removeprefix("cmux://")
+    report = HostReport(host.name, shown, "down")
+    client = None
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            client = await AsyncClient.connect(address)
+            hello = await client.rpc("hello", timeout=None)
+            started = loop.time()
+            await client.rpc("ping", timeout=None)
+            report.rtt_ms = round((loop.time() - started) * 1000, 3)
+            report.version = hello.get("version")
+            if STATUS_CAPABILITY in (hello.get("capabilities") or ()):
+                figures = await client.rpc(STATUS_CAPABILITY, timeout=None)
+                report.uptime = figures.get("uptime")
+                report.workers = figures.get("workers")
+                report.connections = figures.get("connections")
+        report.state = "up"
+    except TimeoutError:
+        report.state = "timeout"
+        report.error = f"no answer within {timeout:g} s"
+    except ClientError as exc:
+        report.state = {EXIT_AUTH: "auth", EXIT_TIMEOUT: "timeout"}.get(exc.exit_code, "down")
+        report.error = str(exc).removeprefix(f"{address}: ")
+    except RemoteError as exc:
+        report.state = "error"
+        report.error = f"{exc.code}: {exc.message}"
+    except OSError as exc:
+        report.error = exc.strerror or str(exc)
+    finally:
+        if client is not None:
+            await client.close()
+    return report
+
+
+async def check_fleet(hosts: list[FleetHost], timeout: float = DEFAULT_TIMEOUT,
+                      progress=None) -> list[HostReport]:
+    """Every host at once; `progress(done, total, waiting_names)` after each answer. Reports
+    come back in the order of `hosts`."""
+    waiting = {h.name for h in hosts}
+    done = 0
+
+    async def one(host: FleetHost) -> HostReport:
+        nonlocal done
+        report = await check_host(host, timeout)
+        done += 1
+        waiting.discard(host.name)
+        if progress is not None:
+            progress(done, len(hosts), sorted(waiting))
+        return report
+
+    if progress is not None:
+        progress(0, len(hosts), sorted(waiting))
+    return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+
+COLUMNS = ("HOST", "ADDRESS", "STATE", "RTT", "VERSION", "UPTIME", "WORKERS", "CONNS")
+
+
+def _cells(r: HostReport) -> list[str]:
+    dash = "-"
+    return [
+        r.name,
+        r.address,
+        r.state,
+        dash if r.rtt_ms is None else f"{r.rtt_ms:.1f}ms",
+        r.version or dash,
+        dash if r.uptime is None else _duration(r.uptime),
+        dash if r.workers is None else str(r.workers),
+        dash if r.connections is None else str(r.connections),
+    ]
+
+
+def format_table(reports: list[HostReport]) -> str:
+    """One line per host, columns as wide as their widest cell, the reason a host is not up
+    at the end of its line, and a count at the bottom: readable at fifty hosts."""
+    rows = [list(COLUMNS)] + [_cells(r) for r in reports]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = []
+    for row, report in zip(rows, [None, *reports]):
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
+        if report is not None and report.error:
+            line += "  " + report.error
+        lines.append(line.rstrip())
+    up = sum(r.up for r in reports)
+    summary = f"{len(reports)} host{'s' if len(reports) != 1 else ''}: {up} up"
+    if up != len(reports):
+        summary += f", {len(reports) - up} not up"
+    lines += ["", summary]
+    return "\n".join(lines)
+
+
+def progress_line(done: int, total: int, waiting: list[str], width: int = 100) -> str:
+    text = f"checking {total} hosts: {done} answered"
+    if waiting:
+        text += ", waiting for " + ", ".join(waiting)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
