@@ -294,7 +294,7 @@ class ClientHandshake:
         """The server closed before finishing the handshake."""
         if self.state == "waiting_challenge":
             self._fail(_MISMATCH + "the server closed the connection without a challenge; "
-                       + _NOT_A_RELAY)
+                       + _NOT_A_RELAY + ", and that its --allow-from admits this host")
         elif self.state == "sent":
             self._fail("the relay closed the connection before answering the auth line; "
                        "check the daemon's log for the reason")
