@@ -216,7 +216,7 @@ def status(*, json: bool = False, state_dir: str = "") -> None:
 @argh.arg("--print", dest="print_only", help="write the units to stdout; install nothing, create no token")
 @argh.arg("--token-file", help="the relay token the units load (default: ~/.config/cmuxd/relay-token, /etc/cmuxd/relay-token for --system; created when missing)")
 @argh.arg("--port", help="the TCP port on loopback (and on the tailnet addresses)")
-@argh.arg("--tailnet", help="systemd: also listen on this host's Tailscale addresses (`tailscale ip`)")
+@argh.arg("--tailnet", help="systemd: also listen on this host's Tailscale addresses (`tailscale ip`); launchd: listen on every address and serve only tailnet and loopback peers (--allow-from)")
 @argh.arg("--tailnet-address", action="append", metavar="ADDR", help="systemd: a Tailscale address to listen on; repeatable; implies --tailnet")
 def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = False,
                   system: bool = False, as_user: str | None = None, print_only: bool = False,
@@ -236,9 +236,10 @@ def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = 
                                       token_file=token_file, port=port, tailnet=addresses)
             mkdirs = []
         else:
-            if user or system or as_user or tailnet or tailnet_address:
-                raise argh.CommandError("--user, --system, --as and --tailnet apply to --systemd")
-            plan = units.launchd_plan(token_file=token_file, port=port)
+            if user or system or as_user or tailnet_address:
+                raise argh.CommandError("--user, --system, --as and --tailnet-address apply to "
+                                        "--systemd")
+            plan = units.launchd_plan(token_file=token_file, port=port, tailnet=tailnet)
             mkdirs = units.launchd_dirs()
         if print_only:
             for path, content in plan.files.items():

@@ -175,19 +175,25 @@ FreeBind=yes
 
 
 def render_plist(command: list[str], token_file: Path, socket_path: Path, log_file: Path,
-                 port: int = DEFAULT_PORT, label: str = LAUNCHD_LABEL) -> bytes:
+                 port: int = DEFAULT_PORT, label: str = LAUNCHD_LABEL,
+                 tailnet: bool = False) -> bytes:
     """A LaunchAgent: launchd listens on loopback TCP and a Unix socket (names "tcp" and
-    "unix", which cmuxd asks launch_activate_socket for) and starts cmuxd on demand."""
+    "unix", which cmuxd asks launch_activate_socket for) and starts cmuxd on demand.
+
+    With `tailnet`, "tcp" is every address, IPv4 and IPv6: launchd binds when the plist
+    loads, before tailscaled has an address to bind, so cmuxd's --allow-from closes every
+    peer outside the tailnet and loopback instead."""
+    arguments = [*command, "serve", "--token-file", str(token_file)]
+    tcp = {"SockNodeName": "127.0.0.1", "SockServiceName": str(port), "SockType": "stream",
+           "SockFamily": "IPv4"}
+    if tailnet:
+        arguments += ["--allow-from", "tailnet,loopback"]
+        tcp = {"SockServiceName": str(port), "SockType": "stream"}
     plist = {
         "Label": label,
-        "ProgramArguments": [*command, "serve", "--token-file", str(token_file)],
+        "ProgramArguments": arguments,
         "Sockets": {
-            "tcp": {
-                "SockNodeName": "127.0.0.1",
-                "SockServiceName": str(port),
-                "SockType": "stream",
-                "SockFamily": "IPv4",
-            },
+            "tcp": tcp,
             "unix": {
                 "SockPathName": str(socket_path),
                 "SockPathMode": 0o600,  # plist integers are decimal: this is 384
@@ -348,13 +354,15 @@ def systemd_plan(mode: str, *, user: str | None = None, token_file: str | None =
     return Installed(files, token.absolute(), False, steps)
 
 
-def launchd_plan(*, token_file: str | None = None, port: int = DEFAULT_PORT) -> Installed:
+def launchd_plan(*, token_file: str | None = None, port: int = DEFAULT_PORT,
+                 tailnet: bool = False) -> Installed:
     home = Path.home()
     token = Path(token_file).absolute() if token_file else default_token_path()
     plist_path = home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
     socket_path = home / ".local" / "state" / "cmux" / "cmuxd.sock"
     log_file = home / "Library" / "Logs" / "cmuxd.log"
-    data = render_plist(installed_command(), token, socket_path, log_file, port)
+    data = render_plist(installed_command(), token, socket_path, log_file, port,
+                        tailnet=tailnet)
     steps = [f"launchctl bootstrap gui/{os.getuid()} {plist_path}"]
     return Installed({plist_path: data}, token, False, steps)
 

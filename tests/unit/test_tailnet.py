@@ -79,3 +79,25 @@ def test_no_tailnet_address_is_a_clear_error():
     message = str(info.value)
     assert message.startswith("--tcp tailscale:0: this host has no tailnet address")
     assert "100.64.0.0/10" in message and "--allow-from tailnet" in message
+
+
+def test_launchd_tailnet_plist_binds_everything_and_lets_only_tailnet_peers_in(tmp_path):
+    """launchd binds at load, before tailscaled is up: every address, filtered by cmuxd."""
+    import plistlib
+
+    from cmuxd import units
+
+    plist = plistlib.loads(units.render_plist(["/x/cmuxd-remote"], tmp_path / "t",
+                                              tmp_path / "s", tmp_path / "l", 5555,
+                                              tailnet=True))
+    assert plist["Sockets"]["tcp"] == {"SockServiceName": "5555", "SockType": "stream"}
+    args = plist["ProgramArguments"]
+    assert args[-2:] == ["--allow-from", "tailnet,loopback"]
+    # What the daemon will make of that argument.
+    allow = AllowList.parse([args[-1]])
+    assert allow.allows("100.101.102.103") and allow.allows("::1")
+    assert not allow.allows("192.168.1.20")
+    plain = plistlib.loads(units.render_plist(["/x/cmuxd-remote"], tmp_path / "t",
+                                              tmp_path / "s", tmp_path / "l", 5555))
+    assert plain["Sockets"]["tcp"]["SockNodeName"] == "127.0.0.1"
+    assert "--allow-from" not in plain["ProgramArguments"]
