@@ -340,7 +340,7 @@ def fleet_status(hosts: list[str], *, fleet: str | None = None,
     show_progress = sys.stderr.isatty()
 
     def progress(done: int, total: int, waiting: list[str]) -> None:
-        width = max(20, os.get_terminal_size(2).columns - 1)
+        width = max(20, (os.get_terminal_size(2).columns or 80) - 1)
         sys.stderr.write("\r\x1b[K" + progress_line(done, total, waiting, width))
         sys.stderr.flush()
 

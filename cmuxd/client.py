@@ -140,10 +140,10 @@ def credentials_for(address: Address, token_file=None, relay_id=None) -> Credent
     from_fleet = []
     if token_file is None and address.token_file is not None:
         token_file = address.token_file
-        from_fleet.append(("--token-file", f"the token_file of {address.name} in cmux.json"))
+        from_fleet.append(("--token-file ", f"cmux.json's {address.name} entry: "))
     if relay_id is None and address.relay_id is not None:
         relay_id = address.relay_id
-        from_fleet.append(("--relay-id", f"the relay_id of {address.name} in cmux.json"))
+        from_fleet.append(("--relay-id", f"cmux.json's {address.name} entry"))
     try:
         creds = client_credentials(address.port or None, token_file, relay_id)
         for flag, origin in from_fleet:
