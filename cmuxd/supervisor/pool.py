@@ -366,8 +366,7 @@ class WorkerPool:
         """The daemon-wide figures a worker may tell any authenticated client (ext.status):
         they ride on the heartbeats, so answering costs the supervisor nothing per request.
         `elsewhere` is the whole load here; each worker's heartbeat takes its own share off."""
-        serving = self.serving()
-        return {"started": self.started, "workers": len(serving) or self.config.workers,
+        return {"started": self.started, "workers": self.config.workers,
                 "elsewhere": self.total_load()}
 
     def _recycle_big_workers(self) -> None:
