@@ -323,7 +323,7 @@ class _StdoutSide(asyncio.Protocol):
         self.conn = conn
 
     def connection_made(self, transport) -> None:
-        if isinstance(transport, asyncio.Transport):
+        if transport.get_extra_info("socket") is not None:
             # A socket stdout is only written: its bytes belong to stdin.
             transport.pause_reading()
 
