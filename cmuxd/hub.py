@@ -63,6 +63,8 @@ log = logging.getLogger("cmuxd.hub")
 
 READ_MAX = 32768
 """Largest PTY read, hence largest live pty.data payload."""
+BULK_READ = 1024
+"""A PTY read at least this large is followed by another, to gather bulk output."""
 REPLAY_CHUNK = 49152
 INPUT_CHUNK = 16384
 INPUT_QUEUE_CHUNKS = 256
@@ -343,27 +345,47 @@ class PtySession:
             self.reading = False
 
     def _on_readable(self) -> None:
-        try:
-            data = os.read(self.master, READ_MAX)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                log.warning("reading PTY %s failed: %s", self.id, exc)
-            data = b""
-        if not data:
+        data, eof = self._read_ready()
+        if data:
+            self._record(data)
+            if self.attachments:
+                encoded = b64(data)
+                hub = self.hub
+                for att in list(self.attachments.values()):
+                    hub._send(att, att.event("pty.data", data_base64=encoded))
+                self.update_reading()
+        if eof:
             self._read_off()
             self.eof = True
             if self.exited.done():
                 self.finish()
-            return
-        self._record(data)
-        if self.attachments:
-            encoded = b64(data)
-            hub = self.hub
-            for att in list(self.attachments.values()):
-                hub._send(att, att.event("pty.data", data_base64=encoded))
-            self.update_reading()
+
+    def _read_ready(self) -> tuple[bytes, bool]:
+        """What the PTY has ready, up to READ_MAX, and whether it has ended. A PTY read returns
+        at most about 4 KiB (the line discipline's buffer), so after a large read (bulk output)
+        the PTY is read on until it has nothing more: one event per 32 KiB rather than per
+        4 KiB. A small read (typing, a prompt) is passed on at once, with no extra read."""
+        chunks = []
+        size = 0
+        eof = False
+        while size < READ_MAX:
+            try:
+                data = os.read(self.master, READ_MAX - size)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    log.warning("reading PTY %s failed: %s", self.id, exc)
+                eof = True
+                break
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+            size += len(data)
+            if len(data) < BULK_READ:
+                break
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), eof
 
     def _record(self, data: bytes) -> None:
         ring = self.scrollback

@@ -348,7 +348,8 @@ def test_twenty_mib_reach_two_attachments_complete(tmp_path):
 
 
 def test_a_peer_that_stops_draining_does_not_stall_the_others(tmp_path):
-    data = _payload(tmp_path / "blob", 4 << 20)
+    # More than 256 events of up to 32 KiB (READ_MAX): enough to overflow the stuck queue.
+    data = _payload(tmp_path / "blob", 16 << 20)
 
     async def test(hub):
         hub.stall_timeout = 0.5
@@ -371,7 +372,8 @@ def test_a_peer_that_stops_draining_does_not_stall_the_others(tmp_path):
 
 
 def test_a_lone_slow_peer_blocks_the_process_instead_of_being_dropped(tmp_path):
-    data = _payload(tmp_path / "blob", 2 << 20)
+    # More than 128 events (BEHIND_FRAMES) of up to 32 KiB: enough to be held back.
+    data = _payload(tmp_path / "blob", 8 << 20)
 
     async def test(hub):
         hub.stall_timeout = 0.05
