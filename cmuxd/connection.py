@@ -89,7 +89,10 @@ class Connection(asyncio.Protocol):
         self.pending: deque = deque()
         self.reader = None
         self.writer = None
-        self.out: list[bytes] = []
+        self.out = bytearray()
+        """Frames of the current batch. Appended to as they are made rather than joined at
+        the end: thousands of small reply objects alive at once fragment the C heap, and
+        every reply then costs a fresh page (a page fault) instead of reusing the last."""
         self.batching = False
         self.busy = False
         self.input_eof = False
@@ -159,7 +162,7 @@ class Connection(asyncio.Protocol):
                 if reply is None:
                     continue
                 if type(reply) is bytes:
-                    self.out.append(reply)
+                    self.out += reply
                     continue
                 self.busy = True
                 self._blocking = self.spawn(self._complete(reply))
@@ -238,15 +241,16 @@ class Connection(asyncio.Protocol):
 
     def send(self, frame: bytes) -> None:
         if self.batching:
-            self.out.append(frame)
+            self.out += frame
         elif not self.closing and self.writer is not None:
             self.writer.write(frame)
 
     def _flush(self) -> None:
         if self.out:
+            # A new buffer each time: the transport may keep a view of the one it was given.
+            out, self.out = self.out, bytearray()
             if not self.closing:
-                self.writer.write(b"".join(self.out))
-            self.out.clear()
+                self.writer.write(out)
 
     def writable(self):
         if not self.write_paused or self.closing:
