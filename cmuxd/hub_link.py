@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import binascii
 import logging
 import os
 import signal
@@ -21,13 +22,15 @@ from pathlib import Path
 
 import orjson
 
-from .protocol import UNAVAILABLE, FrameDecoder, RPCError, encode
+from .handlers.pty import MSG_NO_HUB, OUTBOUND_FRAMES
+from .hub import Hub
+from .protocol import OVERSIZED, UNAVAILABLE, FrameDecoder, RPCError, b64, encode
 
 log = logging.getLogger("cmuxd.hub")
 
-OUTBOUND_FRAMES = 256
 CONNECT_WAIT = 5.0
-MSG_NO_HUB = "PTY hub is not available"
+LINK_MAX_FRAME = 64 * 1024 * 1024
+"""Link frames carry a whole pty.write (up to the 4 MiB request frame, base64 once more)."""
 CALLS = ("attach", "cancel", "write", "resize", "detach", "close", "list")
 
 
@@ -62,7 +65,7 @@ class _Link(asyncio.Protocol):
     def __init__(self, server: "HubServer"):
         self.server = server
         self.hub = server.hub
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(LINK_MAX_FRAME)
         self.transport = None
         self.peers: dict[int, tuple[int, _LinkPeer]] = {}  # remote id -> (hub peer, peer)
         self.tasks: set[asyncio.Task] = set()
@@ -78,6 +81,11 @@ class _Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for frame in self.decoder.feed(data):
+            if frame is OVERSIZED:
+                log.error("a worker sent a link frame over %d bytes; closing its link",
+                          LINK_MAX_FRAME)
+                self.transport.close()
+                return
             self._handle(orjson.loads(frame))
 
     def connection_lost(self, exc) -> None:
@@ -125,7 +133,7 @@ class _Link(asyncio.Protocol):
                     raise RPCError(UNAVAILABLE, MSG_NO_HUB)
                 args = [entry[0], *args[1:]]
                 if method == "write":
-                    args[4] = bytes.fromhex(args[4])
+                    args[4] = binascii.a2b_base64(args[4])
                 if method == "attach":
                     result = await self.hub.attach(
                         *args, reserved=lambda: self.send({"rid": rid, "reserved": True}))
@@ -177,7 +185,10 @@ class RemoteHub:
     def __init__(self, path: Path):
         self.path = path
         self.writer: asyncio.StreamWriter | None = None
-        self.caps = {"persistent": [], "local": []}
+        # PTY support is a property of this host, so it is known before the link is up:
+        # a connection that arrives first (the one that socket-activated us) sees it too.
+        probe = Hub()
+        self.caps = {"persistent": probe.capabilities(True), "local": probe.capabilities(False)}
         self.peers: dict[int, object] = {}
         self.attachments: dict[int, set] = {}  # peer -> attachments seen live
         self._next_peer = 0
@@ -217,9 +228,11 @@ class RemoteHub:
             log.warning("lost the PTY hub; reconnecting")
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        decoder = FrameDecoder()
+        decoder = FrameDecoder(LINK_MAX_FRAME)
         while data := await reader.read(262144):
             for frame in decoder.feed(data):
+                if frame is OVERSIZED:
+                    raise OSError("the hub sent an oversized link frame")
                 msg = orjson.loads(frame)
                 if "event" in msg:
                     self._event(msg["peer"], msg["event"])
@@ -317,7 +330,7 @@ class RemoteHub:
         await self._call("cancel", peer, session_id, attachment_id, token)
 
     def write(self, peer, session_id, attachment_id, token, data: bytes, seq, notification):
-        return self._call("write", peer, session_id, attachment_id, token, data.hex(), seq,
+        return self._call("write", peer, session_id, attachment_id, token, b64(data), seq,
                           notification)
 
     def resize(self, peer, session_id, attachment_id, token, cols, rows):
@@ -334,8 +347,6 @@ class RemoteHub:
 
 
 async def _serve(config: dict, lifeline: int | None) -> None:
-    from .hub import Hub
-
     hub = Hub(scrollback=config.get("scrollback", 1 << 20),
               idle_ttl=config.get("idle_ttl", 86400.0), shell=config.get("shell"))
     server = HubServer(hub, hub_socket_path(config["state_dir"]))
@@ -345,7 +356,11 @@ async def _serve(config: dict, lifeline: int | None) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     if lifeline is not None:
-        loop.add_reader(lifeline, stop.set)
+        def supervisor_gone() -> None:
+            loop.remove_reader(lifeline)
+            stop.set()
+
+        loop.add_reader(lifeline, supervisor_gone)
     log.info("PTY hub serving on %s", server.path)
     await stop.wait()
     await server.close()

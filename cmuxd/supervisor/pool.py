@@ -33,6 +33,9 @@ HEARTBEAT_INTERVAL = 1.0
 RECYCLE_CHECK_INTERVAL = 5.0
 RESPAWN_MAX = 10.0
 STOP_GRACE = 5.0
+FDS_PER_SEND = 64
+"""Connections handed over in one message at most: what a worker takes per read
+(cmuxd.worker.MAX_FDS_PER_READ); fds past that would be lost with MSG_CTRUNC."""
 
 
 class Worker:
@@ -48,6 +51,7 @@ class Worker:
         self.load = 0
         self.served = 0
         self.out: deque = deque()  # (bytes, fd or None) not yet sent
+        self.batch: list = []  # (bytes, borrowed fd or None) to send at the end of this pass
         self.unacked: dict[int, tuple[int, bytes]] = {}  # conn id -> (our dup of fd, message)
         self.inbuf = b""
         self.last_pong = time.monotonic()
@@ -213,17 +217,16 @@ class WorkerPool:
                               conn.fileno())
 
     def _dispatch(self, conn_id: int, data: bytes, fd: int) -> Worker:
-        """Until the worker confirms it took the fd, we keep a copy: if it dies first, the
-        connection goes to another worker instead of being lost with it."""
-        while True:
-            live = [w for w in self.serving() if w.chan is not None]
-            if not live:
-                raise RuntimeError("no worker is running")
-            worker = min(live, key=lambda w: w.load)
-            self._queue(worker, data, fd)
-            if worker.chan is not None:
-                break
-        worker.unacked[conn_id] = (os.dup(fd), data)
+        """Until the worker confirms it took the fd, we keep a copy: if it dies first (also
+        before the message went out), the connection goes to another worker instead of being
+        lost with it."""
+        live = [w for w in self.serving() if w.chan is not None]
+        if not live:
+            raise RuntimeError("no worker is running")
+        worker = min(live, key=lambda w: w.load)
+        copy = os.dup(fd)
+        worker.unacked[conn_id] = (copy, data)
+        self._queue(worker, data, copy)
         worker.load += 1
         worker.served += 1
         if worker.serve_limit and worker.served >= worker.serve_limit:
@@ -234,12 +237,45 @@ class WorkerPool:
         return sum(w.load for w in self.workers if w.state != "gone")
 
     def _queue(self, worker: Worker, data: bytes, fd: int | None) -> None:
+        """Send at the end of this pass of the loop, with whatever else is queued for the
+        worker by then: connections authenticated together go in one message (one wake-up of
+        the worker, one confirmation). `fd` must stay open until then."""
         if worker.chan is None:
             return
-        if worker.out:
+        if not worker.batch:
+            asyncio.get_running_loop().call_soon(self._send_batch, worker)
+        worker.batch.append((data, fd))
+
+    def _send_batch(self, worker: Worker) -> None:
+        batch, worker.batch = worker.batch, []
+        done = 0
+        while done < len(batch) and worker.chan is not None and not worker.out:
+            fds, end = [], done
+            while end < len(batch) and len(fds) < FDS_PER_SEND:
+                if batch[end][1] is not None:
+                    fds.append(batch[end][1])
+                end += 1
+            data = b"".join([entry[0] for entry in batch[done:end]])
+            try:
+                sent = socket.send_fds(worker.chan, [data], fds) if fds else worker.chan.send(data)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._worker_gone(worker)
+                return
+            if sent == 0:
+                break
+            done = end
+            if sent < len(data):
+                # The fds went with the first byte; the rest of the bytes wait.
+                worker.out.append((data[sent:], None))
+        if worker.chan is None:
+            return
+        # What could not be sent waits, in order, for the channel to drain.
+        for data, fd in batch[done:]:
             worker.out.append((data, os.dup(fd) if fd is not None else None))
-        else:
-            self._send(worker, data, fd, owned=False)
+        if worker.out:
+            asyncio.get_running_loop().add_writer(worker.chan.fileno(), self._flush, worker)
 
     def _send(self, worker: Worker, data: bytes, fd: int | None, owned: bool) -> bool:
         """Send one message now; queue what is left of it and return False if it would block.
@@ -309,6 +345,7 @@ class WorkerPool:
         loop.remove_writer(worker.chan.fileno())
         worker.chan.close()
         worker.chan = None
+        worker.batch.clear()  # its fds are the unacked copies, closed by the caller
         while worker.out:
             _, fd = worker.out.popleft()
             if fd is not None:

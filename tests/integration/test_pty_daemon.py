@@ -202,3 +202,22 @@ def test_a_hub_crash_ends_attachments_and_a_new_hub_takes_over():
         assert "PTY hub" in d.log() and "sessions are lost" in d.log()
     finally:
         d.close()
+
+
+def test_a_write_near_the_frame_limit_crosses_the_hub_link():
+    d = ListeningDaemon(workers=1).wait_ready()
+    try:
+        a, b = d.authed(), d.authed()
+        assert a.call("pty.attach", dict(ident("a", "ta"), cols=80, rows=24,
+                                         command="exec cat > /dev/null"))["ok"]
+        assert b.call("pty.attach", dict(ident("b", "tb"), cols=80, rows=24,
+                                         require_existing=True))["ok"]
+        data = base64.b64encode(b"y" * (3 * 1024 * 1024 - 4096)).decode()  # ~4 MiB frame
+        r = a.call("pty.write", dict(ident("a", "ta"), data_base64=data), timeout=30)
+        assert r == {"id": r["id"], "ok": True, "result": {"written": 3 * 1024 * 1024 - 4096}}, \
+            r.get("error")
+        # The link survived: both attachments still work.
+        assert b.call("pty.resize", dict(ident("b", "tb"), cols=70, rows=20))["ok"]
+        assert a.call("pty.list")["result"]["sessions"][0]["effective_cols"] == 70
+    finally:
+        d.close()
