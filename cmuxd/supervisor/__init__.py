@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from ..auth import AuthError, server_credentials
 from .activation import activated_listeners
@@ -15,12 +16,17 @@ from .listeners import ListenerError, bind_tcp, bind_unix
 
 log = logging.getLogger("cmuxd.supervisor")
 
+SECRET_ENV = ("CMUX_RELAY_TOKEN",)
+
 
 def run_daemon(config) -> int:
     """Take the service manager's sockets or bind our own, then serve until SIGTERM/SIGINT;
     the process exit status."""
     from .daemon import Supervisor
 
+    # The token must not reach the workers, the PTY hub or the shells it starts: take it
+    # out of the environment every child inherits, and keep it for reloads only.
+    secret_env = {name: os.environ.pop(name) for name in SECRET_ENV if name in os.environ}
     listeners = []
     try:
         creds = None
@@ -35,7 +41,8 @@ def run_daemon(config) -> int:
         else:
             has_tcp = bool(config.tcp)
         if has_tcp or config.unix_auth == "token":
-            creds = server_credentials(config.token_file, config.relay_id)
+            creds = server_credentials(config.token_file, config.relay_id,
+                                       env={**os.environ, **secret_env})
         if activated is None:
             for spec in config.tcp:
                 listeners.extend(bind_tcp(spec))
@@ -51,4 +58,4 @@ def run_daemon(config) -> int:
     if config.allow is not None:
         log.info("TCP peers outside %s are closed before the handshake (--allow-from)",
                  config.allow)
-    return asyncio.run(Supervisor(config, listeners, creds).run())
+    return asyncio.run(Supervisor(config, listeners, creds, secret_env).run())

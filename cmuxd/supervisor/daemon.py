@@ -26,10 +26,12 @@ STOP_DRAIN = 1.0  # seconds accepted connections get to finish before a stop clo
 
 
 class Supervisor:
-    def __init__(self, config, listeners: list[Listener], creds: Credentials | None):
+    def __init__(self, config, listeners: list[Listener], creds: Credentials | None,
+                 secret_env: dict | None = None):
         self.config = config
         self.listeners = listeners
         self.creds = creds
+        self.secret_env = secret_env or {}  # token variables taken out of os.environ
         self.counters: Counter = Counter()
         self.started = time.time()
         self.pool = WorkerPool(config)
@@ -48,10 +50,17 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTTIN, self.pool.scale, 1)
         loop.add_signal_handler(signal.SIGTTOU, self.pool.scale, -1)
+        # The state directory holds the control and PTY hub sockets: it must be ours alone,
+        # and used by no other daemon, or keystrokes could reach someone else's hub.
         try:
+            check_state_dir(self.config.state_dir)
             await self.control.start()
         except ListenerError as exc:
-            log.warning("no control socket (%s); `cmuxd-remote status` will not work", exc)
+            log.error("state directory %s: %s; pass another --state-dir", self.config.state_dir,
+                      exc)
+            for listener in self.listeners:
+                listener.close()
+            return 1
         self.pool.start()
         self.gate.start()
         for listener in self.listeners:
@@ -76,11 +85,14 @@ class Supervisor:
     def reload(self) -> None:
         """SIGHUP: re-read the token, start a new generation of workers; the old one keeps
         its open connections until they close or --graceful-timeout passes."""
+        if self.pool.stopping:
+            return
         log.info("reloading")
         self.notifier.reloading()
         try:
             if self.creds is not None:
-                self.creds = server_credentials(self.config.token_file, self.config.relay_id)
+                self.creds = server_credentials(self.config.token_file, self.config.relay_id,
+                                                env={**os.environ, **self.secret_env})
                 self.gate.creds = self.creds
         except AuthError as exc:
             log.error("reload: keeping the old token: %s", exc)
@@ -115,3 +127,16 @@ class Supervisor:
             "connections": self.pool.total_load(),
             "handshakes_in_flight": self.gate.in_flight,
         }
+
+
+def check_state_dir(path: str) -> None:
+    """Refuse a state directory another user owns or can write to."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return  # created 0700 by the first socket bound in it
+    if st.st_uid != os.geteuid():
+        raise ListenerError(f"it belongs to uid {st.st_uid}, not to this daemon's user")
+    if st.st_mode & 0o022:
+        raise ListenerError(f"others can write to it (mode {st.st_mode & 0o777:o}); "
+                            f"run chmod 700 {path}")

@@ -349,3 +349,58 @@ def test_connect_stdio_bridge_carries_pipelined_requests_and_events(shared):
         data = b"".join(base64.b64decode(f["data_base64"]) for f in frames
                         if f.get("event") == "proxy.stream.data")
         assert data == b"hellotail"
+
+
+def test_token_from_the_environment_reaches_no_child():
+    d = ListeningDaemon(env={"CMUX_RELAY_TOKEN": "cd" * 32}, tcp=None)
+    try:
+        # --token-file wins for the handshake, but the variable is still taken out.
+        d.wait_ready()
+        children = psutil.Process(d.proc.pid).children(recursive=True)
+        assert len(children) >= 3  # two workers and the PTY hub
+        for child in children:
+            environ = open(f"/proc/{child.pid}/environ", "rb").read()
+            assert b"CMUX_RELAY_TOKEN" not in environ, child.cmdline()
+    finally:
+        d.close()
+
+
+def test_a_second_daemon_on_the_same_state_dir_refuses_to_start(daemon):
+    out = subprocess.run(
+        [sys.executable, "-m", "cmuxd", "serve", "--socket", str(daemon.dir / "other.sock"),
+         "--state-dir", str(daemon.state_dir)],
+        capture_output=True, text=True, timeout=20, env=daemon.env)
+    assert out.returncode == 1
+    assert "another daemon is listening" in out.stderr and "--state-dir" in out.stderr
+    ping_ok(daemon.unix())
+
+
+def test_a_state_dir_others_can_write_is_refused(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o777)
+    os.chmod(state, 0o777)
+    out = subprocess.run(
+        [sys.executable, "-m", "cmuxd", "serve", "--socket", str(tmp_path / "s.sock"),
+         "--state-dir", str(state)], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 1
+    assert "chmod 700" in out.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_capacity_refusals_do_not_count_against_an_address():
+    d = ListeningDaemon("--max-handshakes", "1", "--backoff-failures", "2")
+    try:
+        d.wait_ready()
+        silent = d.tcp_connect()
+        d.challenge(silent)  # holds the only handshake slot
+        for _ in range(3):
+            sock = d.tcp_connect()
+            d.challenge(sock)  # the challenge comes first; the refusal follows at once
+            assert refused(sock) == b'{"ok":false}\n'
+        wait_for(lambda: d.status()["counters"].get("refused_capacity", 0) == 3)
+        silent.close()
+        wait_for(lambda: d.status()["handshakes_in_flight"] == 0, timeout=10)
+        ping_ok(d.authed())  # not blocked at accept by the back-off
+        assert d.status()["counters"].get("refused_backoff", 0) == 0
+    finally:
+        d.close()
