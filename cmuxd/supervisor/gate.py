@@ -16,12 +16,18 @@ import struct
 import time
 from collections import Counter, OrderedDict
 
-from ..auth import FAILURE_DELAY, MAX_AUTH_LINE, PREAUTH_TIMEOUT, Credentials, ServerHandshake
+from ..auth import (
+    FAILURE_DELAY,
+    FAILURE_REPLY,
+    MAX_AUTH_LINE,
+    PREAUTH_TIMEOUT,
+    Credentials,
+    ServerHandshake,
+)
 from .listeners import Listener, format_address
 
 log = logging.getLogger("cmuxd.supervisor")
 
-FAILURE_REPLY = b'{"ok":false}\n'
 REFUSAL_LOG_INTERVAL = 10.0
 BACKOFF_TABLE_MAX = 10000
 
@@ -134,7 +140,7 @@ class Gate:
             if listener.kind == "unix":
                 self._accept_unix(conn)
             else:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _tune_tcp(conn)
                 self._accept_tcp(conn, addr, format_address(conn.family, addr))
 
     def _accept_unix(self, conn: socket.socket) -> None:
@@ -214,7 +220,8 @@ class Gate:
         except OSError:
             reason = "io"
         if host is not None:
-            self.backoff.failure(host, time.monotonic())
+            if reason != "capacity":  # our limit, not the peer's fault
+                self.backoff.failure(host, time.monotonic())
         self._refuse(reason)
         delay = started + FAILURE_DELAY - loop.time()
         if delay > 0:
@@ -265,6 +272,16 @@ def peer_uid_of(conn: socket.socket) -> int:
     if libc.getpeereid(conn.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
         return -1
     return uid.value
+
+
+def _tune_tcp(conn: socket.socket) -> None:
+    """No Nagle delay for small RPC frames; keepalives so a peer that vanished while idle
+    (a laptop asleep, a NAT mapping gone) frees its connection within minutes."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
+        if hasattr(socket, name):
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _send_and_close(conn: socket.socket, data: bytes) -> None:
