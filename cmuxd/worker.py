@@ -38,6 +38,8 @@ class WorkerProcess:
         self.connections: set[Connection] = set()
         self.closed_since_report = 0
         self.report_pending = False
+        self._out = bytearray()
+        self._flushing = False
         self.hub = RemoteHub(hub_socket_path(config["state_dir"])) if config.get("state_dir") \
             else None
         self.stopped: asyncio.Future | None = None
@@ -118,18 +120,31 @@ class WorkerProcess:
 
     def _report(self) -> None:
         self.report_pending = False
-        if self._send(encode_report(closed=self.closed_since_report,
-                                    connections=len(self.connections))):
-            self.closed_since_report = 0
+        self._send(encode_report(closed=self.closed_since_report,
+                                 connections=len(self.connections)))
+        self.closed_since_report = 0
 
-    def _send(self, report: bytes) -> bool:
-        """Reports are tiny and the supervisor reads them at once; one that cannot be sent
-        now is folded into the next (close counts are cumulative until sent)."""
+    def _send(self, report: bytes) -> None:
+        """Queue a report line; it goes out whole and in order even when the channel is
+        momentarily full, since the supervisor acts on every one (fd receipts, closes)."""
+        self._out += report
+        self._flush()
+
+    def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            self.chan.send(report)
-            return True
+            sent = self.chan.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
         except OSError:
-            return False
+            sent = len(self._out)  # the supervisor is gone; the channel's EOF stops us
+        del self._out[:sent]
+        if self._out and not self._flushing:
+            self._flushing = True
+            loop.add_writer(self.chan.fileno(), self._flush)
+        elif not self._out and self._flushing:
+            self._flushing = False
+            loop.remove_writer(self.chan.fileno())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -75,6 +76,9 @@ class WorkerPool:
         self._respawn_after = 0.0
         self._tick: asyncio.TimerHandle | None = None
         self.hub: subprocess.Popen | None = None
+        self._hub_started = 0.0
+        self._hub_streak = 0  # quick hub deaths in a row: each doubles the wait before a new one
+        self._hub_respawn_at = 0.0
         self._last_heartbeat = 0.0
         self._last_recycle_check = time.monotonic()
         self.started = time.time()
@@ -98,6 +102,7 @@ class WorkerPool:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
                                 pass_fds=[lifeline])
         os.close(lifeline)
+        self._hub_started = time.monotonic()
         log.info("PTY hub started (pid %d)", proc.pid)
         return proc
 
@@ -145,6 +150,8 @@ class WorkerPool:
 
     def scale(self, delta: int) -> None:
         """SIGTTIN/SIGTTOU: one worker more or fewer."""
+        if self.stopping:
+            return
         target = max(1, self.config.workers + delta)
         if target == self.config.workers:
             return
@@ -316,15 +323,19 @@ class WorkerPool:
     # reports, heartbeats and exits
 
     def _on_readable(self, worker: Worker) -> None:
+        if not self._read_reports(worker):
+            self._worker_gone(worker)
+
+    def _read_reports(self, worker: Worker) -> bool:
+        """Act on what the worker has written; False once its channel is closed."""
         try:
             data = worker.chan.recv(65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return True
         except OSError:
             data = b""
         if not data:
-            self._worker_gone(worker)
-            return
+            return False
         worker.last_pong = time.monotonic()
         *lines, worker.inbuf = (worker.inbuf + data).split(b"\n")
         for line in lines:
@@ -336,6 +347,7 @@ class WorkerPool:
             closed = report.get("closed")
             if closed:
                 worker.load = max(0, worker.load - closed)
+        return True
 
     def _drop_channel(self, worker: Worker) -> None:
         if worker.chan is None:
@@ -352,6 +364,10 @@ class WorkerPool:
                 os.close(fd)
 
     def _worker_gone(self, worker: Worker) -> None:
+        # Read its last reports first: an fd it confirmed must not be handed out again.
+        while worker.chan is not None and self._read_reports(worker):
+            if not select.select([worker.chan], [], [], 0)[0]:
+                break
         self._drop_channel(worker)
         unacked, worker.unacked = worker.unacked, {}
         for conn_id, (fd, data) in unacked.items():
@@ -425,8 +441,16 @@ class WorkerPool:
         are gone with it."""
         if self.hub is not None and self.hub.poll() is not None:
             os.close(self._hub_lifeline)
-            log.error("PTY hub (pid %d) exited with %s; its PTY sessions are lost; replacing it",
-                      self.hub.pid, _describe_exit(self.hub.returncode))
+            lived = time.monotonic() - self._hub_started
+            self._hub_streak = self._hub_streak + 1 if lived < 5 else 0
+            delay = 0.0 if self._hub_streak <= 1 else min(RESPAWN_MAX,
+                                                          0.1 * 2 ** (self._hub_streak - 1))
+            log.error("PTY hub (pid %d) exited with %s; its PTY sessions are lost; replacing "
+                      "it%s", self.hub.pid, _describe_exit(self.hub.returncode),
+                      f" in {delay:.1f} s" if delay else "")
+            self.hub = None
+            self._hub_respawn_at = now + delay
+        if self.hub is None and now >= self._hub_respawn_at and not self.stopping:
             self.hub = self._spawn_hub()
         for worker in list(self.workers):
             code = worker.proc.poll()
