@@ -44,7 +44,10 @@ def version() -> None:
 @argh.arg("--unix-auth", choices=["peer", "token"], help="peer: same uid or root pass; token: Unix clients run the relay handshake too")
 @argh.arg("--max-handshakes", help="unauthenticated connections in flight at once")
 @argh.arg("--backoff-failures", help="failed handshakes from one address before it is refused for a while")
-@argh.arg("--state-dir", help="where the control socket lives (default: $XDG_RUNTIME_DIR/cmuxd)")
+@argh.arg("--state-dir", help="where the control and PTY hub sockets live, one daemon's alone (default: $XDG_RUNTIME_DIR/cmuxd)")
+@argh.arg("--shell", help="the shell of PTY sessions started without a command (default: $SHELL, then bash, then sh)")
+@argh.arg("--scrollback", help="bytes of output each PTY session keeps for replay")
+@argh.arg("--idle-ttl", help="seconds a PTY session with no attachment lives on")
 @argh.arg("--max-connections", help="open connections at most; past it new ones are refused with a reason")
 @argh.arg("--max-connections-served", help="recycle a worker after about this many connections (0: never)")
 @argh.arg("--max-worker-rss", help="recycle a worker whose RSS exceeds this many MiB (0: never)")
@@ -56,13 +59,17 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
           unix_auth: str = "peer", max_handshakes: int = 256, backoff_failures: int = 20,
           state_dir: str = "", max_connections: int = 10000, max_connections_served: int = 0,
           max_worker_rss: int = 0, worker_timeout: float = 10.0,
-          graceful_timeout: float = 30.0, allow_from: list[str] | None = None) -> None:
+          graceful_timeout: float = 30.0, allow_from: list[str] | None = None,
+          shell: str | None = None, scrollback: int = 1 << 20,
+          idle_ttl: float = 86400.0) -> None:
     """Serve the cmux remote protocol. Without --stdio, --tcp or --socket it listens on
     127.0.0.1:5555 and a Unix socket under $XDG_RUNTIME_DIR/cmuxd."""
     if stdio:
         if tcp or socket:
             raise argh.CommandError("--stdio serves one pipe; it cannot be combined with --tcp or --socket")
-        sys.exit(asyncio.run(_serve_stdio()))
+        if scrollback <= 0 or idle_ttl <= 0:
+            raise argh.CommandError("--scrollback and --idle-ttl must be positive")
+        sys.exit(asyncio.run(_serve_stdio(shell, scrollback, idle_ttl)))
     from .supervisor import run_daemon
     from .supervisor.listeners import default_socket_path
 
@@ -76,18 +83,19 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
                         state_dir=state_dir, max_connections=max_connections,
                         max_connections_served=max_connections_served,
                         max_worker_rss=max_worker_rss, worker_timeout=worker_timeout,
-                        graceful_timeout=graceful_timeout, allow_from=allow_from or [])
+                        graceful_timeout=graceful_timeout, allow_from=allow_from or [],
+                        shell=shell, scrollback=scrollback, idle_ttl=idle_ttl)
     except ValueError as exc:
         raise argh.CommandError(str(exc)) from None
     sys.exit(run_daemon(config))
 
 
-async def _serve_stdio() -> int:
+async def _serve_stdio(shell: str | None, scrollback: int, idle_ttl: float) -> int:
     # The one connection owns the hub: its PTY sessions die with stdin (spec §1.2).
     from .connection import serve_stdio
     from .hub import Hub
 
-    hub = Hub()
+    hub = Hub(scrollback=scrollback, idle_ttl=idle_ttl, shell=shell)
     try:
         return await serve_stdio(hub)
     finally:

@@ -52,6 +52,8 @@ class Config:
             self.workers = os.cpu_count() or 1
         if not self.state_dir:
             self.state_dir = str(runtime_dir())
+        if self.scrollback <= 0 or self.idle_ttl <= 0:
+            raise ValueError("--scrollback and --idle-ttl must be positive")
         if self.unix_auth not in ("peer", "token"):
             raise ValueError("--unix-auth must be 'peer' or 'token'")
         if self.allow_from:
