@@ -353,7 +353,10 @@ class Client:
 
     def request(self, method: str, params: dict | None = None, *, timeout: float = 30.0) -> dict:
         """The whole response object, errors included."""
-        return self._runner.run(asyncio.wait_for(self._client.send(method, params), timeout))
+        async def call() -> dict:
+            return await asyncio.wait_for(self._client.send(method, params), timeout)
+
+        return self._runner.run(call())
 
     def next_event(self, timeout: float = 10.0) -> dict | None:
         return self._runner.run(self._client.next_event(timeout))

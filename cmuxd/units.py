@@ -95,7 +95,8 @@ WantedBy=sockets.target
                     "# `cmuxd-remote units install --system --as USER` sets it.\n")
         return f"""\
 # cmux remote daemon. Socket-activated by cmuxd.socket; reload (SIGHUP) re-reads the token
-# and replaces the workers without closing open connections.
+# and starts new workers; open connections stay on the old ones until they close or
+# --graceful-timeout (30 s) passes.
 [Unit]
 Description=cmux remote daemon
 Requires=cmuxd.socket

@@ -46,11 +46,6 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def inherited_environment(self) -> dict[str, str]:
-        """The variables as the service manager set them, for a successor process that takes
-        over as the main process (it must then announce itself with MAINPID)."""
-        return dict(self._inherited)
-
     # messages
 
     def ready(self, status: str | None = None) -> None:
@@ -83,11 +78,6 @@ class Notifier:
         if text != self._last_status:
             self._last_status = text
             self.send(f"STATUS={text}")
-
-    def main_pid(self, pid: int) -> None:
-        if pid != self._announced_pid:
-            self._announced_pid = pid
-            self.send(f"MAINPID={pid}")
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
