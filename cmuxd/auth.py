@@ -467,11 +467,14 @@ def _home(env: Mapping[str, str]) -> Path:
     return Path(home) if home else Path.home()
 
 
-def default_token_path(env: Mapping[str, str] = os.environ) -> Path:
+def config_home(env: Mapping[str, str] = os.environ) -> Path:
+    """$XDG_CONFIG_HOME, else ~/.config; the XDG spec says a relative value must be ignored."""
     config = env.get("XDG_CONFIG_HOME")
-    # The XDG spec says a relative value is invalid and must be ignored.
-    base = Path(config) if config and os.path.isabs(config) else _home(env) / ".config"
-    return base / "cmuxd" / TOKEN_FILE_NAME
+    return Path(config) if config and os.path.isabs(config) else _home(env) / ".config"
+
+
+def default_token_path(env: Mapping[str, str] = os.environ) -> Path:
+    return config_home(env) / "cmuxd" / TOKEN_FILE_NAME
 
 
 def write_new_token(path: os.PathLike | str | None = None, *, force: bool = False,
@@ -514,7 +517,8 @@ def _env_value(env: Mapping[str, str], name: str) -> str:
     return (env.get(name) or "").strip()
 
 
-def _host_relay_id() -> str:
+def short_hostname() -> str:
+    """The daemon's default relay id, and a client's guess at a daemon on this host."""
     return os.uname().nodename.split(".")[0] or "localhost"
 
 
@@ -556,7 +560,7 @@ def server_credentials(token_file: os.PathLike | str | None = None, relay_id: st
     elif file_id:
         rid, id_from = file_id, "the token file"
     else:
-        rid, id_from = _host_relay_id(), "the host name"
+        rid, id_from = short_hostname(), "the host name"
     if not rid or "\n" in rid:
         raise AuthError(f"the relay id from {id_from} is empty or spans lines; pass a one-line "
                         "--relay-id")

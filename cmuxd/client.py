@@ -13,7 +13,6 @@ import ipaddress
 import itertools
 import os
 import socket
-import struct
 import sys
 import threading
 from dataclasses import dataclass, field, replace
@@ -21,10 +20,18 @@ from typing import Any
 
 import orjson
 
-from .auth import PREAUTH_TIMEOUT, AuthError, ClientHandshake, Credentials, client_credentials
+from .auth import (
+    PREAUTH_TIMEOUT,
+    AuthError,
+    ClientHandshake,
+    Credentials,
+    client_credentials,
+    short_hostname,
+)
+from .config import DEFAULT_PORT
+from .peercred import peer_uid
 from .protocol import OVERSIZED, FrameDecoder
 
-DEFAULT_PORT = 5555
 DIAL_TIMEOUT = 2.0
 
 # Exit codes the CLI uses, so scripts can tell failures apart.
@@ -153,7 +160,7 @@ def credentials_for(address: Address, token_file=None, relay_id=None) -> Credent
         if relay_id is None and address.is_local and not os.environ.get("CMUX_RELAY_ID"):
             try:
                 return client_credentials(address.port or None, token_file,
-                                          os.uname().nodename.split(".")[0])
+                                          short_hostname())
             except AuthError:
                 pass
         raise ClientError(str(exc), EXIT_AUTH) from None
@@ -332,10 +339,7 @@ async def _handshake(reader, writer, creds: Credentials, address: Address,
 
 def _check_unix_peer(sock: socket.socket, address: Address) -> None:
     """A Unix socket owned by another user could be anyone's; refuse it as cmux does."""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    uid = struct.unpack("3i", creds)[1]
+    uid = peer_uid(sock)
     if uid not in (os.geteuid(), 0):
         raise ClientError(f"{address}: the socket belongs to uid {uid}, not to you; refusing it",
                           EXIT_AUTH)

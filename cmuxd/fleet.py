@@ -43,8 +43,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .auth import config_home
+from .config import DEFAULT_PORT
+
 FORMAT_VERSION = 1
-DEFAULT_PORT = 5555
 DEFAULT_TOKEN_FILE = "~/.config/cmuxd/relay-token"
 FLEET_FILE_NAME = "cmux.json"
 SRV_SERVICE = "_cmux._tcp"
@@ -113,11 +115,7 @@ def fleet_path(env: Mapping[str, str] = os.environ) -> Path:
     explicit = env.get("CMUX_FLEET", "").strip()
     if explicit:
         return Path(explicit).expanduser()
-    config = env.get("XDG_CONFIG_HOME")
-    if config and os.path.isabs(config):
-        return Path(config) / "cmuxd" / FLEET_FILE_NAME
-    home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".config" / "cmuxd" / FLEET_FILE_NAME
+    return config_home(env) / "cmuxd" / FLEET_FILE_NAME
 
 
 def load_fleet(path: os.PathLike | str | None = None, *, missing_ok: bool = False,

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 
 from .client import EXIT_AUTH, EXIT_TIMEOUT, AsyncClient, ClientError, RemoteError, fleet_address
 from .fleet import FleetHost
+from .handlers.system import STATUS_CAPABILITY
 from .status import _duration
 
 DEFAULT_TIMEOUT = 5.0
-STATUS_CAPABILITY = "ext.status"
 
 
 @dataclass

@@ -14,13 +14,13 @@ import os
 import plistlib
 import pwd
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .auth import default_token_path, write_new_token
+from .auth import config_home, default_token_path, write_new_token
 from .config import DEFAULT_PORT
+from .tailnet import tailscale_cli_addresses
 
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 SYSTEM_TOKEN_FILE = Path("/etc/cmuxd/relay-token")
@@ -246,14 +246,20 @@ def installed_command() -> list[str]:
     return [os.path.abspath(sys.executable), "-m", "cmuxd"]
 
 
-def protect_home_is_safe(command: list[str], homes: list[str] = ()) -> bool:
-    """Whether ProtectHome= would leave the daemon able to start: not if the script, its
-    interpreter or the cmuxd package live in a home directory (pyenv, pipx, a checkout)."""
+def _installation_paths(command: list[str]) -> list[str]:
+    """What the service needs to see to start: the script, its interpreter, the package."""
     paths = [command[0], sys.executable, os.path.realpath(sys.executable),
              os.path.dirname(os.path.abspath(__file__))]
     interpreter = _shebang_interpreter(command[0])
     if interpreter:
         paths += [interpreter, os.path.realpath(interpreter)]
+    return paths
+
+
+def protect_home_is_safe(command: list[str], homes: list[str] = ()) -> bool:
+    """Whether ProtectHome= would leave the daemon able to start: not if the script, its
+    interpreter or the cmuxd package live in a home directory (pyenv, pipx, a checkout)."""
+    paths = _installation_paths(command)
     prefixes = HOME_PREFIXES + tuple(h.rstrip("/") + "/" for h in homes if h and h != "/")
     return not any(os.path.abspath(p).startswith(prefixes) for p in paths)
 
@@ -261,13 +267,8 @@ def protect_home_is_safe(command: list[str], homes: list[str] = ()) -> bool:
 def paths_under_tmp(command: list[str]) -> list[str]:
     """Top directories under /tmp or /var/tmp that hold the script, its interpreter or the
     cmuxd package: PrivateTmp= would hide them, so the unit binds them back read-only."""
-    paths = [command[0], sys.executable, os.path.realpath(sys.executable),
-             os.path.dirname(os.path.abspath(__file__))]
-    interpreter = _shebang_interpreter(command[0])
-    if interpreter:
-        paths += [interpreter, os.path.realpath(interpreter)]
     found = set()
-    for path in paths:
+    for path in _installation_paths(command):
         parts = Path(os.path.abspath(path)).parts
         for depth, tmp in ((2, ("/", "tmp")), (3, ("/", "var", "tmp"))):
             if parts[:depth] == tmp and len(parts) > depth:
@@ -288,19 +289,14 @@ def _shebang_interpreter(path: str) -> str | None:
 
 
 def tailscale_addresses() -> list[str]:
-    tailscale = shutil.which("tailscale")
-    if tailscale is None:
-        raise UnitsError("tailscale is not installed here; pass the addresses with "
-                         "--tailnet-address ADDR")
-    try:
-        out = subprocess.run([tailscale, "ip"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise UnitsError(f"`tailscale ip` failed ({exc}); pass --tailnet-address ADDR") from None
-    addresses = out.stdout.split()
-    if out.returncode != 0 or not addresses:
+    found = tailscale_cli_addresses()
+    if found is None:
+        raise UnitsError("`tailscale ip` is not installed here or failed; pass the addresses "
+                         "with --tailnet-address ADDR")
+    if not found:
         raise UnitsError("`tailscale ip` printed no address (is tailscaled up and logged in?); "
                          "pass --tailnet-address ADDR")
-    return addresses
+    return [str(address) for address in found]
 
 
 def invoking_user() -> str:
@@ -342,9 +338,7 @@ def systemd_plan(mode: str, *, user: str | None = None, token_file: str | None =
         if user is not None:
             raise UnitsError("--as applies to --system units; a --user unit runs as you")
         homes = [str(Path.home())]
-        config = os.environ.get("XDG_CONFIG_HOME")
-        base = Path(config) if config and os.path.isabs(config) else Path.home() / ".config"
-        unit_dir = base / "systemd" / "user"
+        unit_dir = config_home() / "systemd" / "user"
         token = Path(token_file) if token_file else default_token_path()
         steps = ["systemctl --user daemon-reload", "systemctl --user enable --now cmuxd.socket"]
     units = SystemdUnits(mode, command, token.absolute(), user=user, port=port,

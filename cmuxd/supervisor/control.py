@@ -12,7 +12,7 @@ import os
 
 import orjson
 
-from .gate import peer_uid_of
+from ..peercred import peer_uid
 from .listeners import Listener, bind_unix
 
 log = logging.getLogger("cmuxd.supervisor")
@@ -32,7 +32,7 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sock = writer.get_extra_info("socket")
-            if peer_uid_of(sock) not in (os.geteuid(), 0):
+            if peer_uid(sock) not in (os.geteuid(), 0):
                 return
             line = await asyncio.wait_for(reader.readline(), 5)
             request = orjson.loads(line) if line.strip() else {}

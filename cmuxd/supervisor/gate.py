@@ -12,7 +12,6 @@ import errno
 import logging
 import os
 import socket
-import struct
 import time
 from collections import Counter, OrderedDict
 
@@ -24,6 +23,7 @@ from ..auth import (
     Credentials,
     ServerHandshake,
 )
+from ..peercred import peer_uid
 from .listeners import Listener, format_address
 
 log = logging.getLogger("cmuxd.supervisor")
@@ -144,11 +144,11 @@ class Gate:
                 self._accept_tcp(conn, addr, format_address(conn.family, addr))
 
     def _accept_unix(self, conn: socket.socket) -> None:
-        peer_uid = peer_uid_of(conn)
-        peer = f"uid {peer_uid}"
+        uid = peer_uid(conn)
+        peer = f"uid {uid}"
         if self.config.unix_auth == "token":
             self._start_handshake(conn, peer, None)
-        elif peer_uid in (self.uid, 0):
+        elif uid in (self.uid, 0):
             self.counters["authenticated"] += 1
             self._hand_off(conn, "unix", peer, b"")
         else:
@@ -256,22 +256,6 @@ class Gate:
         log.warning("refused %d connection(s) in the last %.0f s (%s)", total,
                     REFUSAL_LOG_INTERVAL, detail)
         self._refusals.clear()
-
-
-def peer_uid_of(conn: socket.socket) -> int:
-    """The connecting process's uid: SO_PEERCRED on Linux, getpeereid on the BSDs."""
-    if hasattr(socket, "SO_PEERCRED"):
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[1]
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    uid = ctypes.c_uint32()
-    gid = ctypes.c_uint32()
-    if libc.getpeereid(conn.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
-        return -1
-    return uid.value
 
 
 def _tune_tcp(conn: socket.socket) -> None:

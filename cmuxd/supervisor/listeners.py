@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import runtime_dir
 from ..tailnet import TCP_KEYWORDS, TailnetError, tailnet_addresses
 
 log = logging.getLogger("cmuxd.supervisor")
@@ -188,7 +189,4 @@ def _answers(path: Path) -> bool:
 
 
 def default_socket_path() -> Path:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return Path(runtime) / "cmuxd" / "cmuxd.sock"
-    return Path.home() / ".local" / "state" / "cmux" / "cmuxd.sock"
+    return runtime_dir() / "cmuxd.sock"
