@@ -54,6 +54,7 @@ class WorkerProcess:
         loop.add_reader(self.chan.fileno(), self._on_channel)
         if self.hub is not None:
             self.hub.start()
+        self._send(encode_report(ready=True))  # our loop runs: READY=1 may be told
         await self.stopped
         for conn in list(self.connections):
             conn.connection_lost(None)

@@ -71,6 +71,8 @@ class Supervisor:
         log.info("cmuxd %s serving with %d workers", __version__, self.config.workers)
         self.notifier.start(lambda: status_line(self.listeners, self.pool),
                             lambda: pool_healthy(self.pool))
+        if not await self.pool.wait_ready():
+            log.warning("not every worker reported in within 10 s; serving with those that did")
         self.notifier.ready()
         await self.stop_requested.wait()
         log.info("stopping")

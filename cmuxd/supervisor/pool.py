@@ -56,6 +56,7 @@ class Worker:
         self.unacked: dict[int, tuple[int, bytes]] = {}  # conn id -> (our dup of fd, message)
         self.inbuf = b""
         self.last_pong = time.monotonic()
+        self.ready = False  # set by the worker's first report
         self.ping_seq = 0
         self.serve_limit = 0
 
@@ -105,6 +106,15 @@ class WorkerPool:
         self._hub_started = time.monotonic()
         log.info("PTY hub started (pid %d)", proc.pid)
         return proc
+
+    async def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Until every serving worker has reported in, so READY=1 means it."""
+        deadline = time.monotonic() + timeout
+        while not all(w.ready for w in self.serving()):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def serving(self) -> list[Worker]:
         return [w for w in self.workers if w.state == "serving"]
@@ -337,6 +347,7 @@ class WorkerPool:
         if not data:
             return False
         worker.last_pong = time.monotonic()
+        worker.ready = True
         *lines, worker.inbuf = (worker.inbuf + data).split(b"\n")
         for line in lines:
             report = orjson.loads(line)
