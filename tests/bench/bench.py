@@ -1,9 +1,11 @@
 """Benchmarks of cmuxd-remote: scripts that print figures, never timed assertions.
 
-    scripts/bench                       # every section (well under a minute)
-    scripts/bench --only stdio          # sections: stdio, ssh, tcp (comma separated)
+    scripts/bench                       # every section (about a minute)
+    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty (comma separated)
     scripts/bench --only stdio --runs 15 --pings 50000
     scripts/bench --only ssh --connects 50
+    scripts/bench --only idle --idle-connections 20000
+    scripts/bench --only pty --keystrokes 2000 --pty-mib 256
 
 Sections
 
@@ -16,6 +18,16 @@ Sections
   round-trip time of sequential pings over one open pipe, and pipelined pings over it.
 * tcp: the same figures over cmuxd's own TCP listener with the relay-token handshake, side by
   side with the ssh figures (see `tcp_section`).
+* idle: 10,000 authenticated TCP connections held open and idle (the fd limit is raised for
+  the script and the daemon it starts, which gets a matching --max-connections); the RSS of
+  every daemon process (supervisor, workers, PTY hub) and the ping round trip of one more
+  connection meanwhile.
+* pty: keystroke echo over TCP (one byte in an id-less pty.write, timed until its pty.data)
+  next to the same through `ssh -tt` to the private OpenSSH server, both echoed by `cat` on a
+  raw terminal; and the output throughput of `cat` of a 64 MiB file to one attachment.
+
+The idle and pty sections always start their own daemon (they read its processes' memory
+and CPU), also when --tcp-addr names one for the tcp section.
 
 Every process a section starts (daemons, sshd, ssh clients and what they spawned) is ended
 when the section ends, also on Ctrl-C or SIGTERM. Only loopback addresses are ever used.
@@ -25,13 +37,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import getpass
 import hashlib
 import hmac
 import importlib.util
 import ipaddress
 import os
+import resource
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -344,10 +359,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 class SSHServer:
     """An OpenSSH server on a loopback port, with its own host key, client key and config."""
 
-    def __init__(self, tmp: Path, procs: Processes, sshd: str = "/usr/sbin/sshd"):
+    def __init__(self, tmp: Path, procs: Processes, sshd: str = "/usr/sbin/sshd",
+                 tty: bool = False):
         self.tmp = tmp
         self.procs = procs
         self.sshd = sshd
+        self.tty = tty
         self.port = 0
         self.user = getpass.getuser()
         self.proc: subprocess.Popen | None = None
@@ -405,7 +422,7 @@ AllowUsers {self.user}
 UseDNS no
 PrintMotd no
 PrintLastLog no
-PermitTTY no
+PermitTTY {'yes' if self.tty else 'no'}
 X11Forwarding no
 AllowAgentForwarding no
 AllowTcpForwarding no
@@ -438,9 +455,10 @@ LogLevel INFO
         return False
 
     def ssh_argv(self, *remote: str, control_path: str | None = None, master: bool = False,
-                 persist: str | None = None) -> list[str]:
+                 persist: str | None = None, tty: bool = False) -> list[str]:
         """An ssh command line for this server. With `control_path`, a client that goes through
-        that ControlMaster (or, with `master`, the master itself)."""
+        that ControlMaster (or, with `master`, the master itself); with `tty`, `-tt` (a remote
+        PTY even though stdin is a pipe) and no escape character."""
         argv = [
             "ssh", "-F", "/dev/null", "-i", str(self.tmp / "client_ed25519"),
             "-p", str(self.port), "-l", self.user,
@@ -448,6 +466,8 @@ LogLevel INFO
             "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
             "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
         ]
+        if tty:
+            argv += ["-tt", "-e", "none"]
         if control_path is not None:
             argv += ["-o", f"ControlMaster={'yes' if master else 'no'}",
                      "-o", f"ControlPath={control_path}"]
@@ -490,10 +510,10 @@ LogLevel INFO
 
 
 @contextmanager
-def ssh_server(procs: Processes) -> Iterator[SSHServer]:
+def ssh_server(procs: Processes, tty: bool = False) -> Iterator[SSHServer]:
     """An OpenSSH server for the duration of the block, then gone with all its sessions."""
     with tempfile.TemporaryDirectory(prefix="cmuxd-bench-ssh-") as tmp:
-        server = SSHServer(Path(tmp), procs)
+        server = SSHServer(Path(tmp), procs, tty=tty)
         try:
             yield server.start()
         finally:
@@ -653,6 +673,7 @@ class TCPTarget:
             raise SystemExit(f"refusing to benchmark {host}: loopback addresses only")
         self.host, self.port = host, port
         self.relay_id, self.token_hex = relay_id, token_hex
+        self.pid: int | None = None  # the supervisor's, when the daemon was started here
 
     def connect(self, first: bytes = b"") -> tuple[socket.socket, Pipe]:
         """An authenticated connection; `first` (a request) is pipelined with the MAC."""
@@ -666,11 +687,13 @@ class TCPTarget:
         return sock, pipe
 
 
-def start_tcp_daemon(tmp: Path, procs: Processes, args) -> TCPTarget:
+def start_tcp_daemon(tmp: Path, procs: Processes, args, extra: tuple[str, ...] = ()
+                     ) -> TCPTarget:
     """Start `cmuxd-remote serve --tcp` on a free loopback port with a fresh token.
 
     The flags are the ones the direct-listener issue names (--tcp, --token-file, --relay-id,
-    --workers); the token goes through a 0600 file, never argv.
+    --workers); the token goes through a 0600 file, never argv. The state directory (control
+    and PTY hub sockets) is under `tmp`, so a daemon the user runs is never touched.
     """
     token = secrets.token_hex(32)
     relay_id = "cmuxd-bench"
@@ -680,12 +703,14 @@ def start_tcp_daemon(tmp: Path, procs: Processes, args) -> TCPTarget:
     port = free_port()
     script = Path(daemon_argv(args)[0])
     argv = [str(script), "serve", "--tcp", f"127.0.0.1:{port}", "--token-file", str(token_file),
-            "--relay-id", relay_id]
+            "--relay-id", relay_id, "--state-dir", str(tmp / "state")]
     if args.workers:
         argv += ["--workers", str(args.workers)]
+    argv += extra
     errlog = open(tmp / "daemon.log", "wb")
     proc = procs.start(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog)
     target = TCPTarget("127.0.0.1", port, relay_id, token)
+    target.pid = proc.pid
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -700,6 +725,17 @@ def start_tcp_daemon(tmp: Path, procs: Processes, args) -> TCPTarget:
         sock.close()
         return target
     raise RuntimeError("the TCP daemon did not answer within 15 s")
+
+
+@contextmanager
+def section_dir(procs: Processes, name: str) -> Iterator[Path]:
+    """A temporary directory for a section's daemon (token, log, state); the section's
+    processes are ended before it is removed, so none of them writes into it afterwards."""
+    with tempfile.TemporaryDirectory(prefix=f"cmuxd-bench-{name}-") as tmp:
+        try:
+            yield Path(tmp)
+        finally:
+            procs.close()
 
 
 def tcp_listener_available(args) -> bool:
@@ -723,13 +759,16 @@ def tcp_first_reply(target: TCPTarget) -> float:
 
 
 class _AuthClient(asyncio.Protocol):
-    """One handshake, as lean as asyncio allows so the client is not what gets measured."""
+    """One handshake, as lean as asyncio allows so the client is not what gets measured.
+    With `keep_open` the authenticated connection stays open (and idle)."""
 
-    def __init__(self, target: TCPTarget, done: asyncio.Future):
+    def __init__(self, target: TCPTarget, done: asyncio.Future, keep_open: bool = False):
         self.hs = Handshake(target.relay_id, target.token_hex)
         self.done = done
         self.buf = b""
         self.answered = False
+        self.keep_open = keep_open
+        self.lost = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -744,13 +783,15 @@ class _AuthClient(asyncio.Protocol):
                     self.transport.write(self.hs.answer(line))
                 else:
                     self.hs.check(line)
-                    self.transport.close()
+                    if not self.keep_open:
+                        self.transport.close()
                     self.done.set_result(None)
             except Exception as exc:
                 self.transport.close()
                 self.done.set_exception(exc)
 
     def connection_lost(self, exc) -> None:
+        self.lost = True
         if not self.done.done():
             self.done.set_exception(exc or EOFError("closed during the handshake"))
 
@@ -811,7 +852,7 @@ def tcp_section(args, procs: Processes, results: dict) -> None:
     is measured is the daemon rather than a client library.
     """
     print("tcp: cmuxd's TCP listener with the relay-token handshake")
-    with tempfile.TemporaryDirectory(prefix="cmuxd-bench-tcp-") as tmp:
+    with section_dir(procs, "tcp") as tmp:
         if args.tcp_addr:
             host, _, port = args.tcp_addr.rpartition(":")
             token = Path(args.token_file).read_text().strip() if args.token_file else \
@@ -838,8 +879,17 @@ def tcp_section(args, procs: Processes, results: dict) -> None:
             sock.close()
         results["tcp_rtt_p50"], results["tcp_rtt_p99"] = pct(rtts, 50), pct(rtts, 99)
         results["tcp_pipelined"] = statistics.median(rates)
+        daemon = daemon_processes(target.pid) if target.pid else []
+        cpu0 = {p.pid: _cpu(p) for _, p in daemon}
         results["tcp_auth_rate"], auth_cpu = auth_rate_parallel(
             target, args.auth_seconds, args.auth_concurrency, args.auth_procs)
+        made = results["tcp_auth_rate"] * args.auth_seconds
+        auth_daemon: dict[str, float] = {}
+        for name, p in daemon:
+            try:
+                auth_daemon[name] = auth_daemon.get(name, 0.0) + (_cpu(p) - cpu0[p.pid]) / made
+            except psutil.Error:
+                pass
 
     r = results
     rows = [
@@ -863,6 +913,17 @@ def tcp_section(args, procs: Processes, results: dict) -> None:
     print(f"  connections/s: the client processes used {', '.join(f'{c:.0%}' for c in auth_cpu)}"
           " of a core (near 100% means the client, not the daemon, was the limit; try"
           " --auth-procs)")
+    spent = {k: v for k, v in auth_daemon.items() if v >= 1e-6}
+    if spent:
+        total = sum(spent.values())
+        results["tcp_auth_daemon_cpu"] = total
+        cores = os.cpu_count() or 1
+        ceiling = min(cores / total, 1 / spent.get("supervisor", total))
+        results["tcp_auth_ceiling"] = ceiling
+        print("  daemon CPU per authenticated connection: "
+              + ", ".join(f"{k} {us(v)}" for k, v in spent.items())
+              + f" ({us(total)} in all): with the client elsewhere, at most about "
+              f"{rate(ceiling)} (all {cores} cores, the supervisor being one process)")
 
 
 def _fmt(results: dict, key: str, fmt: Callable[[float], str]) -> str:
@@ -876,9 +937,441 @@ def _ratio(results: dict, num: str, den: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# section: idle (many authenticated idle connections held at once)
 
 
-SECTIONS = {"stdio": stdio_section, "ssh": ssh_section, "tcp": tcp_section}
+def raise_fd_limit(want: int) -> int:
+    """Raise this process's RLIMIT_NOFILE (inherited by the daemon it starts) to `want` if
+    the hard limit allows, or to the hard limit; as root the hard limit is raised too.
+    Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        unlimited = hard == resource.RLIM_INFINITY
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (want, hard if unlimited or hard >= want else want))
+        except (ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def daemon_processes(pid: int) -> list[tuple[str, psutil.Process]]:
+    """The supervisor and every process under it (workers, PTY hub, shells), named."""
+    sup = psutil.Process(pid)
+    out = [("supervisor", sup)]
+    for child in sup.children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        name = ("worker" if "cmuxd.worker" in cmd else "PTY hub" if "cmuxd.hub_link" in cmd
+                else child.name())
+        out.append((name, child))
+    return out
+
+
+def daemon_memory(pid: int) -> list[tuple[str, int, int]]:
+    """(name, RSS, PSS) in bytes of each of the daemon's processes. RSS counts the pages the
+    processes share (the interpreter, libraries) once per process; PSS divides them."""
+    rows = []
+    for name, proc in daemon_processes(pid):
+        try:
+            with proc.oneshot():
+                info = proc.memory_full_info()
+        except psutil.Error:
+            continue
+        rows.append((name, info.rss, getattr(info, "pss", info.rss)))
+    return rows
+
+
+async def _hold(target: TCPTarget, count: int, concurrency: int) -> list[_AuthClient]:
+    """`count` authenticated connections, opened by `concurrency` clients in a loop (the
+    daemon caps handshakes in flight), left open and idle."""
+    loop = asyncio.get_running_loop()
+    clients: list[_AuthClient] = []
+    left = [count]
+
+    async def opener() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            done = loop.create_future()
+            _, client = await loop.create_connection(
+                lambda: _AuthClient(target, done, keep_open=True), target.host, target.port)
+            clients.append(client)
+            await asyncio.wait_for(done, 15)
+
+    tasks = [asyncio.ensure_future(opener()) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        for client in clients:
+            client.transport.close()
+        raise
+    return clients
+
+
+def idle_section(args, procs: Processes, results: dict) -> None:
+    """Hold `--idle-connections` authenticated idle TCP connections, then report the memory
+    of every daemon process and the ping round trip of one more connection meanwhile."""
+    count = args.idle_connections
+    fds = raise_fd_limit(count + 4096)
+    if fds < count + 1024:
+        count = max(0, fds - 1024)
+        print(f"  the fd limit is {fds} and cannot be raised: holding {count:,} connections")
+    print(f"idle: {count:,} authenticated idle TCP connections, then {args.idle_pings:,} "
+          "sequential pings on one more")
+    with section_dir(procs, "idle") as tmp:
+        target = start_tcp_daemon(Path(tmp), procs, args,
+                                  ("--max-connections", str(count + 1000)))
+        time.sleep(0.5)  # let the workers and the hub settle after start-up
+        before = daemon_memory(target.pid)
+        base_rtts = _ping_rtts(target, args.idle_pings)
+
+        async def run():
+            t0 = time.perf_counter()
+            clients = await _hold(target, count, args.idle_concurrency)
+            opened = time.perf_counter() - t0
+            try:
+                await asyncio.sleep(1.0)  # the supervisor's reports and heartbeats settle
+                memory = daemon_memory(target.pid)
+                rtts = await asyncio.to_thread(_ping_rtts, target, args.idle_pings)
+                await asyncio.sleep(0)
+                lost = sum(c.lost for c in clients)
+            finally:
+                for client in clients:
+                    client.transport.close()
+                await asyncio.sleep(0.1)
+            return opened, memory, rtts, lost
+
+        loop = asyncio.new_event_loop()
+        try:
+            opened, memory, rtts, lost = loop.run_until_complete(run())
+        finally:
+            loop.close()
+
+    rss, pss = sum(r for _, r, _ in memory), sum(p for _, _, p in memory)
+    rss0 = sum(r for _, r, _ in before)
+    results["idle_count"] = count
+    results["idle_rss"], results["idle_pss"] = rss, pss
+    results["idle_rss_before"] = rss0
+    results["idle_rtt_p50"], results["idle_rtt_p99"] = pct(rtts, 50), pct(rtts, 99)
+    print(f"  opened in {opened:.1f} s ({rate(count / opened)}); closed by the daemon while held: "
+          f"{lost}")
+    table(
+        [(name, mib(r0), mib(r), mib(p)) for (name, r0, _), (_, r, p) in
+         zip(before, memory)]
+        + [("total", mib(rss0), mib(rss), mib(pss))],
+        ("process", "RSS idle daemon", f"RSS, {count:,} held", "PSS, held"),
+    )
+    if count:
+        print(f"  per held connection: {(rss - rss0) / count / 1024:.1f} KiB of RSS")
+    table(
+        [("ping RTT, no other connection", us(pct(base_rtts, 50)), us(pct(base_rtts, 99))),
+         (f"ping RTT, {count:,} held", us(pct(rtts, 50)), us(pct(rtts, 99)))],
+        ("", "p50", "p99"),
+    )
+    print(f"  goal: total RSS under 150 MB: {_met(rss < 150e6)} ({rss / 1e6:.0f} MB); "
+          f"ping p99 under 2 ms: {_met(pct(rtts, 99) < 2e-3)} ({ms(pct(rtts, 99))})")
+
+
+def _ping_rtts(target: TCPTarget, count: int) -> list[float]:
+    sock, pipe = target.connect()
+    try:
+        sequential_rtts(pipe, min(100, count))  # warm-up
+        return sequential_rtts(pipe, count)
+    finally:
+        sock.close()
+
+
+def mib(value: float) -> str:
+    return f"{value / 1048576:.1f} MiB"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+# ---------------------------------------------------------------------------------------------
+# section: pty (keystroke echo and output throughput of a PTY session)
+
+ECHO_COMMAND = "stty raw -echo && printf READY && exec cat"
+"""The program that echoes: `cat` on a terminal in raw mode without the line discipline's
+echo, so each byte goes through a process reading it and writing it back (as a shell's line
+editor does) and comes back alone and unchanged. The same command runs under `ssh -tt`."""
+KEYS = b"abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _pty_ident(name: str) -> dict:
+    """A new session of its own: its process starts with this attachment, no replay."""
+    return {"session_id": f"bench-{name}-{secrets.token_hex(4)}", "attachment_id": f"{name}-1",
+            "client_attachment_token": secrets.token_hex(8)}
+
+
+def _frame(pipe: Pipe, timeout: float = 15.0) -> dict:
+    """The next frame from the daemon; an error rather than a hang if none comes."""
+    if b"\n" not in pipe.buf:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in pipe.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([pipe.read_fd], [], [], left)[0]:
+                raise RuntimeError(f"nothing from the daemon for {timeout:.0f} s")
+            data = os.read(pipe.read_fd, 1 << 20)
+            if not data:
+                raise EOFError("the daemon closed the connection")
+            pipe.buf += data
+    return orjson.loads(pipe.readline())
+
+
+def _pty_attach(pipe: Pipe, ident: dict, command: str) -> bytes:
+    """pty.attach (id 1), waiting for its reply; the output that came before it."""
+    pipe.write(orjson.dumps({"id": 1, "method": "pty.attach",
+                             "params": dict(ident, cols=80, rows=24, command=command)}) + b"\n")
+    early = b""
+    while True:
+        msg = _frame(pipe)
+        if msg.get("id") == 1:
+            if msg.get("ok") is not True:
+                raise RuntimeError(f"pty.attach failed: {msg}")
+            return early
+        if msg.get("event") == "pty.data":
+            early += base64.b64decode(msg["data_base64"])
+        elif msg.get("event") in ("pty.exit", "pty.error"):
+            raise RuntimeError(f"pty.attach: {msg}")
+
+
+def _pty_output(pipe: Pipe, decode: bool = True):
+    """The payload of the next pty.data event; without `decode`, only its size."""
+    while True:
+        msg = _frame(pipe)
+        event = msg.get("event")
+        if event == "pty.data":
+            text = msg["data_base64"]
+            if decode:
+                return base64.b64decode(text)
+            return len(text) // 4 * 3 - text.endswith("=") - text.endswith("==")
+        if event in ("pty.exit", "pty.error"):
+            raise RuntimeError(f"the PTY session ended: {msg}")
+
+
+def cmuxd_echo(target: TCPTarget, count: int, warmup: int) -> list[float]:
+    """Seconds from writing one byte (an id-less pty.write) to its pty.data, `count` times."""
+    sock, pipe = target.connect()
+    try:
+        ident = _pty_ident("echo")
+        seen = _pty_attach(pipe, ident, ECHO_COMMAND)
+        deadline = time.monotonic() + 10
+        while b"READY" not in seen:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the echo program did not start: {seen[-200:]!r}")
+            seen += _pty_output(pipe)
+        frames = [orjson.dumps({"method": "pty.write", "params": dict(
+            ident, data_base64=base64.b64encode(bytes([k])).decode())}) + b"\n" for k in KEYS]
+        clock = time.perf_counter
+        out = []
+        for i in range(warmup + count):
+            key = bytes([KEYS[i % len(KEYS)]])
+            t0 = clock()
+            pipe.write(frames[i % len(KEYS)])
+            got = _pty_output(pipe)
+            while key not in got:
+                got += _pty_output(pipe)
+            elapsed = clock() - t0
+            if got != key:
+                raise RuntimeError(f"echo of {key!r} came back as {got!r}")
+            if i >= warmup:
+                out.append(elapsed)
+        return out
+    finally:
+        sock.close()
+
+
+def _read_until(fd: int, want: bytes, timeout: float) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while want not in out:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise RuntimeError(f"waited {timeout:.0f} s for {want!r}; got {out[-200:]!r}")
+        data = os.read(fd, 65536)
+        if not data:
+            raise EOFError(f"closed while waiting for {want!r}; got {out[-200:]!r}")
+        out += data
+    return out
+
+
+def ssh_echo(server: SSHServer, procs: Processes, count: int, warmup: int) -> list[float]:
+    """The same keystrokes through `ssh -tt` (stdin and stdout are pipes here)."""
+    errlog = tempfile.TemporaryFile()
+    proc = procs.start(server.ssh_argv(ECHO_COMMAND, tty=True), stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=errlog)
+    try:
+        w, r = proc.stdin.fileno(), proc.stdout.fileno()
+        _read_until(r, b"READY", 15)
+        clock = time.perf_counter
+        out = []
+        for i in range(warmup + count):
+            key = bytes([KEYS[i % len(KEYS)]])
+            t0 = clock()
+            os.write(w, key)
+            got = os.read(r, 4096)
+            while key not in got:
+                more = os.read(r, 4096)
+                if not more:
+                    raise EOFError("ssh closed its stdout")
+                got += more
+            elapsed = clock() - t0
+            if got != key:
+                raise RuntimeError(f"echo of {key!r} came back as {got!r}")
+            if i >= warmup:
+                out.append(elapsed)
+        return out
+    except BaseException:
+        errlog.seek(0)
+        sys.stderr.write(errlog.read().decode(errors="replace")[-2000:])
+        raise
+    finally:
+        procs.stop(proc)
+        errlog.close()
+
+
+def cmuxd_throughput(target: TCPTarget, path: Path, size: int) -> tuple[float, dict]:
+    """`cat` of `path` in a raw-mode PTY to one attachment: seconds from the first pty.data
+    to the last byte of the file, and the CPU seconds each daemon process used. The payload is
+    counted from the length of its base64, not decoded: CPython decodes base64 at about
+    200 MB/s, and the client shares the daemon's cores."""
+    sock, pipe = target.connect()
+    try:
+        ident = _pty_ident("cat")
+        cpu0 = {p.pid: (n, _cpu(p)) for n, p in daemon_processes(target.pid)}
+        # Output only once the terminal is raw, so that the bytes arrive unchanged.
+        got = len(_pty_attach(pipe, ident,
+                              f"stty raw -echo && exec cat {shlex.quote(str(path))}"))
+        if not got:
+            got = _pty_output(pipe, decode=False)
+        t0 = time.perf_counter()
+        while got < size:
+            got += _pty_output(pipe, decode=False)
+        elapsed = time.perf_counter() - t0
+        if got != size:
+            raise RuntimeError(f"{got:,} bytes arrived for a {size:,}-byte file")
+        cpu: dict[str, float] = {}
+        for n, p in daemon_processes(target.pid):
+            if p.pid in cpu0:
+                cpu[n] = cpu.get(n, 0.0) + _cpu(p) - cpu0[p.pid][1]
+        return elapsed, cpu
+    finally:
+        sock.close()
+
+
+def pty_section(args, procs: Processes, results: dict) -> None:
+    """Keystroke echo over cmuxd's TCP listener and through `ssh -tt`, and the output
+    throughput of one attachment."""
+    n, warm = args.keystrokes, min(50, max(1, args.keystrokes // 10))
+    print(f"pty: keystroke echo (`{ECHO_COMMAND}`), {n} keystrokes each; `cat` of "
+          f"{args.pty_mib} MiB to one attachment")
+    with section_dir(procs, "pty") as tmp:
+        target = start_tcp_daemon(Path(tmp), procs, args)
+        echo = cmuxd_echo(target, n, warm)
+        with ssh_server(procs, tty=True) as server:
+            echo_ssh = ssh_echo(server, procs, n, warm)
+        path = Path(tmp) / "payload"
+        size = args.pty_mib << 20
+        with open(path, "wb") as f:
+            for _ in range(args.pty_mib):
+                f.write(os.urandom(1 << 20))
+        runs = [cmuxd_throughput(target, path, size) for _ in range(args.pty_runs)]
+
+    r = results
+    r["pty_echo_p50"], r["pty_echo_p99"] = pct(echo, 50), pct(echo, 99)
+    r["ssh_echo_p50"], r["ssh_echo_p99"] = pct(echo_ssh, 50), pct(echo_ssh, 99)
+    rates = [size / seconds for seconds, _ in runs]
+    r["pty_throughput"] = statistics.median(rates)
+    seconds, cpu = sorted(runs)[len(runs) // 2]
+    table(
+        [("keystroke echo p50", us(r["pty_echo_p50"]), us(r["ssh_echo_p50"]),
+          _ratio(r, "ssh_echo_p50", "pty_echo_p50")),
+         ("keystroke echo p99", us(r["pty_echo_p99"]), us(r["ssh_echo_p99"]),
+          _ratio(r, "ssh_echo_p99", "pty_echo_p99")),
+         ("keystroke echo min", us(min(echo)), us(min(echo_ssh)), "")],
+        ("", "cmuxd tcp", "ssh -tt", "×"),
+    )
+    print("  (× = how many times lower the cmuxd figure is)")
+    print(f"  output, `cat` of {size / 1e6:.0f} MB: "
+          + ", ".join(f"{x / 1e6:.0f}" for x in rates)
+          + f" MB/s of payload; median {r['pty_throughput'] / 1e6:.0f} MB/s (its daemon CPU: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in cpu.items() if v >= 0.01) + ")")
+    print(f"  goal: echo p50 under 1 ms: {_met(r['pty_echo_p50'] < 1e-3)}; at least 5× lower "
+          f"than ssh: {_met(r['ssh_echo_p50'] >= 5 * r['pty_echo_p50'])}; throughput at least "
+          f"50 MB/s: {_met(r['pty_throughput'] >= 50e6)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# summary: every figure of the run next to its goal
+
+
+def summary(r: dict) -> None:
+    """One table of the run's figures, each with its goal (from the issues) and the ratio
+    it is judged by; figures of sections that did not run are left out."""
+
+    def row(label, key, fmt, goal="", judge=None, ratio=""):
+        if key not in r:
+            return None
+        verdict = "" if judge is None else judge(r)  # "-": the comparison did not run
+        if type(verdict) is bool:
+            verdict = _met(verdict)
+        return (label, fmt(r[key]), ratio, goal, verdict)
+
+    def x(num, den):
+        return f"{r[num] / r[den]:.1f}×" if num in r and den in r and r[den] else ""
+
+    rows = [
+        row("stdio: 20,000 pipelined pings", "stdio_pipelined", rate),
+        row("ssh: connect + first reply (fresh)", "ssh_first_reply", ms),
+        row("ssh: connect + first reply (ControlMaster)", "ssh_cm_first_reply", ms),
+        row("tcp: connect + auth + first reply (p50)", "tcp_first_reply", ms,
+            "≥ 100× faster than ssh ControlMaster",
+            lambda r: "-" if "ssh_cm_first_reply" not in r
+            else r["ssh_cm_first_reply"] >= 100 * r["tcp_first_reply"],
+            x("ssh_cm_first_reply", "tcp_first_reply")),
+        row("tcp: ping RTT p50 (ssh pipe: ratio)", "tcp_rtt_p50", us, "", None,
+            x("ssh_rtt_p50", "tcp_rtt_p50")),
+        row("tcp: 20,000 pipelined pings (stdio: ratio)", "tcp_pipelined", rate,
+            "faster than stdio",
+            lambda r: "-" if "stdio_pipelined" not in r
+            else r["tcp_pipelined"] > r["stdio_pipelined"],
+            x("tcp_pipelined", "stdio_pipelined")),
+        row("tcp: authenticated connections/s", "tcp_auth_rate", rate, "≥ 5,000/s",
+            lambda r: r["tcp_auth_rate"] >= 5000),
+        row("idle: RSS of all daemon processes", "idle_rss", lambda v: f"{v / 1e6:.0f} MB",
+            "< 150 MB", lambda r: r["idle_rss"] < 150e6),
+        row("idle: ping RTT p50 while held", "idle_rtt_p50", us),
+        row("idle: ping RTT p99 while held", "idle_rtt_p99", us, "< 2 ms",
+            lambda r: r["idle_rtt_p99"] < 2e-3),
+        row("pty: keystroke echo p50", "pty_echo_p50", us, "< 1 ms",
+            lambda r: r["pty_echo_p50"] < 1e-3),
+        row("pty: keystroke echo p50 through ssh -tt", "ssh_echo_p50", us,
+            "cmuxd ≥ 5× lower", lambda r: r["ssh_echo_p50"] >= 5 * r["pty_echo_p50"],
+            x("ssh_echo_p50", "pty_echo_p50")),
+        row("pty: keystroke echo p99 (ssh -tt: ratio)", "pty_echo_p99", us, "", None,
+            x("ssh_echo_p99", "pty_echo_p99")),
+        row("pty: output throughput", "pty_throughput", lambda v: f"{v / 1e6:.0f} MB/s",
+            "≥ 50 MB/s", lambda r: r["pty_throughput"] >= 50e6),
+    ]
+    rows = [row for row in rows if row is not None]
+    if not rows:
+        return
+    print("\nsummary (× = how many times better cmuxd is)")
+    table(rows, ("", "figure", "×", "goal", ""))
+    print("  load average at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+SECTIONS = {"stdio": stdio_section, "ssh": ssh_section, "tcp": tcp_section,
+            "idle": idle_section, "pty": pty_section}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -911,6 +1404,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "HOST:PORT instead of starting one")
     tcp.add_argument("--token-file", help="its token (else $CMUX_RELAY_TOKEN)")
     tcp.add_argument("--relay-id", help="its relay id (else $CMUX_RELAY_ID)")
+    idle = p.add_argument_group("idle")
+    idle.add_argument("--idle-connections", type=int, default=10000,
+                      help="authenticated idle connections to hold (default: %(default)s)")
+    idle.add_argument("--idle-concurrency", type=int, default=64,
+                      help="handshakes in flight while opening them (default: %(default)s)")
+    idle.add_argument("--idle-pings", type=int, default=2000,
+                      help="sequential pings while they are held (default: %(default)s)")
+    pty = p.add_argument_group("pty")
+    pty.add_argument("--keystrokes", type=int, default=500,
+                     help="keystrokes per echo figure (default: %(default)s)")
+    pty.add_argument("--pty-mib", type=int, default=64,
+                     help="MiB that `cat` writes for the throughput figure (default: %(default)s)")
+    pty.add_argument("--pty-runs", type=int, default=3,
+                     help="runs of the throughput figure (default: %(default)s)")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.sections if s not in SECTIONS]
@@ -942,6 +1449,7 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
             finally:
                 procs.close()
+    summary(results)
     return status
 
 
