@@ -18,6 +18,7 @@ import binascii
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import orjson
@@ -356,11 +357,27 @@ async def _serve(config: dict, lifeline: int | None) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     if lifeline is not None:
-        def supervisor_gone() -> None:
+        supervisor = socket.socket(fileno=lifeline)
+        supervisor.setblocking(False)
+
+        def heartbeat() -> None:
+            """Answer the supervisor's pings; its end closing means it is gone."""
+            try:
+                data = supervisor.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if data:
+                try:
+                    supervisor.send(b"p")
+                except OSError:
+                    pass
+                return
             loop.remove_reader(lifeline)
             stop.set()
 
-        loop.add_reader(lifeline, supervisor_gone)
+        loop.add_reader(lifeline, heartbeat)
     log.info("PTY hub serving on %s", server.path)
     await stop.wait()
     await server.close()

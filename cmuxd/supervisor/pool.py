@@ -95,15 +95,19 @@ class WorkerPool:
     def _spawn_hub(self) -> subprocess.Popen:
         """The PTY hub: one process that owns every PTY session, reached by the workers over
         its own socket, so a worker crash loses no terminal."""
-        # The hub watches the read end of a pipe whose write end only we hold: when the
-        # supervisor is gone, however it went, the hub sees EOF and ends its sessions.
-        lifeline, self._hub_lifeline = os.pipe()
-        cmd = [sys.executable, "-m", "cmuxd.hub_link", "--lifeline-fd", str(lifeline),
+        # The lifeline is a socketpair only we hold the other end of: the hub answers our
+        # heartbeats on it, and when the supervisor is gone, however it went, the hub sees
+        # EOF and ends its sessions.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cmd = [sys.executable, "-m", "cmuxd.hub_link", "--lifeline-fd", str(theirs.fileno()),
                "--config", orjson.dumps(self.config.worker_json()).decode()]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
-                                pass_fds=[lifeline])
-        os.close(lifeline)
-        self._hub_started = time.monotonic()
+                                pass_fds=[theirs.fileno()])
+        theirs.close()
+        ours.setblocking(False)
+        self._hub_lifeline = ours
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._hub_answered)
+        self._hub_started = self._hub_pong = time.monotonic()
         log.info("PTY hub started (pid %d)", proc.pid)
         return proc
 
@@ -223,6 +227,7 @@ class WorkerPool:
         if self.hub.poll() is None:
             self.hub.kill()
             self.hub.wait()
+        self._close_hub_lifeline()
 
     # dispatch
 
@@ -409,9 +414,41 @@ class WorkerPool:
             self._recycle_big_workers()
         self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
 
+    def _hub_answered(self) -> None:
+        try:
+            data = self._hub_lifeline.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._hub_pong = time.monotonic()
+        else:  # the hub is gone; the reaper notices and replaces it
+            asyncio.get_running_loop().remove_reader(self._hub_lifeline.fileno())
+
+    def _close_hub_lifeline(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._hub_lifeline.fileno())
+        self._hub_lifeline.close()
+
+    def _ping_hub(self, now: float) -> None:
+        """The hub is supervised like a worker: a hub whose loop has stopped answering is
+        killed (its sessions are lost either way) and replaced."""
+        if self.hub is None or self.hub.poll() is not None:
+            return
+        if now - self._hub_pong > self.config.worker_timeout:
+            log.warning("PTY hub (pid %d) has not answered for %.0f s; killing it",
+                        self.hub.pid, now - self._hub_pong)
+            self.hub.kill()
+            return
+        try:
+            self._hub_lifeline.send(b"p")
+        except OSError:
+            pass
+
     def _heartbeat(self, now: float) -> None:
         """Ping every worker; one whose loop has not answered for --worker-timeout is hung:
         kill it, and the reaper replaces it."""
+        self._ping_hub(now)
         figures = self.figures()
         for worker in self.workers:
             if worker.chan is None or worker.proc.poll() is not None:
@@ -451,7 +488,7 @@ class WorkerPool:
         retired ones once they are gone. A hub that exited is replaced too, but its sessions
         are gone with it."""
         if self.hub is not None and self.hub.poll() is not None:
-            os.close(self._hub_lifeline)
+            self._close_hub_lifeline()
             lived = time.monotonic() - self._hub_started
             self._hub_streak = self._hub_streak + 1 if lived < 5 else 0
             delay = 0.0 if self._hub_streak <= 1 else min(RESPAWN_MAX,

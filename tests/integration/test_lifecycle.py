@@ -193,3 +193,32 @@ def test_status_command_prints_table_and_json(spawn):
     assert data["pid"] == d.proc.pid and len(data["workers"]) == 2
     out = d.cli("status", "--state-dir", str(d.dir / "nowhere"))
     assert out.returncode == 3 and b"no daemon answers" in out.stderr
+
+
+def test_hung_pty_hub_is_replaced_after_the_timeout(spawn):
+    d = spawn("--worker-timeout", "2", workers=1)
+
+    def hub_pid():
+        hubs = []
+        for child in psutil.Process(d.proc.pid).children():
+            try:
+                if "cmuxd.hub_link" in " ".join(child.cmdline()) and \
+                        child.status() != psutil.STATUS_ZOMBIE:
+                    hubs.append(child.pid)
+            except psutil.Error:
+                continue
+        return hubs[0] if len(hubs) == 1 else None
+
+    victim = wait_for(hub_pid)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_for(lambda: hub_pid() not in (None, victim), timeout=15)
+    finally:
+        if psutil.pid_exists(victim):
+            os.kill(victim, signal.SIGCONT)
+    assert "PTY hub" in d.log() and "has not answered" in d.log()
+    s = d.authed()
+    r = s.call("pty.attach", {"session_id": "after", "attachment_id": "a",
+                              "client_attachment_token": "t", "cols": 80, "rows": 24,
+                              "command": "exec cat"}, timeout=15)
+    assert r["ok"], r
