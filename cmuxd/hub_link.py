@@ -284,22 +284,26 @@ class RemoteHub:
         if self.writer is not None:
             self.writer.write(encode(msg))
 
-    async def _call(self, method: str, *args, reserved=None):
+    def _call(self, method: str, *args, reserved=None) -> asyncio.Future:
+        """Send the call now, so calls reach the hub in the order the requests arrived, and
+        return the future of its answer."""
         if self.writer is None or not self.connected.is_set():
-            # Just started, or the hub is being replaced: give the link a moment.
-            try:
-                await asyncio.wait_for(self.connected.wait(), CONNECT_WAIT)
-            except TimeoutError:
-                raise RPCError(UNAVAILABLE, MSG_NO_HUB) from None
+            return asyncio.ensure_future(self._call_once_connected(method, args, reserved))
         self._next_rid += 1
         rid = self._next_rid
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = (fut, reserved)
+        fut.add_done_callback(lambda _: self._waiting.pop(rid, None))
         self._send({"op": "call", "rid": rid, "method": method, "args": list(args)})
+        return fut
+
+    async def _call_once_connected(self, method: str, args: tuple, reserved):
+        """Just started, or the hub is being replaced: give the link a moment."""
         try:
-            return await fut
-        finally:
-            self._waiting.pop(rid, None)
+            await asyncio.wait_for(self.connected.wait(), CONNECT_WAIT)
+        except TimeoutError:
+            raise RPCError(UNAVAILABLE, MSG_NO_HUB) from None
+        return await self._call(method, *args, reserved=reserved)
 
     # the Hub interface the handlers use
 

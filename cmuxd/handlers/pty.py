@@ -284,9 +284,11 @@ def _notification(method, fallback: str):
             log.exception("%s notification failed", req.method)
             _error_event(ctx, req.params, "", fallback)
             return NO_RESPONSE
-        if type(result) is dict:
-            return NO_RESPONSE
-        return _notification_reply(ctx, req, result, fallback)
+        if type(result) is not dict:
+            # A hub over a link has the call already; only a failure is worth waiting for,
+            # and the next request need not wait for it.
+            ctx.spawn(_notification_reply(ctx, req, result, fallback))
+        return NO_RESPONSE
 
     return handler
 
