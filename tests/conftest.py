@@ -27,3 +27,20 @@ def spawn_daemon():
 def daemon(spawn_daemon) -> StdioDaemon:
     """A fresh stdio daemon (one connection)."""
     return spawn_daemon()
+
+
+@pytest.fixture
+def spawn_listening():
+    """Start listening daemons (`serve --tcp/--socket`), each ready; all stopped at the end."""
+    from listening import ListeningDaemon
+
+    started: list[ListeningDaemon] = []
+
+    def spawn(*extra: str, **kwargs) -> ListeningDaemon:
+        d = ListeningDaemon(*extra, **kwargs)
+        started.append(d)
+        return d.wait_ready()
+
+    yield spawn
+    for d in started:
+        d.close()

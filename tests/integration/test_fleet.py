@@ -10,24 +10,9 @@ import socket
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from helpers import daemon_command, wait_for
-from listening import RELAY_ID, ListeningDaemon, free_port, refused
-
-
-@pytest.fixture
-def daemons():
-    started: list[ListeningDaemon] = []
-
-    def start(*extra: str, **kwargs) -> ListeningDaemon:
-        d = ListeningDaemon(*extra, **kwargs)
-        started.append(d)
-        return d.wait_ready()
-
-    yield start
-    for d in started:
-        d.close()
+from listening import RELAY_ID, free_port, refused
 
 
 def write_fleet(path: Path, hosts: dict[str, tuple[str, Path | None]]) -> Path:
@@ -55,8 +40,8 @@ def run(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProce
                           stdin=subprocess.DEVNULL)
 
 
-def test_allow_from_closes_outsiders_before_the_challenge(daemons):
-    d = daemons("--allow-from", "tailnet")
+def test_allow_from_closes_outsiders_before_the_challenge(spawn_listening):
+    d = spawn_listening("--allow-from", "tailnet")
     sock = d.tcp_connect()
     # No challenge, no failure reply: the connection is closed unread.
     assert refused(sock) == b""
@@ -74,8 +59,8 @@ def test_allow_from_closes_outsiders_before_the_challenge(daemons):
     assert b"closed the connection without a challenge" in result.stderr
 
 
-def test_allow_from_loopback_serves_local_clients(daemons):
-    d = daemons("--allow-from", "tailnet", "--allow-from", "127.0.0.0/8", v6=True)
+def test_allow_from_loopback_serves_local_clients(spawn_listening):
+    d = spawn_listening("--allow-from", "tailnet", "--allow-from", "127.0.0.0/8", v6=True)
     stream = d.authed("127.0.0.1")
     assert stream.call("ping", id=1)["result"] == {"pong": True}
     stream.close()
@@ -90,8 +75,8 @@ def test_a_bad_allow_from_stops_the_start_with_a_sentence():
     assert b"--allow-from '10.0.0.0/33' is not" in result.stderr
 
 
-def test_ext_status_tells_a_remote_client_uptime_workers_connections(daemons):
-    d = daemons(workers=2)
+def test_ext_status_tells_a_remote_client_uptime_workers_connections(spawn_listening):
+    d = spawn_listening(workers=2)
     first = d.authed()
     hello = first.call("hello", id=1)["result"]
     assert "ext.status" in hello["capabilities"]
@@ -108,8 +93,8 @@ def test_ext_status_tells_a_remote_client_uptime_workers_connections(daemons):
     first.close()
 
 
-def test_client_commands_take_host_names_from_cmux_json(daemons, tmp_path):
-    d = daemons()
+def test_client_commands_take_host_names_from_cmux_json(spawn_listening, tmp_path):
+    d = spawn_listening()
     fleet = write_fleet(tmp_path / "cmux.json",
                         {"honey": (f"cmux://127.0.0.1:{d.port}", d.token_file)})
     env = client_env(tmp_path, fleet)
@@ -129,8 +114,8 @@ def test_client_commands_take_host_names_from_cmux_json(daemons, tmp_path):
     assert d.token.encode() not in ping.stdout + ping.stderr + hello.stderr
 
 
-def test_fleet_status_reports_each_host_and_fails_when_one_is_down(daemons, tmp_path):
-    a, b = daemons(workers=1), daemons(workers=2)
+def test_fleet_status_reports_each_host_and_fails_when_one_is_down(spawn_listening, tmp_path):
+    a, b = spawn_listening(workers=1), spawn_listening(workers=2)
     closed = free_port()
     wrong = tmp_path / "wrong-token"
     wrong.write_text("cd" * 32 + "\n")

@@ -10,24 +10,9 @@ import threading
 import time
 
 import psutil
-import pytest
 
 from helpers import wait_for
-from listening import ListeningDaemon, refused
-
-
-@pytest.fixture
-def spawn():
-    started = []
-
-    def make(*args, **kwargs):
-        d = ListeningDaemon(*args, **kwargs)
-        started.append(d)
-        return d.wait_ready()
-
-    yield make
-    for d in started:
-        d.close()
+from listening import refused
 
 
 class PingLoop(threading.Thread):
@@ -52,8 +37,8 @@ class PingLoop(threading.Thread):
             self.error = exc
 
 
-def test_killed_worker_loses_only_its_connections(spawn):
-    d = spawn(workers=2)
+def test_killed_worker_loses_only_its_connections(spawn_listening):
+    d = spawn_listening(workers=2)
     loops = [PingLoop(d) for _ in range(50)]
     for l in loops:
         l.start()
@@ -84,8 +69,8 @@ def test_killed_worker_loses_only_its_connections(spawn):
     assert "exited with SIGKILL" in d.log()
 
 
-def test_hung_worker_is_replaced_after_the_timeout(spawn):
-    d = spawn("--worker-timeout", "2", workers=2)
+def test_hung_worker_is_replaced_after_the_timeout(spawn_listening):
+    d = spawn_listening("--worker-timeout", "2", workers=2)
     victim = d.status()["workers"][0]["pid"]
     os.kill(victim, signal.SIGSTOP)
     try:
@@ -100,8 +85,8 @@ def test_hung_worker_is_replaced_after_the_timeout(spawn):
     assert s.call("ping", id=1)["ok"] is True
 
 
-def test_reload_under_load_fails_no_request(spawn):
-    d = spawn("--graceful-timeout", "30", workers=2)
+def test_reload_under_load_fails_no_request(spawn_listening):
+    d = spawn_listening("--graceful-timeout", "30", workers=2)
     loops = [PingLoop(d) for _ in range(20)]
     for l in loops:
         l.start()
@@ -126,8 +111,8 @@ def test_reload_under_load_fails_no_request(spawn):
     wait_for(lambda: all(w["generation"] == 2 for w in d.status()["workers"]), timeout=15)
 
 
-def test_ten_thousand_auth_cycles_leave_the_supervisor_flat(spawn):
-    d = spawn(workers=2)
+def test_ten_thousand_auth_cycles_leave_the_supervisor_flat(spawn_listening):
+    d = spawn_listening(workers=2)
     sup = psutil.Process(d.proc.pid)
 
     def cycles(n):
@@ -148,8 +133,8 @@ def test_ten_thousand_auth_cycles_leave_the_supervisor_flat(spawn):
     assert rss1 - rss0 < 8 * 1024 * 1024, (rss0, rss1)
 
 
-def test_worker_over_rss_limit_is_recycled_gracefully(spawn):
-    d = spawn("--max-worker-rss", "1", "--graceful-timeout", "30", workers=1)
+def test_worker_over_rss_limit_is_recycled_gracefully(spawn_listening):
+    d = spawn_listening("--max-worker-rss", "1", "--graceful-timeout", "30", workers=1)
     first = d.status()["workers"][0]["pid"]
     stream = d.authed()
     assert stream.call("ping", id=1)["ok"] is True
@@ -160,8 +145,8 @@ def test_worker_over_rss_limit_is_recycled_gracefully(spawn):
     assert "--max-worker-rss" in d.log()
 
 
-def test_max_connections_refuses_with_a_reason(spawn):
-    d = spawn("--max-connections", "3", workers=1)
+def test_max_connections_refuses_with_a_reason(spawn_listening):
+    d = spawn_listening("--max-connections", "3", workers=1)
     held = [d.authed() for _ in range(3)]
     wait_for(lambda: d.status()["connections"] == 3)
     sock = d.tcp_connect()
@@ -174,16 +159,16 @@ def test_max_connections_refuses_with_a_reason(spawn):
     assert d.authed().call("ping", id=1)["ok"] is True
 
 
-def test_ttin_ttou_change_the_worker_count(spawn):
-    d = spawn(workers=1)
+def test_ttin_ttou_change_the_worker_count(spawn_listening):
+    d = spawn_listening(workers=1)
     os.kill(d.proc.pid, signal.SIGTTIN)
     wait_for(lambda: len([w for w in d.status()["workers"] if w["state"] == "serving"]) == 2)
     os.kill(d.proc.pid, signal.SIGTTOU)
     wait_for(lambda: len(d.status()["workers"]) == 1, timeout=15)
 
 
-def test_status_command_prints_table_and_json(spawn):
-    d = spawn(workers=2)
+def test_status_command_prints_table_and_json(spawn_listening):
+    d = spawn_listening(workers=2)
     out = d.cli("status", "--state-dir", str(d.state_dir))
     assert out.returncode == 0, out.stderr
     text = out.stdout.decode()
@@ -195,8 +180,8 @@ def test_status_command_prints_table_and_json(spawn):
     assert out.returncode == 3 and b"no daemon answers" in out.stderr
 
 
-def test_hung_pty_hub_is_replaced_after_the_timeout(spawn):
-    d = spawn("--worker-timeout", "2", workers=1)
+def test_hung_pty_hub_is_replaced_after_the_timeout(spawn_listening):
+    d = spawn_listening("--worker-timeout", "2", workers=1)
 
     def hub_pid():
         hubs = []
