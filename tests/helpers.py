@@ -402,6 +402,17 @@ def _write_all(writer, data: bytes) -> None:
 # The daemon under stdio
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM, so a daemon cleans up after itself; SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 def daemon_command(*args: str) -> list[str]:
     """How to run the daemon: $CMUXD_REMOTE (a binary) if set, else this interpreter's cmuxd."""
     binary = os.environ.get("CMUXD_REMOTE")

@@ -19,7 +19,7 @@ import orjson
 
 from cmuxd.status import query_status
 
-from helpers import DEFAULT_TIMEOUT, FrameStream, daemon_command, wait_for
+from helpers import DEFAULT_TIMEOUT, FrameStream, daemon_command, stop_process, wait_for
 
 RELAY_ID = "relay-test"
 
@@ -173,13 +173,7 @@ class ListeningDaemon:
             raise
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.stderr_file.close()
 
 

@@ -60,14 +60,6 @@ def test_v1_client_gets_plain_ok_and_pipelined_request_is_answered(shared):
     stream.close()
 
 
-def _send_auth_line(d, line: bytes):
-    sock = d.tcp_connect()
-    d.challenge(sock)
-    t0 = time.monotonic()
-    sock.sendall(line)
-    return sock, t0
-
-
 @pytest.mark.parametrize("case", [
     "wrong_mac", "ascii_key_mac", "wrong_relay_id", "upper_client_nonce", "short_client_nonce",
     "rpc_instead", "garbage", "oversized",
@@ -75,9 +67,11 @@ def _send_auth_line(d, line: bytes):
 def test_bad_handshakes_are_refused_while_a_good_client_keeps_working(shared, case):
     good = shared.authed()
     ping_ok(good)
+    # The daemon sends its challenge only once the connection exists: timing from before
+    # connect() bounds its delay from below, however late this thread is scheduled.
+    t_before_connect = time.monotonic()
     sock = shared.tcp_connect()
     challenge = shared.challenge(sock)
-    t_challenge = time.monotonic()
     nonce = challenge["nonce"]
     right = mac_for(shared.token, RELAY_ID, nonce)
     lines = {
@@ -97,9 +91,9 @@ def test_bad_handshakes_are_refused_while_a_good_client_keeps_working(shared, ca
         payload = orjson.dumps(lines[case]) + b"\n" + b'{"id":9,"method":"ping"}\n'
     sock.sendall(payload)
     data = refused(sock)
-    waited = time.monotonic() - t_challenge
+    waited = time.monotonic() - t_before_connect
     assert data == b'{"ok":false}\n'
-    assert waited >= 0.045  # the failure reply never comes sooner than 50 ms after the challenge
+    assert waited >= 0.05  # the failure reply never comes sooner than 50 ms after the challenge
     ping_ok(good, id=2)
     good.close()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from cmuxd.status import query_status
-from helpers import daemon_command, wait_for
+from helpers import daemon_command, stop_process, wait_for
 
 PORT = 5555
 TAG = str(os.getpid() % 100000)
@@ -162,13 +162,7 @@ class NamespaceDaemon:
         self.proc.wait(15)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+        stop_process(self.proc)
         self.log_file.close()
 
 
