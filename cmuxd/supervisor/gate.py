@@ -66,6 +66,22 @@ class Backoff:
         self.table.pop(addr, None)
 
 
+class _Pending:
+    """One connection between accept and the handshake's end."""
+
+    __slots__ = ("conn", "fd", "hs", "peer", "host", "started", "timer")
+
+    def __init__(self, conn: socket.socket, hs: ServerHandshake, peer: str, host: str | None,
+                 started: float):
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.hs = hs
+        self.peer = peer
+        self.host = host
+        self.started = started
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class Gate:
     def __init__(self, listeners: list[Listener], creds: Credentials | None, pool, config,
                  counters: Counter):
@@ -76,7 +92,8 @@ class Gate:
         self.counters = counters
         self.in_flight = 0
         self.backoff = Backoff(config.backoff_failures, config.backoff_window, config.backoff_max)
-        self.tasks: set[asyncio.Task] = set()
+        self.pending: dict[int, _Pending] = {}  # fd -> handshake waiting for its auth line
+        self.failing: dict[int, _Pending] = {}  # fd -> refused, waiting out FAILURE_DELAY
         self.next_id = 0
         self._refusals: Counter = Counter()
         self._refusal_logger: asyncio.TimerHandle | None = None
@@ -94,8 +111,11 @@ class Gate:
 
     def stop(self) -> None:
         self.stop_accepting()
-        for task in list(self.tasks):
-            task.cancel()
+        for pending in list(self.pending.values()) + list(self.failing.values()):
+            self._settle(pending)
+            pending.conn.close()
+        self.pending.clear()
+        self.failing.clear()
 
     def stop_accepting(self) -> None:
         loop = asyncio.get_running_loop()
@@ -171,62 +191,82 @@ class Gate:
         self._start_handshake(conn, peer, host)
 
     def _start_handshake(self, conn: socket.socket, peer: str, host: str | None) -> None:
+        """Challenge now; the rest runs from the loop's callbacks (data, deadline), with no
+        task per connection: the gate's cost per connection is what bounds the accept rate."""
         if self.creds is None:
             self._refuse("no_token")
             conn.close()
             return
-        over_cap = self.in_flight >= self.config.max_handshakes
-        self.in_flight += 1
-        task = asyncio.get_running_loop().create_task(
-            self._handshake(conn, peer, host, over_cap)
-        )
-        self.tasks.add(task)
-        task.add_done_callback(self._handshake_done)
-
-    def _handshake_done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        self.in_flight -= 1
-        if not task.cancelled() and task.exception() is not None:
-            log.error("handshake task failed", exc_info=task.exception())
-
-    async def _handshake(self, conn: socket.socket, peer: str, host: str | None,
-                         over_cap: bool) -> None:
         loop = asyncio.get_running_loop()
+        self.in_flight += 1
         hs = ServerHandshake(self.creds.token, self.creds.relay_id)
-        started = loop.time()
-        reason = None
+        pending = _Pending(conn, hs, peer, host, loop.time())
         try:
             conn.send(hs.challenge())
-            if over_cap:
-                reason = "capacity"
-            else:
-                async with asyncio.timeout(PREAUTH_TIMEOUT):
-                    while hs.state == "waiting":
-                        data = await loop.sock_recv(conn, MAX_AUTH_LINE + 1)
-                        if data:
-                            hs.feed(data)
-                        else:
-                            hs.eof()
-                if hs.state == "accepted":
-                    conn.send(hs.reply)
-                    self.counters["authenticated"] += 1
-                    if host is not None:
-                        self.backoff.success(host)
-                    self._hand_off(conn, "tcp" if host is not None else "unix", peer, hs.leftover)
-                    return
-                reason = hs.reason or "refused"
-        except TimeoutError:
-            reason = "timeout"
         except OSError:
-            reason = "io"
-        if host is not None:
-            if reason != "capacity":  # our limit, not the peer's fault
-                self.backoff.failure(host, time.monotonic())
+            self._fail(pending, "io")
+            return
+        if self.in_flight > self.config.max_handshakes:
+            self._fail(pending, "capacity")
+            return
+        pending.timer = loop.call_at(pending.started + PREAUTH_TIMEOUT, self._fail, pending,
+                                     "timeout")
+        loop.add_reader(pending.fd, self._readable, pending)
+        self.pending[pending.fd] = pending
+
+    def _readable(self, pending: "_Pending") -> None:
+        try:
+            data = pending.conn.recv(MAX_AUTH_LINE + 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._fail(pending, "io")
+            return
+        hs = pending.hs
+        if data:
+            hs.feed(data)
+        else:
+            hs.eof()
+        if hs.state == "waiting":
+            return
+        if hs.state != "accepted":
+            self._fail(pending, hs.reason or "refused")
+            return
+        self._settle(pending)
+        self.in_flight -= 1
+        conn = pending.conn
+        try:
+            conn.send(hs.reply)
+        except OSError:
+            conn.close()
+            return
+        self.counters["authenticated"] += 1
+        if pending.host is not None:
+            self.backoff.success(pending.host)
+        self._hand_off(conn, "unix" if pending.host is None else "tcp", pending.peer,
+                       hs.leftover)
+
+    def _settle(self, pending: "_Pending") -> None:
+        """The handshake is decided: stop watching the socket and the deadline."""
+        if self.pending.pop(pending.fd, None) is not None:
+            asyncio.get_running_loop().remove_reader(pending.fd)
+        if pending.timer is not None:
+            pending.timer.cancel()
+
+    def _fail(self, pending: "_Pending", reason: str) -> None:
+        self._settle(pending)
+        if pending.host is not None and reason != "capacity":  # our limit, not the peer's
+            self.backoff.failure(pending.host, time.monotonic())
         self._refuse(reason)
-        delay = started + FAILURE_DELAY - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        _send_and_close(conn, FAILURE_REPLY)
+        loop = asyncio.get_running_loop()
+        pending.timer = loop.call_at(pending.started + FAILURE_DELAY, self._send_failure,
+                                     pending)
+        self.failing[pending.fd] = pending
+
+    def _send_failure(self, pending: "_Pending") -> None:
+        self.failing.pop(pending.fd, None)
+        self.in_flight -= 1
+        _send_and_close(pending.conn, FAILURE_REPLY)
 
     def _hand_off(self, conn: socket.socket, kind: str, peer: str, leftover: bytes) -> None:
         self.next_id += 1
