@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 import time
 from collections import Counter, OrderedDict
 
@@ -29,6 +30,7 @@ from .listeners import Listener, format_address
 log = logging.getLogger("cmuxd.supervisor")
 
 REFUSAL_LOG_INTERVAL = 10.0
+ACCEPT_INHERITS_OPTIONS = sys.platform.startswith("linux")
 BACKOFF_TABLE_MAX = 10000
 
 
@@ -107,6 +109,9 @@ class Gate:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         for listener in self.listeners:
+            if listener.kind == "tcp":
+                # Linux copies these to every accepted socket: set once, not per connection.
+                _tune_tcp(listener.sock)
             loop.add_reader(listener.sock.fileno(), self._accept, listener)
 
     def stop(self) -> None:
@@ -160,7 +165,8 @@ class Gate:
             if listener.kind == "unix":
                 self._accept_unix(conn)
             else:
-                _tune_tcp(conn)
+                if not ACCEPT_INHERITS_OPTIONS:
+                    _tune_tcp(conn)
                 self._accept_tcp(conn, addr, format_address(conn.family, addr))
 
     def _accept_unix(self, conn: socket.socket) -> None:

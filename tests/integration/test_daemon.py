@@ -398,3 +398,14 @@ def test_capacity_refusals_do_not_count_against_an_address():
         assert d.status()["counters"].get("refused_backoff", 0) == 0
     finally:
         d.close()
+
+
+def test_accepted_tcp_connections_carry_keepalives(shared):
+    """A peer that vanishes while idle must not hold its connection forever."""
+    stream = shared.authed()
+    ping_ok(stream)
+    out = subprocess.run(["ss", "-tno", "state", "established", f"( sport = :{shared.port} )"],
+                         capture_output=True, text=True, timeout=10).stdout
+    ours = [line for line in out.splitlines() if f":{stream.local_port}" in line]
+    assert ours and "keepalive" in ours[0], out
+    stream.close()
