@@ -404,8 +404,14 @@ def test_accepted_tcp_connections_carry_keepalives(shared):
     """A peer that vanishes while idle must not hold its connection forever."""
     stream = shared.authed()
     ping_ok(stream)
-    out = subprocess.run(["ss", "-tno", "state", "established", f"( sport = :{shared.port} )"],
-                         capture_output=True, text=True, timeout=10).stdout
-    ours = [line for line in out.splitlines() if f":{stream.local_port}" in line]
-    assert ours and "keepalive" in ours[0], out
+    def timer():
+        # ss shows one timer per socket: the retransmit timer while a reply is unacked, then
+        # the keepalive timer.
+        out = subprocess.run(["ss", "-tno", "state", "established",
+                              f"( sport = :{shared.port} )"],
+                             capture_output=True, text=True, timeout=10).stdout
+        ours = [line for line in out.splitlines() if f":{stream.local_port}" in line]
+        return ours and "keepalive" in ours[0]
+
+    wait_for(timer, timeout=10, message="a keepalive timer on the daemon's socket")
     stream.close()
