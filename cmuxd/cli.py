@@ -93,8 +93,9 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
 async def _serve_stdio(shell: str | None, scrollback: int, idle_ttl: float) -> int:
     # The one connection owns the hub: its PTY sessions die with stdin (spec §1.2).
     from .connection import serve_stdio
-    from .hub import Hub
+    from .hub import Hub, watch_children_without_threads
 
+    watch_children_without_threads()
     hub = Hub(scrollback=scrollback, idle_ttl=idle_ttl, shell=shell)
     try:
         return await serve_stdio(hub)

@@ -34,6 +34,7 @@ import struct
 import subprocess
 import tempfile
 import termios
+import warnings
 from collections import deque
 from collections.abc import Callable
 
@@ -564,6 +565,23 @@ def _write_script(command: str) -> str:
         raise
     os.close(fd)
     return path
+
+
+def watch_children_without_threads() -> None:
+    """Starting a PTY process runs code between fork and exec (it takes the controlling
+    terminal), which is only safe in a process with no other threads; asyncio's default child
+    watcher starts a thread per child. Where Linux offers pidfds, watch children with them."""
+    if not hasattr(os, "pidfd_open") or not hasattr(asyncio, "PidfdChildWatcher"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return  # a kernel without pidfds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        watcher = asyncio.PidfdChildWatcher()
+        asyncio.set_child_watcher(watcher)
+        watcher.attach_loop(asyncio.get_running_loop())
 
 
 class Hub:

@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 
 from .handlers.pty import MSG_NO_HUB, OUTBOUND_FRAMES
-from .hub import Hub
+from .hub import Hub, watch_children_without_threads
 from .protocol import OVERSIZED, UNAVAILABLE, FrameDecoder, RPCError, b64, encode
 
 log = logging.getLogger("cmuxd.hub")
@@ -352,6 +352,7 @@ class RemoteHub:
 
 
 async def _serve(config: dict, lifeline: int | None) -> None:
+    watch_children_without_threads()
     hub = Hub(scrollback=config.get("scrollback", 1 << 20),
               idle_ttl=config.get("idle_ttl", 86400.0), shell=config.get("shell"))
     server = HubServer(hub, hub_socket_path(config["state_dir"]))

@@ -221,3 +221,21 @@ def test_a_write_near_the_frame_limit_crosses_the_hub_link():
         assert a.call("pty.list")["result"]["sessions"][0]["effective_cols"] == 70
     finally:
         d.close()
+
+
+def test_the_hub_starts_pty_processes_without_helper_threads():
+    """Code runs between fork and exec to take the controlling terminal; that is only safe in
+    a process with one thread, so children are watched with pidfds, not a thread each."""
+    d = ListeningDaemon(workers=1).wait_ready()
+    try:
+        s = d.authed()
+        for n in range(3):
+            r = s.call("pty.attach", {"session_id": f"s{n}", "attachment_id": "a",
+                                      "client_attachment_token": "t", "cols": 80, "rows": 24,
+                                      "command": "exec cat"})
+            assert r["ok"], r
+        hub = [p for p in psutil.Process(d.proc.pid).children()
+               if "cmuxd.hub_link" in " ".join(p.cmdline())][0]
+        assert hub.num_threads() == 1
+    finally:
+        d.close()
