@@ -23,7 +23,7 @@ from pathlib import Path
 
 import orjson
 
-from .handlers.pty import MSG_NO_HUB, OUTBOUND_FRAMES
+from .handlers.pty import MSG_NO_HUB, OUTBOUND_FRAMES, pty_error_event
 from .hub import Hub, watch_children_without_threads
 from .protocol import OVERSIZED, UNAVAILABLE, FrameDecoder, RPCError, b64, encode
 
@@ -33,6 +33,7 @@ CONNECT_WAIT = 5.0
 LINK_MAX_FRAME = 64 * 1024 * 1024
 """Link frames carry a whole pty.write (up to the 4 MiB request frame, base64 once more)."""
 CALLS = ("attach", "cancel", "write", "resize", "detach", "close", "list")
+ASYNC_CALLS = ("attach", "cancel")
 
 
 def hub_socket_path(state_dir: str) -> Path:
@@ -114,43 +115,73 @@ class _Link(asyncio.Protocol):
                     entry[1].unconfirmed[key] = max(0, left)
                 self.hub.drained(entry[0], *key, msg["n"])
         elif op == "call":
-            self._spawn(self._call(msg))
+            if msg["method"] in ASYNC_CALLS:
+                self._spawn(self._call(msg))
+            else:
+                self._call_now(msg)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _call(self, msg: dict) -> None:
-        rid, method, args = msg["rid"], msg["method"], msg["args"]
+    def _prepare(self, msg: dict) -> tuple:
+        """The hub method and its arguments, with the worker's peer id made ours."""
+        method, args = msg["method"], msg["args"]
+        if method not in CALLS:
+            raise RPCError(UNAVAILABLE, f"unknown hub call {method}")
+        if method in ("list", "close"):
+            return getattr(self.hub, method), args
+        entry = self.peers.get(args[0])
+        if entry is None:
+            raise RPCError(UNAVAILABLE, MSG_NO_HUB)
+        args = [entry[0], *args[1:]]
+        if method == "write":
+            args[4] = binascii.a2b_base64(args[4])
+        return getattr(self.hub, method), args
+
+    def _call_now(self, msg: dict) -> None:
+        """Calls the hub answers at once run here, not in a task of their own: keystrokes
+        take this path. A quiet call (a pty.write notification) is answered only when it
+        fails, and then as the pty.error event its sender would have emitted."""
         try:
-            if method not in CALLS:
-                raise RPCError(UNAVAILABLE, f"unknown hub call {method}")
-            if method in ("list", "close"):
-                result = getattr(self.hub, method)(*args)
+            method, args = self._prepare(msg)
+            result = method(*args)
+        except Exception as exc:
+            self._failed(msg, exc)
+            return
+        if not msg.get("quiet"):
+            self.send({"rid": msg["rid"], "ok": True, "result": result})
+
+    async def _call(self, msg: dict) -> None:
+        rid = msg["rid"]
+        try:
+            method, args = self._prepare(msg)
+            if method == self.hub.attach:
+                result = await method(*args, reserved=lambda: self.send(
+                    {"rid": rid, "reserved": True}))
             else:
-                entry = self.peers.get(args[0])
-                if entry is None:
-                    raise RPCError(UNAVAILABLE, MSG_NO_HUB)
-                args = [entry[0], *args[1:]]
-                if method == "write":
-                    args[4] = binascii.a2b_base64(args[4])
-                if method == "attach":
-                    result = await self.hub.attach(
-                        *args, reserved=lambda: self.send({"rid": rid, "reserved": True}))
-                else:
-                    result = getattr(self.hub, method)(*args)
-                    if asyncio.iscoroutine(result):
-                        result = await result
-            self.send({"rid": rid, "ok": True, "result": result})
-        except RPCError as exc:
-            self.send({"rid": rid, "ok": False, "code": exc.code, "message": exc.message})
+                result = await method(*args)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("hub call %s failed", method)
-            self.send({"rid": rid, "ok": False, "code": UNAVAILABLE,
-                       "message": "internal error in the PTY hub; see the daemon log"})
+        except Exception as exc:
+            self._failed(msg, exc)
+            return
+        self.send({"rid": rid, "ok": True, "result": result})
+
+    def _failed(self, msg: dict, exc: Exception) -> None:
+        if isinstance(exc, RPCError):
+            code, message = exc.code, exc.message
+        else:
+            log.error("hub call %s failed", msg["method"], exc_info=exc)
+            code, message = UNAVAILABLE, "internal error in the PTY hub; see the daemon log"
+        if not msg.get("quiet"):
+            self.send({"rid": msg["rid"], "ok": False, "code": code, "message": message})
+            return
+        entry = self.peers.get(msg["args"][0])
+        if entry is not None:
+            _, sid, aid, token = msg["args"][:4]
+            entry[1].deliver(pty_error_event(sid, aid, token, code, message))
 
 
 class HubServer:
@@ -251,7 +282,7 @@ class RemoteHub:
         live = self.attachments.setdefault(peer, set())
         if event["event"] == "pty.exit":
             live.discard(key)
-        else:
+        elif event["event"] != "pty.error":  # an error may name no live attachment
             live.add(key)
         deliver(event)
 
@@ -335,8 +366,15 @@ class RemoteHub:
         await self._call("cancel", peer, session_id, attachment_id, token)
 
     def write(self, peer, session_id, attachment_id, token, data: bytes, seq, notification):
-        return self._call("write", peer, session_id, attachment_id, token, b64(data), seq,
-                          notification)
+        args = [peer, session_id, attachment_id, token, b64(data), seq, notification]
+        if not notification:
+            return self._call("write", *args)
+        # A notification is answered only if it fails, by a pty.error the hub sends: no
+        # round trip on the keystroke path.
+        if self.writer is None or not self.connected.is_set():
+            raise RPCError(UNAVAILABLE, MSG_NO_HUB)
+        self._send({"op": "call", "rid": 0, "method": "write", "args": args, "quiet": True})
+        return {"written": len(data)}
 
     def resize(self, peer, session_id, attachment_id, token, cols, rows):
         return self._call("resize", peer, session_id, attachment_id, token, cols, rows)

@@ -314,10 +314,12 @@ def _error_event(ctx, params: dict, code: str, message: str) -> None:
     token = param_str(params, "client_attachment_token", trim=True)
     if sid is None or aid is None or token is None:
         return
-    ctx.send_event(
-        event("pty.error", session_id=sid, attachment_id=aid, attachment_token=token,
-              error=message, message=message, code=code)
-    )
+    ctx.send_event(pty_error_event(sid, aid, token, code, message))
+
+
+def pty_error_event(sid: str, aid: str, token: str, code: str, message: str) -> dict:
+    return event("pty.error", session_id=sid, attachment_id=aid, attachment_token=token,
+                 error=message, message=message, code=code)
 
 
 def _write(ctx, req) -> dict:

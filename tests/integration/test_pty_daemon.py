@@ -239,3 +239,26 @@ def test_the_hub_starts_pty_processes_without_helper_threads():
         assert hub.num_threads() == 1
     finally:
         d.close()
+
+
+def test_failed_notifications_become_pty_error_events_across_the_link():
+    d = ListeningDaemon(workers=1).wait_ready()
+    try:
+        s = d.authed()
+        assert s.call("pty.attach", dict(ident("a", "tok"), cols=80, rows=24, command="exec cat",
+                                         input_seq_ack=True))["ok"]
+        s.send({"method": "pty.write", "params": dict(ident("a", "WRONG"), data_base64="eA==")})
+        err = s.next_event("pty.error")
+        assert err == {"event": "pty.error", "session_id": "shared", "attachment_id": "a",
+                       "attachment_token": "WRONG", "error": "PTY attachment not found",
+                       "message": "PTY attachment not found", "code": "not_found"}
+        # A sequence gap in notification form also detaches the attachment.
+        s.send({"method": "pty.write", "params": dict(ident("a", "tok"), data_base64="eA==",
+                                                      seq=5)})
+        err = s.next_event("pty.error")
+        assert err["code"] == "pty_input_seq_gap"
+        assert err["message"] == "PTY input sequence gap: got 5, want 1"
+        assert s.next_event("pty.exit")["attachment_token"] == "tok"
+        assert s.call("pty.list")["result"]["sessions"][0]["attachments"] == []
+    finally:
+        d.close()
