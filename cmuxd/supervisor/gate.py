@@ -94,6 +94,7 @@ class Gate:
         self.counters = counters
         self.in_flight = 0
         self.backoff = Backoff(config.backoff_failures, config.backoff_window, config.backoff_max)
+        self.backlog_drained: set[int] = set()  # listener fds accepted down to EAGAIN once
         self.pending: dict[int, _Pending] = {}  # fd -> handshake waiting for its auth line
         self.failing: dict[int, _Pending] = {}  # fd -> refused, waiting out FAILURE_DELAY
         self.next_id = 0
@@ -121,6 +122,7 @@ class Gate:
             pending.conn.close()
         self.pending.clear()
         self.failing.clear()
+        self.in_flight = 0
 
     def stop_accepting(self) -> None:
         loop = asyncio.get_running_loop()
@@ -147,6 +149,8 @@ class Gate:
             try:
                 conn, addr = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
+                # The backlog queued before start() is gone: later sockets inherit the options.
+                self.backlog_drained.add(listener.sock.fileno())
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -165,8 +169,13 @@ class Gate:
             if listener.kind == "unix":
                 self._accept_unix(conn)
             else:
-                if not ACCEPT_INHERITS_OPTIONS:
-                    _tune_tcp(conn)
+                if not (ACCEPT_INHERITS_OPTIONS
+                        and listener.sock.fileno() in self.backlog_drained):
+                    try:
+                        _tune_tcp(conn)
+                    except OSError:  # reset by the peer already (macOS says EINVAL)
+                        conn.close()
+                        continue
                 self._accept_tcp(conn, addr, format_address(conn.family, addr))
 
     def _accept_unix(self, conn: socket.socket) -> None:
@@ -212,6 +221,7 @@ class Gate:
         except OSError:
             self._fail(pending, "io")
             return
+        pending.started = loop.time()  # the failure delay counts from the challenge sent
         if self.in_flight > self.config.max_handshakes:
             self._fail(pending, "capacity")
             return
@@ -244,6 +254,7 @@ class Gate:
         try:
             conn.send(hs.reply)
         except OSError:
+            self._refuse("io")
             conn.close()
             return
         self.counters["authenticated"] += 1

@@ -203,3 +203,19 @@ def test_listen_variables_for_another_process_are_ignored(tmp_path):
         assert [l["origin"] for l in d.status()["listeners"]] == ["bound", "bound"]
     finally:
         d.close()
+
+
+def test_the_connection_that_starts_the_daemon_gets_keepalives_too(spawn):
+    """It was queued before the daemon could set options on the listener."""
+    d = spawn()
+    stream = d.authed()
+    ping_ok(stream)
+
+    def keepalive():
+        out = subprocess.run(["ss", "-tno", "state", "established", f"( sport = :{d.port} )"],
+                             capture_output=True, text=True, timeout=10).stdout
+        ours = [line for line in out.splitlines() if f":{stream.local_port}" in line]
+        return ours and "keepalive" in ours[0]
+
+    wait_for(keepalive, timeout=10, message="a keepalive timer on the first connection")
+    stream.close()
