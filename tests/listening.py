@@ -8,6 +8,7 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -175,6 +176,7 @@ class ListeningDaemon:
     def close(self) -> None:
         stop_process(self.proc)
         self.stderr_file.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def refused(sock: socket.socket, timeout: float = 10) -> bytes:
