@@ -491,8 +491,7 @@ class WorkerPool:
             self._close_hub_lifeline()
             lived = time.monotonic() - self._hub_started
             self._hub_streak = self._hub_streak + 1 if lived < 5 else 0
-            delay = 0.0 if self._hub_streak <= 1 else min(RESPAWN_MAX,
-                                                          0.1 * 2 ** (self._hub_streak - 1))
+            delay = respawn_delay(self._hub_streak)
             log.error("PTY hub (pid %d) exited with %s; its PTY sessions are lost; replacing "
                       "it%s", self.hub.pid, _describe_exit(self.hub.returncode),
                       f" in {delay:.1f} s" if delay else "")
@@ -520,8 +519,7 @@ class WorkerPool:
             self.exits += 1
             lived = time.time() - worker.started
             self._crash_streak = self._crash_streak + 1 if lived < 5 else 0
-            delay = 0.0 if self._crash_streak <= 1 else min(
-                RESPAWN_MAX, 0.1 * 2 ** (self._crash_streak - 1))
+            delay = respawn_delay(self._crash_streak)
             self._respawn_after = now + delay
             log.warning("worker %d (pid %d) exited with %s; %d connection(s) lost; replacing it%s",
                         worker.index, worker.pid, _describe_exit(code), worker.load,
@@ -555,6 +553,12 @@ class WorkerPool:
                 pass
             rows.append(row)
         return rows
+
+
+def respawn_delay(streak: int) -> float:
+    """After quick deaths in a row: at once for the first, then 0.1 s doubling up to 10 s,
+    so a process that cannot start does not spin."""
+    return 0.0 if streak <= 1 else min(RESPAWN_MAX, 0.1 * 2 ** (streak - 1))
 
 
 def _describe_exit(code: int) -> str:
