@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from .client import EXIT_AUTH, EXIT_TIMEOUT, AsyncClient, ClientError, RemoteError, fleet_address
 from .fleet import FleetHost
 from .handlers.system import STATUS_CAPABILITY
-from .status import _duration
+from .status import duration
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -110,7 +110,7 @@ def _cells(r: HostReport) -> list[str]:
         r.state,
         dash if r.rtt_ms is None else f"{r.rtt_ms:.1f}ms",
         r.version or dash,
-        dash if r.uptime is None else _duration(r.uptime),
+        dash if r.uptime is None else duration(r.uptime),
         dash if r.workers is None else str(r.workers),
         dash if r.connections is None else str(r.connections),
     ]

@@ -35,7 +35,7 @@ def _mib(n: int | None) -> str:
 
 def format_status(st: dict) -> str:
     lines = [
-        f"cmuxd {st['version']}  pid {st['pid']}  up {_duration(st['uptime'])}  "
+        f"cmuxd {st['version']}  pid {st['pid']}  up {duration(st['uptime'])}  "
         f"relay {st.get('relay_id') or '-'}  generation {st.get('generation', 1)}",
         "",
         "LISTENER                                   KIND  ORIGIN",
@@ -47,7 +47,7 @@ def format_status(st: dict) -> str:
         lines.append(
             f"{w['index']:<7} {w['pid']:<8} {w['generation']:<4} {w['state']:<9} "
             f"{w['connections']:<6} {w['served']:<8} {_mib(w.get('rss')):<8} "
-            f"{w.get('cpu', '-'):<7} {_duration(w['age'])}"
+            f"{w.get('cpu', '-'):<7} {duration(w['age'])}"
         )
     counters = st.get("counters", {})
     lines += ["", "COUNTERS"]
@@ -56,7 +56,8 @@ def format_status(st: dict) -> str:
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """An age for a table: 45s, 12m, 3h07m, 5d."""
     seconds = int(seconds)
     if seconds < 120:
         return f"{seconds}s"
