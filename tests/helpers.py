@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import secrets
 import re
 import select
 import socket
@@ -400,6 +401,16 @@ def _write_all(writer, data: bytes) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The daemon under stdio
+
+
+def write_token_file(path, mode: int = 0o600) -> str:
+    """A fresh hex relay token in a file created with `mode` from the start; the token."""
+    token = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    os.write(fd, (token + "\n").encode())
+    os.close(fd)
+    os.chmod(path, mode)  # exact, whatever the umask
+    return token
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:

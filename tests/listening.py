@@ -20,7 +20,7 @@ import orjson
 
 from cmuxd.status import query_status
 
-from helpers import DEFAULT_TIMEOUT, FrameStream, daemon_command, stop_process, wait_for
+from helpers import DEFAULT_TIMEOUT, FrameStream, daemon_command, stop_process, wait_for, write_token_file
 
 RELAY_ID = "relay-test"
 
@@ -62,12 +62,8 @@ class ListeningDaemon:
                  unix: bool = True, workers: int = 2, env: dict | None = None,
                  token_mode: int = 0o600):
         self.dir = Path(tempfile.mkdtemp(prefix="cmuxd-test-"))
-        self.token = secrets.token_hex(32)
         self.token_file = self.dir / "relay-token"
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT, token_mode)
-        os.write(fd, (self.token + "\n").encode())
-        os.close(fd)
-        os.chmod(self.token_file, token_mode)
+        self.token = write_token_file(self.token_file, token_mode)
         self.port = free_port()
         self.tcp = tcp if tcp is not None else [f"127.0.0.1:{self.port}"]
         if v6:

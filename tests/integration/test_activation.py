@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import daemon_command, wait_for
+from helpers import daemon_command, wait_for, write_token_file
 from listening import RELAY_ID, ListeningDaemon, free_port, read_line, refused
 
 ACTIVATE = shutil.which("systemd-socket-activate")
@@ -50,11 +50,8 @@ class ActivatedDaemon(ListeningDaemon):
     def __init__(self, *, reader: str = "systemd-python", activate_args: list[str] | None = None,
                  env: dict | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="cmuxd-test-"))
-        self.token = secrets.token_hex(32)
         self.token_file = self.dir / "relay-token"
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, (self.token + "\n").encode())
-        os.close(fd)
+        self.token = write_token_file(self.token_file)
         self.port = free_port()
         self.state_dir = self.dir / "state"
         self.stderr_file = open(self.dir / "stderr.log", "w+b")

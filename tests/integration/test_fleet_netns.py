@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from cmuxd.status import query_status
-from helpers import daemon_command, stop_process, wait_for
+from helpers import daemon_command, stop_process, wait_for, write_token_file
 
 PORT = 5555
 TAG = str(os.getpid() % 100000)
@@ -203,9 +203,7 @@ def fleet():
         network.build()
         for name in HOSTS:
             token = tokens / name
-            fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(fd, (os.urandom(32).hex() + "\n").encode())
-            os.close(fd)
+            write_token_file(token)
             daemons[name] = NamespaceDaemon(name, netns_name(name.removeprefix("fleet-")),
                                             token, base)
         for daemon in daemons.values():

@@ -28,7 +28,7 @@ import pytest
 
 from cmuxd import units
 from cmuxd.status import query_status
-from helpers import FrameStream, wait_for
+from helpers import FrameStream, wait_for, write_token_file
 from listening import RELAY_ID, free_port, mac_for, proof_for, read_line
 
 HERE = Path(__file__).resolve().parent
@@ -82,11 +82,8 @@ class BootedSystemd:
         self.base.mkdir()
         self.unit_dir = self.work / "units"
         self.unit_dir.mkdir()
-        self.token = secrets.token_hex(32)
         self.token_file = self.work / "relay-token"
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, (self.token + "\n").encode())
-        os.close(fd)
+        self.token = write_token_file(self.token_file)
         self.port = free_port()
         self.log_file = open(self.work / "boot.log", "w+b")
         self.unshare: subprocess.Popen | None = None
