@@ -4,6 +4,7 @@
     scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty (comma separated)
     scripts/bench --only stdio --runs 15 --pings 50000
     scripts/bench --only ssh --connects 50
+    scripts/bench --only tcp --auth-client python
     scripts/bench --only idle --idle-connections 20000
     scripts/bench --only pty --keystrokes 2000 --pty-mib 256
 
@@ -17,7 +18,11 @@ Sections
   and config: connect + first reply (fresh connection, and over a ControlMaster), the
   round-trip time of sequential pings over one open pipe, and pipelined pings over it.
 * tcp: the same figures over cmuxd's own TCP listener with the relay-token handshake, side by
-  side with the ssh figures (see `tcp_section`).
+  side with the ssh figures (see `tcp_section`), and authenticated connections per second.
+  That load comes from tests/bench/authload.c, built with the C compiler on first use and
+  cached in ~/.cache/cmuxd-bench/; without a compiler (or with --auth-client python) from an
+  asyncio client, which uses about a core of its own and so measures less than the daemon
+  can do.
 * idle: 10,000 authenticated TCP connections held open and idle (the fd limit is raised for
   the script and the daemon it starts, which gets a matching --max-connections); the RSS of
   every daemon process (supervisor, workers, PTY hub) and the ping round trip of one more
@@ -805,9 +810,34 @@ async def _auth_loop(target: TCPTarget, deadline: float, counter: list[int]) -> 
         counter[0] += 1
 
 
-def auth_rate(target: TCPTarget, seconds: float, concurrency: int) -> tuple[int, float]:
-    """Authenticated connections made in `seconds` by `concurrency` clients in a loop, and
-    the CPU this process used meanwhile (in cores): near 1.0 means the client was the limit."""
+class AuthLoad:
+    """What one authenticated-connections-per-second run measured, all client processes
+    together: `cpu` holds each one's CPU seconds."""
+
+    def __init__(self, client: str, connections: int, errors: int, seconds: float,
+                 cpu: list[float]):
+        self.client, self.connections, self.errors = client, connections, errors
+        self.seconds, self.cpu = seconds, cpu
+
+    @property
+    def rate(self) -> float:
+        return self.connections / self.seconds
+
+    @property
+    def cpu_per_connection(self) -> float:
+        return sum(self.cpu) / max(1, self.connections)
+
+    @property
+    def cores(self) -> list[float]:
+        """Each client process's CPU in cores: near 1.0 means the client was the limit."""
+        return [c / self.seconds for c in self.cpu]
+
+
+def auth_rate(target: TCPTarget, seconds: float, concurrency: int
+              ) -> tuple[int, float, float]:
+    """Authenticated connections made by `concurrency` asyncio clients in a loop for
+    `seconds`, the CPU seconds this process used meanwhile, and the wall time (the
+    handshakes in flight at the deadline finish and count)."""
 
     async def run() -> int:
         counter = [0]
@@ -818,26 +848,110 @@ def auth_rate(target: TCPTarget, seconds: float, concurrency: int) -> tuple[int,
 
     t0, c0 = time.perf_counter(), time.process_time()
     count = asyncio.run(run())
-    return count, (time.process_time() - c0) / (time.perf_counter() - t0)
+    return count, time.process_time() - c0, time.perf_counter() - t0
 
 
-def _auth_rate_job(job) -> tuple[int, float]:
+def _auth_rate_job(job) -> tuple[int, float, float]:
     return auth_rate(*job)
 
 
 def auth_rate_parallel(target: TCPTarget, seconds: float, concurrency: int,
-                       processes: int) -> tuple[float, list[float]]:
-    """Authenticated connections per second from `processes` client processes together, and
-    the CPU each of them used (in cores)."""
+                       processes: int) -> AuthLoad:
+    """The Python load generator: `processes` processes share `concurrency` clients."""
     import multiprocessing
 
     if processes <= 1:
-        count, cpu = auth_rate(target, seconds, concurrency)
-        return count / seconds, [cpu]
-    per = max(1, concurrency // processes)
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        out = pool.map(_auth_rate_job, [(target, seconds, per)] * processes)
-    return sum(c for c, _ in out) / seconds, [cpu for _, cpu in out]
+        out = [auth_rate(target, seconds, concurrency)]
+    else:
+        per = max(1, concurrency // processes)
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            out = pool.map(_auth_rate_job, [(target, seconds, per)] * processes)
+    return AuthLoad("Python asyncio", sum(n for n, _, _ in out), 0,
+                    max(wall for _, _, wall in out), [cpu for _, cpu, _ in out])
+
+
+AUTHLOAD_SOURCE = Path(__file__).with_name("authload.c")
+
+
+def _compiler() -> list[str] | None:
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return None
+
+
+def build_authload(tmp: Path) -> tuple[Path | None, str]:
+    """The C load generator (authload.c) compiled, and its --selftest passed; else None and
+    why. Binaries are cached under ~/.cache/cmuxd-bench/ by the hash of the source and the
+    compiler, so a run after the first only runs the self-test."""
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler (cc, gcc, clang or $CC) found"
+    source = AUTHLOAD_SOURCE.read_bytes()
+    digest = hashlib.sha256(source + "\0".join(cc).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmuxd-bench"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = tmp
+    binary = cache / f"authload-{digest}"
+    if not binary.exists():
+        # Built under a private name, then renamed: concurrent runs never see half a file.
+        partial = cache / f".authload-{digest}-{os.getpid()}"
+        try:
+            out = subprocess.run([*cc, "-O2", "-Wall", "-Wextra", "-o", str(partial),
+                                  str(AUTHLOAD_SOURCE)], capture_output=True, text=True)
+        except OSError as exc:
+            return None, f"{shlex.join(cc)} failed: {exc}"
+        if out.returncode != 0:
+            partial.unlink(missing_ok=True)
+            return None, f"{shlex.join(cc)} failed: {out.stderr.strip()[-500:]}"
+        os.replace(partial, binary)
+    out = subprocess.run([str(binary), "--selftest"], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None, f"{binary} --selftest failed: {(out.stdout + out.stderr).strip()[-500:]}"
+    return binary, ""
+
+
+def authload_parallel(binary: Path, target: TCPTarget, seconds: float, concurrency: int,
+                      processes: int, procs: Processes) -> AuthLoad:
+    """The C load generator: `processes` authload processes share `concurrency` connections
+    in flight. The credentials go on their stdin, never argv."""
+    per = max(1, concurrency // max(1, processes))
+    argv = [str(binary), target.host, str(target.port), str(seconds), str(per)]
+    creds = f"{target.relay_id}\n{target.token_hex}\n".encode()
+    running = []
+    for _ in range(max(1, processes)):
+        # The credentials wait in the pipe, so every process starts its load at once.
+        read_end, write_end = os.pipe()
+        os.write(write_end, creds)
+        os.close(write_end)
+        try:
+            running.append(procs.start(argv, stdin=read_end, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE))
+        finally:
+            os.close(read_end)
+    reports, complaints = [], []
+    for proc in running:
+        out, err = proc.communicate(timeout=seconds + 60)
+        procs.forget(proc)
+        if proc.returncode != 0 or not out.strip():
+            raise RuntimeError(f"authload exited with {proc.returncode}: "
+                               f"{err.decode(errors='replace').strip()[-500:]}")
+        reports.append(orjson.loads(out.strip().splitlines()[-1]))
+        if err.strip():
+            complaints.append(err.decode(errors="replace").strip())
+    load = AuthLoad("C authload", sum(r["connections"] for r in reports),
+                    sum(r["errors"] for r in reports), max(r["seconds"] for r in reports),
+                    [r["cpu"] for r in reports])
+    if load.errors:
+        print(f"  authload: {load.errors:,} failed handshakes; {complaints[0]}")
+    if not load.connections:
+        raise RuntimeError("authload made no authenticated connection")
+    return load
 
 
 def tcp_section(args, procs: Processes, results: dict) -> None:
@@ -847,9 +961,11 @@ def tcp_section(args, procs: Processes, results: dict) -> None:
     here with `start_tcp_daemon` once `cmuxd.client` exists and `serve` takes --tcp.
     Figures: connect + handshake + first reply (the ping pipelined with the MAC, as the
     client may do), sequential ping RTT and pipelined pings over one connection, and
-    authenticated connections per second (`auth_rate_parallel`). The client side is the
-    spec's mutual handshake written out here (`Handshake`), on raw sockets, so that what
-    is measured is the daemon rather than a client library.
+    authenticated connections per second. The client side is the spec's mutual handshake
+    written out here (`Handshake`), on raw sockets, so that what is measured is the daemon
+    rather than a client library. The connections/s load comes from authload.c
+    (`build_authload`, `authload_parallel`) when a C compiler exists: the asyncio client
+    (`auth_rate_parallel`) spends about a core at ~4,000/s, on the cores the daemon needs.
     """
     print("tcp: cmuxd's TCP listener with the relay-token handshake")
     with section_dir(procs, "tcp") as tmp:
@@ -879,11 +995,22 @@ def tcp_section(args, procs: Processes, results: dict) -> None:
             sock.close()
         results["tcp_rtt_p50"], results["tcp_rtt_p99"] = pct(rtts, 50), pct(rtts, 99)
         results["tcp_pipelined"] = statistics.median(rates)
+        binary, why = (None, "--auth-client python") if args.auth_client == "python" \
+            else build_authload(Path(tmp))
+        if binary is None and args.auth_client == "c":
+            raise RuntimeError(f"--auth-client c: {why}")
         daemon = daemon_processes(target.pid) if target.pid else []
         cpu0 = {p.pid: _cpu(p) for _, p in daemon}
-        results["tcp_auth_rate"], auth_cpu = auth_rate_parallel(
-            target, args.auth_seconds, args.auth_concurrency, args.auth_procs)
-        made = results["tcp_auth_rate"] * args.auth_seconds
+        if binary is not None:
+            load = authload_parallel(binary, target, args.auth_seconds, args.auth_concurrency,
+                                     args.auth_procs, procs)
+        else:
+            load = auth_rate_parallel(target, args.auth_seconds, args.auth_concurrency,
+                                      args.auth_procs)
+        made = load.connections
+        results["tcp_auth_rate"] = load.rate
+        results["tcp_auth_client"] = load.client
+        results["tcp_auth_client_cpu"] = load.cpu_per_connection
         auth_daemon: dict[str, float] = {}
         for name, p in daemon:
             try:
@@ -905,14 +1032,17 @@ def tcp_section(args, procs: Processes, results: dict) -> None:
          _fmt(r, "ssh_pipelined", rate), _ratio(r, "tcp_pipelined", "ssh_pipelined"),
          _fmt(r, "stdio_pipelined", rate) + " (stdio)",
          _ratio(r, "tcp_pipelined", "stdio_pipelined")),
-        (f"authenticated connections/s ({args.auth_concurrency} clients)",
+        (f"authenticated connections/s ({args.auth_concurrency} in flight)",
          rate(r["tcp_auth_rate"]), "", "", "", ""),
     ]
     table(rows, ("", "tcp", "ssh fresh", "×", "ssh ControlMaster", "×"))
     print("  (× = how many times better TCP is; > 1 means TCP wins)")
-    print(f"  connections/s: the client processes used {', '.join(f'{c:.0%}' for c in auth_cpu)}"
-          " of a core (near 100% means the client, not the daemon, was the limit; try"
-          " --auth-procs)")
+    source = f"tests/bench/{AUTHLOAD_SOURCE.name}" if binary is not None else \
+        f"the C one is not used: {why}"
+    print(f"  connections/s: load generator {load.client} ({source}), {len(load.cpu)} process"
+          f"{'es' if len(load.cpu) > 1 else ''}: client CPU {us(load.cpu_per_connection)} per"
+          f" connection, {', '.join(f'{c:.0%}' for c in load.cores)} of a core (near 100%"
+          " means the client, not the daemon, was the limit)")
     spent = {k: v for k, v in auth_daemon.items() if v >= 1e-6}
     if spent:
         total = sum(spent.values())
@@ -1342,8 +1472,8 @@ def summary(r: dict) -> None:
             lambda r: "-" if "stdio_pipelined" not in r
             else r["tcp_pipelined"] > r["stdio_pipelined"],
             x("tcp_pipelined", "stdio_pipelined")),
-        row("tcp: authenticated connections/s", "tcp_auth_rate", rate, "≥ 5,000/s",
-            lambda r: r["tcp_auth_rate"] >= 5000),
+        row(f"tcp: authenticated connections/s ({r.get('tcp_auth_client', '?')})",
+            "tcp_auth_rate", rate, "≥ 5,000/s", lambda r: r["tcp_auth_rate"] >= 5000),
         row("idle: RSS of all daemon processes", "idle_rss", lambda v: f"{v / 1e6:.0f} MB",
             "< 150 MB", lambda r: r["idle_rss"] < 150e6),
         row("idle: ping RTT p50 while held", "idle_rtt_p50", us),
@@ -1396,9 +1526,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tcp.add_argument("--auth-seconds", type=float, default=3.0,
                      help="duration of the connections/s figure (default: %(default)s)")
     tcp.add_argument("--auth-concurrency", type=int, default=64,
-                     help="clients in flight for the connections/s figure (default: %(default)s)")
+                     help="handshakes in flight for the connections/s figure "
+                     "(default: %(default)s)")
     tcp.add_argument("--auth-procs", type=int, default=1,
-                     help="client processes for the connections/s figure (default: %(default)s)")
+                     help="client processes for the connections/s figure; they share the "
+                     "machine's cores with the daemon, and one C client uses about a third "
+                     "of a core, so more did not help (default: %(default)s)")
+    tcp.add_argument("--auth-client", choices=("auto", "c", "python"), default="auto",
+                     help="load generator for the connections/s figure: c (authload.c, built "
+                     "with $CC/cc/gcc/clang), python (asyncio), auto: c when a compiler "
+                     "exists (default: %(default)s)")
     tcp.add_argument("--workers", type=int, default=0, help="--workers for the daemon")
     tcp.add_argument("--tcp-addr", help="benchmark a running daemon on this loopback "
                      "HOST:PORT instead of starting one")
