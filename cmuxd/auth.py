@@ -13,7 +13,6 @@ Secrets never leave this module in text: exception messages, failure reasons, `r
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import re
@@ -62,7 +61,8 @@ def new_nonce() -> str:
 
 
 def _hmac_hex(token: bytes, message: str) -> str:
-    return hmac.new(token, message.encode("utf-8"), hashlib.sha256).hexdigest()
+    # The one-shot form: no HMAC object per call, which the gate pays twice per connection.
+    return hmac.digest(token, message.encode("utf-8"), "sha256").hex()
 
 
 def client_mac(token: bytes, relay_id: str, server_nonce: str, version: int = VERSION) -> str:

@@ -96,6 +96,7 @@ class Gate:
         self.backoff = Backoff(config.backoff_failures, config.backoff_window, config.backoff_max)
         self.backlog_drained: set[int] = set()  # listener fds accepted down to EAGAIN once
         self.pending: dict[int, _Pending] = {}  # fd -> handshake waiting for its auth line
+        self._deadline: asyncio.TimerHandle | None = None  # for the oldest entry of `pending`
         self.failing: dict[int, _Pending] = {}  # fd -> refused, waiting out FAILURE_DELAY
         self.next_id = 0
         self._refusals: Counter = Counter()
@@ -117,6 +118,9 @@ class Gate:
 
     def stop(self) -> None:
         self.stop_accepting()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         for pending in list(self.pending.values()) + list(self.failing.values()):
             self._settle(pending)
             pending.conn.close()
@@ -225,10 +229,23 @@ class Gate:
         if self.in_flight > self.config.max_handshakes:
             self._fail(pending, "capacity")
             return
-        pending.timer = loop.call_at(pending.started + PREAUTH_TIMEOUT, self._fail, pending,
-                                     "timeout")
         loop.add_reader(pending.fd, self._readable, pending)
         self.pending[pending.fd] = pending
+        if self._deadline is None:
+            self._deadline = loop.call_at(pending.started + PREAUTH_TIMEOUT, self._expire)
+
+    def _expire(self) -> None:
+        """Fail the handshakes past the pre-auth deadline. `pending` is in the order the
+        challenges went out, so one timer for its oldest entry serves every connection
+        instead of a timer made and cancelled per connection."""
+        self._deadline = None
+        loop = asyncio.get_running_loop()
+        while self.pending:
+            oldest = next(iter(self.pending.values()))
+            if oldest.started + PREAUTH_TIMEOUT > loop.time():
+                self._deadline = loop.call_at(oldest.started + PREAUTH_TIMEOUT, self._expire)
+                return
+            self._fail(oldest, "timeout")
 
     def _readable(self, pending: "_Pending") -> None:
         try:
@@ -264,7 +281,7 @@ class Gate:
                        hs.leftover)
 
     def _settle(self, pending: "_Pending") -> None:
-        """The handshake is decided: stop watching the socket and the deadline."""
+        """The handshake is decided: stop watching the socket (and a refusal's delay)."""
         if self.pending.pop(pending.fd, None) is not None:
             asyncio.get_running_loop().remove_reader(pending.fd)
         if pending.timer is not None:

@@ -108,6 +108,28 @@ def test_silent_connection_is_closed_after_five_seconds(shared):
     assert 4.0 <= waited <= 8.0
 
 
+def test_silent_connections_each_expire_on_their_own_deadline(shared):
+    """Handshakes started a second apart are closed a second apart, while a client that
+    authenticated in between keeps working."""
+    first = shared.tcp_connect()
+    shared.challenge(first)
+    t0 = time.monotonic()
+    time.sleep(1.0)
+    second = shared.tcp_connect()
+    shared.challenge(second)
+    t1 = time.monotonic()
+    good = shared.authed()
+    refused(first, timeout=15)
+    first_closed = time.monotonic()
+    refused(second, timeout=15)
+    second_closed = time.monotonic()
+    assert 4.0 <= first_closed - t0 <= 8.0
+    assert 4.0 <= second_closed - t1 <= 8.0
+    assert second_closed - first_closed >= 0.5
+    ping_ok(good, id=3)
+    good.close()
+
+
 def test_token_never_in_logs(shared):
     assert shared.token not in shared.log()
     assert RELAY_ID in shared.log()
