@@ -871,6 +871,7 @@ def auth_rate_parallel(target: TCPTarget, seconds: float, concurrency: int,
 
 
 AUTHLOAD_SOURCE = Path(__file__).with_name("authload.c")
+PTYRELAY_SOURCE = Path(__file__).with_name("ptyrelay.c")
 
 
 def _compiler() -> list[str] | None:
@@ -883,33 +884,43 @@ def _compiler() -> list[str] | None:
     return None
 
 
-def build_authload(tmp: Path) -> tuple[Path | None, str]:
-    """The C load generator (authload.c) compiled, and its --selftest passed; else None and
-    why. Binaries are cached under ~/.cache/cmuxd-bench/ by the hash of the source and the
-    compiler, so a run after the first only runs the self-test."""
+def build_c_tool(source_path: Path, tmp: Path, libs: tuple[str, ...] = ()
+                 ) -> tuple[Path | None, str]:
+    """A C program of this directory compiled; else None and why. Binaries are cached under
+    ~/.cache/cmuxd-bench/ by the hash of the source and the compiler, so only the first run
+    compiles."""
     cc = _compiler()
     if cc is None:
         return None, "no C compiler (cc, gcc, clang or $CC) found"
-    source = AUTHLOAD_SOURCE.read_bytes()
+    source = source_path.read_bytes()
     digest = hashlib.sha256(source + "\0".join(cc).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmuxd-bench"
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError:
         cache = tmp
-    binary = cache / f"authload-{digest}"
+    binary = cache / f"{source_path.stem}-{digest}"
     if not binary.exists():
         # Built under a private name, then renamed: concurrent runs never see half a file.
-        partial = cache / f".authload-{digest}-{os.getpid()}"
+        partial = cache / f".{source_path.stem}-{digest}-{os.getpid()}"
         try:
             out = subprocess.run([*cc, "-O2", "-Wall", "-Wextra", "-o", str(partial),
-                                  str(AUTHLOAD_SOURCE)], capture_output=True, text=True)
+                                  str(source_path), *libs], capture_output=True, text=True)
         except OSError as exc:
             return None, f"{shlex.join(cc)} failed: {exc}"
         if out.returncode != 0:
             partial.unlink(missing_ok=True)
             return None, f"{shlex.join(cc)} failed: {out.stderr.strip()[-500:]}"
         os.replace(partial, binary)
+    return binary, ""
+
+
+def build_authload(tmp: Path) -> tuple[Path | None, str]:
+    """The C load generator (authload.c) compiled, and its --selftest passed; else None and
+    why."""
+    binary, why = build_c_tool(AUTHLOAD_SOURCE, tmp)
+    if binary is None:
+        return None, why
     out = subprocess.run([str(binary), "--selftest"], capture_output=True, text=True)
     if out.returncode != 0:
         return None, f"{binary} --selftest failed: {(out.stdout + out.stderr).strip()[-500:]}"
@@ -1331,32 +1342,57 @@ def _read_until(fd: int, want: bytes, timeout: float) -> bytes:
     return out
 
 
+def _raw_echo(w: int, r: int, count: int, warmup: int) -> list[float]:
+    """Seconds from writing one byte to `w` to reading it back from `r`, once the echo
+    program has said READY."""
+    _read_until(r, b"READY", 15)
+    clock = time.perf_counter
+    out = []
+    for i in range(warmup + count):
+        key = bytes([KEYS[i % len(KEYS)]])
+        t0 = clock()
+        os.write(w, key)
+        got = os.read(r, 4096)
+        while key not in got:
+            more = os.read(r, 4096)
+            if not more:
+                raise EOFError("the echo program's output was closed")
+            got += more
+        elapsed = clock() - t0
+        if got != key:
+            raise RuntimeError(f"echo of {key!r} came back as {got!r}")
+        if i >= warmup:
+            out.append(elapsed)
+    return out
+
+
+def floor_echo(tmp: Path, procs: Processes, count: int, warmup: int) -> list[float] | str:
+    """The same keystrokes through `ptyrelay.c`: the least any daemon can do (one C process
+    copying raw bytes between a TCP socket and the PTY, no protocol, no authentication), so
+    the ssh ratio a real design could reach on this machine is known. Its reason instead when
+    it cannot be built."""
+    binary, why = build_c_tool(PTYRELAY_SOURCE, tmp, libs=("-lutil",))
+    if binary is None:
+        return why
+    proc = procs.start([str(binary), ECHO_COMMAND], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE)
+    try:
+        port = int(proc.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return _raw_echo(sock.fileno(), sock.fileno(), count, warmup)
+    finally:
+        procs.stop(proc)
+
+
 def ssh_echo(server: SSHServer, procs: Processes, count: int, warmup: int) -> list[float]:
     """The same keystrokes through `ssh -tt` (stdin and stdout are pipes here)."""
     errlog = tempfile.TemporaryFile()
     proc = procs.start(server.ssh_argv(ECHO_COMMAND, tty=True), stdin=subprocess.PIPE,
                        stdout=subprocess.PIPE, stderr=errlog)
     try:
-        w, r = proc.stdin.fileno(), proc.stdout.fileno()
-        _read_until(r, b"READY", 15)
-        clock = time.perf_counter
-        out = []
-        for i in range(warmup + count):
-            key = bytes([KEYS[i % len(KEYS)]])
-            t0 = clock()
-            os.write(w, key)
-            got = os.read(r, 4096)
-            while key not in got:
-                more = os.read(r, 4096)
-                if not more:
-                    raise EOFError("ssh closed its stdout")
-                got += more
-            elapsed = clock() - t0
-            if got != key:
-                raise RuntimeError(f"echo of {key!r} came back as {got!r}")
-            if i >= warmup:
-                out.append(elapsed)
-        return out
+        return _raw_echo(proc.stdin.fileno(), proc.stdout.fileno(), count, warmup)
     except BaseException:
         errlog.seek(0)
         sys.stderr.write(errlog.read().decode(errors="replace")[-2000:])
@@ -1406,6 +1442,7 @@ def pty_section(args, procs: Processes, results: dict) -> None:
         echo = cmuxd_echo(target, n, warm)
         with ssh_server(procs, tty=True) as server:
             echo_ssh = ssh_echo(server, procs, n, warm)
+        echo_floor = floor_echo(Path(tmp), procs, n, warm)
         path = Path(tmp) / "payload"
         size = args.pty_mib << 20
         with open(path, "wb") as f:
@@ -1416,18 +1453,23 @@ def pty_section(args, procs: Processes, results: dict) -> None:
     r = results
     r["pty_echo_p50"], r["pty_echo_p99"] = pct(echo, 50), pct(echo, 99)
     r["ssh_echo_p50"], r["ssh_echo_p99"] = pct(echo_ssh, 50), pct(echo_ssh, 99)
+    floor = isinstance(echo_floor, list)
+    if floor:
+        r["floor_echo_p50"] = pct(echo_floor, 50)
     rates = [size / seconds for seconds, _ in runs]
     r["pty_throughput"] = statistics.median(rates)
     seconds, cpu = sorted(runs)[len(runs) // 2]
-    table(
-        [("keystroke echo p50", us(r["pty_echo_p50"]), us(r["ssh_echo_p50"]),
-          _ratio(r, "ssh_echo_p50", "pty_echo_p50")),
-         ("keystroke echo p99", us(r["pty_echo_p99"]), us(r["ssh_echo_p99"]),
-          _ratio(r, "ssh_echo_p99", "pty_echo_p99")),
-         ("keystroke echo min", us(min(echo)), us(min(echo_ssh)), "")],
-        ("", "cmuxd tcp", "ssh -tt", "×"),
-    )
-    print("  (× = how many times lower the cmuxd figure is)")
+    rows = []
+    for label, f in (("p50", lambda v: pct(v, 50)), ("p99", lambda v: pct(v, 99)), ("min", min)):
+        ours, theirs = f(echo), f(echo_ssh)
+        row = ["keystroke echo " + label, us(ours), us(theirs), f"{theirs / ours:.1f}×"]
+        if floor:
+            row += [us(f(echo_floor)), f"{theirs / f(echo_floor):.1f}×"]
+        rows.append(tuple(row))
+    table(rows, ("", "cmuxd tcp", "ssh -tt", "×", "C relay (floor)", "×")[:len(rows[0])])
+    print("  (× = how many times lower than ssh -tt; the C relay is the least any daemon can "
+          "do: tests/bench/ptyrelay.c)" if floor else
+          f"  (× = how many times lower the cmuxd figure is; no C relay floor: {echo_floor})")
     print(f"  output, `cat` of {size / 1e6:.0f} MB: "
           + ", ".join(f"{x / 1e6:.0f}" for x in rates)
           + f" MB/s of payload; median {r['pty_throughput'] / 1e6:.0f} MB/s (its daemon CPU: "
