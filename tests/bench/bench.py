@@ -1366,24 +1366,39 @@ def _raw_echo(w: int, r: int, count: int, warmup: int) -> list[float]:
     return out
 
 
-def floor_echo(tmp: Path, procs: Processes, count: int, warmup: int) -> list[float] | str:
-    """The same keystrokes through `ptyrelay.c`: the least any daemon can do (one C process
-    copying raw bytes between a TCP socket and the PTY, no protocol, no authentication), so
-    the ssh ratio a real design could reach on this machine is known. Its reason instead when
-    it cannot be built."""
-    binary, why = build_c_tool(PTYRELAY_SOURCE, tmp, libs=("-lutil",))
-    if binary is None:
-        return why
-    proc = procs.start([str(binary), ECHO_COMMAND], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE)
+@contextmanager
+def relay_connection(binary: Path, procs: Processes, command: str) -> Iterator[socket.socket]:
+    """A client connection to `ptyrelay.c` running `command`: the least any daemon can do
+    (one C process copying raw bytes between a TCP socket and the PTY, no protocol, no
+    authentication), so that what this machine allows is known next to what cmuxd does."""
+    proc = procs.start([str(binary), command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     try:
         port = int(proc.stdout.readline())
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return _raw_echo(sock.fileno(), sock.fileno(), count, warmup)
+            yield sock
     finally:
         procs.stop(proc)
+
+
+def relay_throughput(binary: Path, procs: Processes, path: Path, size: int) -> float:
+    """Seconds for `cat` of `path` through the C relay, timed as `cmuxd_throughput` is: from
+    the first output byte to the last."""
+    command = f"stty raw -echo && printf READY && read go && exec cat {shlex.quote(str(path))}"
+    with relay_connection(binary, procs, command) as sock:
+        got = len(_read_until(sock.fileno(), b"READY", 15).split(b"READY", 1)[1])
+        sock.sendall(b"\n")
+        data = sock.recv(1 << 20)
+        t0 = time.perf_counter()
+        got += len(data)
+        while got < size and data:
+            data = sock.recv(1 << 20)
+            got += len(data)
+        elapsed = time.perf_counter() - t0
+    if got != size:
+        raise RuntimeError(f"{got:,} bytes arrived through the C relay for a {size:,}-byte file")
+    return elapsed
 
 
 def ssh_echo(server: SSHServer, procs: Processes, count: int, warmup: int) -> list[float]:
@@ -1442,20 +1457,26 @@ def pty_section(args, procs: Processes, results: dict) -> None:
         echo = cmuxd_echo(target, n, warm)
         with ssh_server(procs, tty=True) as server:
             echo_ssh = ssh_echo(server, procs, n, warm)
-        echo_floor = floor_echo(Path(tmp), procs, n, warm)
+        relay, no_relay = build_c_tool(PTYRELAY_SOURCE, Path(tmp), libs=("-lutil",))
+        if relay is not None:
+            with relay_connection(relay, procs, ECHO_COMMAND) as sock:
+                echo_floor = _raw_echo(sock.fileno(), sock.fileno(), n, warm)
         path = Path(tmp) / "payload"
         size = args.pty_mib << 20
         with open(path, "wb") as f:
             for _ in range(args.pty_mib):
                 f.write(os.urandom(1 << 20))
         runs = [cmuxd_throughput(target, path, size) for _ in range(args.pty_runs)]
+        floor_rates = [] if relay is None else [
+            size / relay_throughput(relay, procs, path, size) for _ in range(args.pty_runs)]
 
     r = results
     r["pty_echo_p50"], r["pty_echo_p99"] = pct(echo, 50), pct(echo, 99)
     r["ssh_echo_p50"], r["ssh_echo_p99"] = pct(echo_ssh, 50), pct(echo_ssh, 99)
-    floor = isinstance(echo_floor, list)
+    floor = relay is not None
     if floor:
         r["floor_echo_p50"] = pct(echo_floor, 50)
+        r["floor_throughput"] = statistics.median(floor_rates)
     rates = [size / seconds for seconds, _ in runs]
     r["pty_throughput"] = statistics.median(rates)
     seconds, cpu = sorted(runs)[len(runs) // 2]
@@ -1469,11 +1490,14 @@ def pty_section(args, procs: Processes, results: dict) -> None:
     table(rows, ("", "cmuxd tcp", "ssh -tt", "×", "C relay (floor)", "×")[:len(rows[0])])
     print("  (× = how many times lower than ssh -tt; the C relay is the least any daemon can "
           "do: tests/bench/ptyrelay.c)" if floor else
-          f"  (× = how many times lower the cmuxd figure is; no C relay floor: {echo_floor})")
+          f"  (× = how many times lower the cmuxd figure is; no C relay: {no_relay})")
     print(f"  output, `cat` of {size / 1e6:.0f} MB: "
           + ", ".join(f"{x / 1e6:.0f}" for x in rates)
           + f" MB/s of payload; median {r['pty_throughput'] / 1e6:.0f} MB/s (its daemon CPU: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in cpu.items() if v >= 0.01) + ")")
+    if floor:
+        print("  the same through the C relay: " + ", ".join(f"{x / 1e6:.0f}" for x in floor_rates)
+              + f" MB/s; median {r['floor_throughput'] / 1e6:.0f} MB/s (the PTY's own pace here)")
     print(f"  goal: echo p50 under 1 ms: {_met(r['pty_echo_p50'] < 1e-3)}; at least 5× lower "
           f"than ssh: {_met(r['ssh_echo_p50'] >= 5 * r['pty_echo_p50'])}; throughput at least "
           f"50 MB/s: {_met(r['pty_throughput'] >= 50e6)}")
