@@ -1309,23 +1309,32 @@ def cmuxd_echo(target: TCPTarget, count: int, warmup: int) -> list[float]:
             seen += _pty_output(pipe)
         frames = [orjson.dumps({"method": "pty.write", "params": dict(
             ident, data_base64=base64.b64encode(bytes([k])).decode())}) + b"\n" for k in KEYS]
-        clock = time.perf_counter
-        out = []
-        for i in range(warmup + count):
-            key = bytes([KEYS[i % len(KEYS)]])
-            t0 = clock()
-            pipe.write(frames[i % len(KEYS)])
-            got = _pty_output(pipe)
-            while key not in got:
-                got += _pty_output(pipe)
-            elapsed = clock() - t0
-            if got != key:
-                raise RuntimeError(f"echo of {key!r} came back as {got!r}")
-            if i >= warmup:
-                out.append(elapsed)
-        return out
+        return _time_echoes(lambda k: pipe.write(frames[k]), lambda: _pty_output(pipe),
+                            count, warmup)
     finally:
         sock.close()
+
+
+def _time_echoes(send_key: Callable[[int], None], receive: Callable[[], bytes], count: int,
+                 warmup: int) -> list[float]:
+    """Seconds from sending KEYS[k] to receiving it back alone, `count` times after
+    `warmup` untimed ones."""
+    clock = time.perf_counter
+    out = []
+    for i in range(warmup + count):
+        k = i % len(KEYS)
+        key = KEYS[k : k + 1]
+        t0 = clock()
+        send_key(k)
+        got = receive()
+        while key not in got:
+            got += receive()
+        elapsed = clock() - t0
+        if got != key:
+            raise RuntimeError(f"echo of {key!r} came back as {got!r}")
+        if i >= warmup:
+            out.append(elapsed)
+    return out
 
 
 def _read_until(fd: int, want: bytes, timeout: float) -> bytes:
@@ -1346,24 +1355,14 @@ def _raw_echo(w: int, r: int, count: int, warmup: int) -> list[float]:
     """Seconds from writing one byte to `w` to reading it back from `r`, once the echo
     program has said READY."""
     _read_until(r, b"READY", 15)
-    clock = time.perf_counter
-    out = []
-    for i in range(warmup + count):
-        key = bytes([KEYS[i % len(KEYS)]])
-        t0 = clock()
-        os.write(w, key)
-        got = os.read(r, 4096)
-        while key not in got:
-            more = os.read(r, 4096)
-            if not more:
-                raise EOFError("the echo program's output was closed")
-            got += more
-        elapsed = clock() - t0
-        if got != key:
-            raise RuntimeError(f"echo of {key!r} came back as {got!r}")
-        if i >= warmup:
-            out.append(elapsed)
-    return out
+
+    def receive() -> bytes:
+        data = os.read(r, 4096)
+        if not data:
+            raise EOFError("the echo program's output was closed")
+        return data
+
+    return _time_echoes(lambda k: os.write(w, KEYS[k : k + 1]), receive, count, warmup)
 
 
 @contextmanager
