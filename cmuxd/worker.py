@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 from collections import deque
@@ -25,6 +26,8 @@ from .logs import setup_logging
 log = logging.getLogger("cmuxd.worker")
 
 MAX_FDS_PER_READ = 64
+FD_WARNING_INTERVAL = 10.0
+FD_LIMIT_CAP = 1 << 20
 
 
 class WorkerProcess:
@@ -45,6 +48,7 @@ class WorkerProcess:
         self.stopped: asyncio.Future | None = None
         self.figures = DaemonFigures(self.connections)
         self.figures.update(config.get("daemon"))
+        self._fd_warned = float("-inf")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -66,21 +70,27 @@ class WorkerProcess:
 
     def _on_channel(self) -> None:
         try:
-            data, fds, _, _ = socket.recv_fds(self.chan, 262144, MAX_FDS_PER_READ)
+            data, fds, flags, _ = socket.recv_fds(self.chan, 262144, MAX_FDS_PER_READ)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data, fds = b"", []
+            data, fds, flags = b"", [], 0
         self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            self._warn_fd_limit()
         if not data:
             # The supervisor is gone: nobody can hand us work or supervise us any more.
             asyncio.get_running_loop().remove_reader(self.chan.fileno())
             self.stop()
             return
-        got = []
+        got, lost = [], []
         for header, leftover in self.decoder.feed(data):
             kind = header.get("t")
-            if kind is None:
+            if kind is None and not self.fds:
+                # The kernel could not give us its fd (we are at our fd limit): the
+                # supervisor closes its copy, so the client sees the connection end.
+                lost.append(header["id"])
+            elif kind is None:
                 got.append(header["id"])
                 self._serve(self.fds.popleft(), header, leftover)
             elif kind == "ping":
@@ -88,8 +98,17 @@ class WorkerProcess:
                 self._send(encode_report(pong=header["seq"], connections=len(self.connections)))
             elif kind == "retire":
                 asyncio.get_running_loop().create_task(self.retire(header["grace"]))
-        if got:
-            self._send(encode_report(got=got))
+        if got or lost:
+            self._send(encode_report(got=got, lost=lost))
+
+    def _warn_fd_limit(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._fd_warned >= FD_WARNING_INTERVAL:
+            self._fd_warned = now
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            log.warning("worker %d is out of file descriptors (limit %d): connections handed "
+                        "to it are closed; raise the limit (LimitNOFILE=, ulimit -n) or lower "
+                        "--max-connections", self.index, soft)
 
     async def retire(self, grace: float) -> None:
         """Serve the open connections until they close or `grace` seconds pass, then close
@@ -148,6 +167,19 @@ class WorkerProcess:
             loop.remove_writer(self.chan.fileno())
 
 
+def raise_fd_limit() -> None:
+    """Every connection and proxied socket is an fd, and a soft limit of 1024 (the usual
+    default outside the units) would cap a worker far below --max-connections. Only workers
+    raise it: they start no processes, so the PTY shells keep the limit they were given."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_LIMIT_CAP if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_CAP)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cmuxd.worker")
     parser.add_argument("--channel-fd", type=int, required=True)
@@ -155,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="{}")
     args = parser.parse_args(argv)
     setup_logging(f"cmuxd worker {args.index} [{os.getpid()}]")
+    raise_fd_limit()
     worker = WorkerProcess(args.channel_fd, args.index, orjson.loads(args.config))
     asyncio.run(worker.run())
 

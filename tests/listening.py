@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -60,7 +61,7 @@ class ListeningDaemon:
 
     def __init__(self, *extra: str, tcp: list[str] | None = None, v6: bool = False,
                  unix: bool = True, workers: int = 2, env: dict | None = None,
-                 token_mode: int = 0o600):
+                 token_mode: int = 0o600, fd_limit: tuple[int, int] | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="cmuxd-test-"))
         self.token_file = self.dir / "relay-token"
         self.token = write_token_file(self.token_file, token_mode)
@@ -83,9 +84,11 @@ class ListeningDaemon:
         full_env.pop("CMUX_RELAY_ID", None)
         full_env.update(env or {})
         self.env = full_env
+        limit = None if fd_limit is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, fd_limit))
         self.proc = subprocess.Popen(daemon_command(*args), stdin=subprocess.DEVNULL,
                                      stdout=self.stderr_file, stderr=self.stderr_file,
-                                     env=full_env)
+                                     env=full_env, preexec_fn=limit)
 
     def wait_ready(self) -> "ListeningDaemon":
         """Ready once the control socket answers with every worker alive."""

@@ -34,7 +34,7 @@ class Supervisor:
         self.secret_env = secret_env or {}  # token variables taken out of os.environ
         self.counters: Counter = Counter()
         self.started = time.time()
-        self.pool = WorkerPool(config)
+        self.pool = WorkerPool(config, counters=self.counters)
         self.immediate = False
         self.gate = Gate(listeners, creds, self.pool, config, self.counters)
         self.control = ControlServer(config.control_path, self.status)

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 
 import orjson
 import psutil
@@ -66,8 +66,9 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, config, on_change=None):
+    def __init__(self, config, on_change=None, counters: Counter | None = None):
         self.config = config
+        self.counters = Counter() if counters is None else counters
         self.workers: list[Worker] = []
         self.generation = 1
         self.stopping = False
@@ -360,6 +361,14 @@ class WorkerPool:
                 entry = worker.unacked.pop(conn_id, None)
                 if entry is not None:
                     os.close(entry[0])
+            for conn_id in report.get("lost", ()):
+                # The worker never got the fd (it is at its fd limit; it logs that).
+                entry = worker.unacked.pop(conn_id, None)
+                if entry is not None:
+                    os.close(entry[0])
+                    worker.load = max(0, worker.load - 1)
+                    self.counters["refused"] += 1
+                    self.counters["refused_fd_limit"] += 1
             closed = report.get("closed")
             if closed:
                 worker.load = max(0, worker.load - closed)

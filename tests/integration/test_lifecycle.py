@@ -133,6 +133,49 @@ def test_ten_thousand_auth_cycles_leave_the_supervisor_flat(spawn_listening):
     assert rss1 - rss0 < 8 * 1024 * 1024, (rss0, rss1)
 
 
+def test_worker_out_of_fds_closes_what_it_cannot_take(spawn_listening):
+    """At its fd limit a worker cannot receive another connection: that client sees its
+    connection end at once instead of hanging after the handshake, the refusal is counted
+    and logged with the fix, and nothing is left held once the clients are gone."""
+    d = spawn_listening(workers=1, fd_limit=(48, 48))
+    sup = psutil.Process(d.proc.pid)
+    fds0 = sup.num_fds()
+    served, ended = [], 0
+    for n in range(60):
+        try:
+            stream = d.authed()
+        except (OSError, EOFError):  # the supervisor itself at its limit: refused at accept
+            ended += 1
+            continue
+        try:
+            assert stream.call("ping", id=n, timeout=10)["ok"] is True
+            served.append(stream)
+        except (EOFError, ConnectionError):  # closed, or reset since our ping was unread
+            ended += 1
+            stream.close()
+    assert len(served) >= 15 and ended >= 1, (len(served), ended)
+    wait_for(lambda: d.status()["counters"].get("refused_fd_limit", 0) >= 1)
+    assert "out of file descriptors" in d.log()
+    for stream in served:
+        stream.close()
+    wait_for(lambda: d.status()["connections"] == 0, timeout=15)
+    wait_for(lambda: sup.num_fds() <= fds0 + 2, timeout=15,
+             message="the supervisor still holds copies of lost connections")
+    assert d.authed().call("ping", id=1)["ok"] is True
+
+
+def test_workers_raise_their_fd_limit_and_the_hub_keeps_its_own(spawn_listening):
+    """Workers hold the connections, so they take the hard limit; the hub keeps the limit
+    it was given, so the shells it starts get the one their user expects."""
+    d = spawn_listening(workers=1, fd_limit=(256, 4096))
+    worker = psutil.Process(d.status()["workers"][0]["pid"])
+    hub = next(p for p in psutil.Process(d.proc.pid).children()
+               if "cmuxd.hub_link" in " ".join(p.cmdline()))
+    wait_for(lambda: worker.rlimit(psutil.RLIMIT_NOFILE) == (4096, 4096))
+    assert hub.rlimit(psutil.RLIMIT_NOFILE) == (256, 4096)
+    assert psutil.Process(d.proc.pid).rlimit(psutil.RLIMIT_NOFILE) == (256, 4096)
+
+
 def test_worker_over_rss_limit_is_recycled_gracefully(spawn_listening):
     d = spawn_listening("--max-worker-rss", "1", "--graceful-timeout", "30", workers=1)
     first = d.status()["workers"][0]["pid"]
