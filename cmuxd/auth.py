@@ -229,7 +229,8 @@ _MISMATCH = "relay auth challenge mismatch: "
 _NOT_A_RELAY = "check that the address is a cmuxd TCP listener"
 ERROR_REFUSED = (
     "the relay refused the credentials; make sure the relay id and token are the ones the "
-    "daemon at this address was started with"
+    "daemon at this address was started with (if they are, it had too many handshakes in "
+    "flight: try again)"
 )
 ERROR_NO_PROOF = (
     "the relay did not prove it holds the relay token; do not use this address until you "
@@ -294,7 +295,8 @@ class ClientHandshake:
         """The server closed before finishing the handshake."""
         if self.state == "waiting_challenge":
             self._fail(_MISMATCH + "the server closed the connection without a challenge; "
-                       + _NOT_A_RELAY + ", and that its --allow-from admits this host")
+                       + _NOT_A_RELAY + ", and that its --allow-from admits this host (after "
+                       "repeated failed handshakes it also refuses a host for a while)")
         elif self.state == "sent":
             self._fail("the relay closed the connection before answering the auth line; "
                        "check the daemon's log for the reason")
@@ -308,6 +310,12 @@ class ClientHandshake:
 
     def _on_challenge(self, line: bytes) -> None:
         msg = _load_object(line)
+        refusal = msg.get("error") if msg is not None and msg.get("ok") is False else None
+        if type(refusal) is dict and type(refusal.get("message")) is str:
+            # The daemon is at a limit and says so instead of challenging: not an auth error.
+            self._fail(f"the daemon is not taking connections now: {refusal['message']:.300}")
+            self.state = "unavailable"
+            return
         if msg is None or msg.get("protocol") != PROTOCOL_NAME:
             return self._fail(_MISMATCH + "the server did not send a cmux relay challenge; "
                               + _NOT_A_RELAY)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import sys
+from typing import NoReturn
 
 import argh
 import orjson
@@ -66,9 +67,9 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
     127.0.0.1:5555 and a Unix socket under $XDG_RUNTIME_DIR/cmuxd."""
     if stdio:
         if tcp or socket:
-            raise argh.CommandError("--stdio serves one pipe; it cannot be combined with --tcp or --socket")
+            usage_error("--stdio serves one pipe; it cannot be combined with --tcp or --socket")
         if scrollback <= 0 or idle_ttl <= 0:
-            raise argh.CommandError("--scrollback and --idle-ttl must be positive")
+            usage_error("--scrollback and --idle-ttl must be positive")
         sys.exit(asyncio.run(_serve_stdio(shell, scrollback, idle_ttl)))
     from .supervisor import run_daemon
     from .supervisor.listeners import default_socket_path
@@ -86,7 +87,7 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
                         graceful_timeout=graceful_timeout, allow_from=allow_from or [],
                         shell=shell, scrollback=scrollback, idle_ttl=idle_ttl)
     except ValueError as exc:
-        raise argh.CommandError(str(exc)) from None
+        usage_error(str(exc))
     sys.exit(run_daemon(config))
 
 
@@ -118,7 +119,7 @@ def token_new(path: str | None, *, force: bool = False, if_missing: bool = False
     try:
         print(write_new_token(target, force=force))
     except AuthError as exc:
-        raise argh.CommandError(str(exc)) from None
+        fail(str(exc))
 
 
 def _client_kwargs(token_file, relay_id, unix_auth):
@@ -195,7 +196,7 @@ def connect(uri: str, *, stdio: bool = False, token_file: str | None = None,
     """Authenticate, then carry stdin/stdout to the daemon: a drop-in for
     `ssh host cmuxd-remote serve --stdio`."""
     if not stdio:
-        raise argh.CommandError("connect needs --stdio (the stdin/stdout bridge)")
+        usage_error("connect needs --stdio (the stdin/stdout bridge)")
     sys.exit(_run_client(bridge_stdio(uri, **_client_kwargs(token_file, relay_id, unix_auth))))
 
 
@@ -235,18 +236,18 @@ def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = 
     from . import units
 
     if systemd == launchd:
-        raise argh.CommandError("choose one of --systemd and --launchd")
+        usage_error("choose one of --systemd and --launchd")
     try:
         if systemd:
             if user == system:
-                raise argh.CommandError("choose one of --user and --system")
+                usage_error("choose one of --user and --system")
             addresses = tailnet_address or (units.tailscale_addresses() if tailnet else [])
             plan = units.systemd_plan("system" if system else "user", user=as_user,
                                       token_file=token_file, port=port, tailnet=addresses)
             mkdirs = []
         else:
             if user or system or as_user or tailnet_address:
-                raise argh.CommandError("--user, --system, --as and --tailnet-address apply to "
+                usage_error("--user, --system, --as and --tailnet-address apply to "
                                         "--systemd")
             plan = units.launchd_plan(token_file=token_file, port=port, tailnet=tailnet)
             mkdirs = units.launchd_dirs()
@@ -258,7 +259,7 @@ def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = 
             return
         units.install(plan, mkdirs=mkdirs)
     except (units.UnitsError, AuthError, OSError) as exc:
-        raise argh.CommandError(str(exc)) from None
+        fail(str(exc))
     for path in plan.files:
         print(f"wrote {path}")
     made = "created a new token in" if plan.token_created else "the token is"
@@ -296,7 +297,7 @@ def fleet_config(*, from_tailscale: str | None = None, tag: list[str] | None = N
                         read_tailscale_status, srv_records)
 
     if token_file and token_dir:
-        raise argh.CommandError("choose one of --token-file (one token for the fleet) and "
+        usage_error("choose one of --token-file (one token for the fleet) and "
                                 "--token-dir (a token per host)")
     try:
         doc = read_tailscale_status(from_tailscale)
@@ -312,7 +313,7 @@ def fleet_config(*, from_tailscale: str | None = None, tag: list[str] | None = N
                              "(`tailscale up`)?")
         sys.stdout.write(srv_records(fleet, srv) if srv is not None else fleet.dumps())
     except FleetError as exc:
-        raise argh.CommandError(str(exc)) from None
+        fail(str(exc))
 
 
 @argh.named("status")
@@ -365,6 +366,17 @@ def fleet_status(hosts: list[str], *, fleet: str | None = None,
     else:
         print(format_table(reports))
     sys.exit(0 if all(r.up for r in reports) else EXIT_UNREACHABLE)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """End the command with one line on stderr and `code` (1: it could not be done)."""
+    sys.stderr.write(f"cmuxd-remote: {message}\n")
+    sys.exit(code)
+
+
+def usage_error(message: str) -> NoReturn:
+    """Options that cannot go together: exit 2, as for argparse's own usage errors."""
+    fail(message, EXIT_USAGE)
 
 
 def main() -> None:

@@ -332,6 +332,8 @@ async def _handshake(reader, writer, creds: Credentials, address: Address,
     except OSError as exc:
         raise ClientError(f"{address}: connection lost during the handshake "
                           f"({exc.strerror or exc})", EXIT_UNREACHABLE) from None
+    if hs.state == "unavailable":
+        raise ClientError(f"{address}: {hs.error}", EXIT_UNREACHABLE)
     if hs.state != "accepted":
         raise ClientError(f"{address}: {hs.error} (credentials: {creds.source})", EXIT_AUTH)
     return hs.leftover

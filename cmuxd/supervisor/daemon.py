@@ -137,6 +137,8 @@ def check_state_dir(path: str) -> None:
         st = os.stat(path)
     except FileNotFoundError:
         return  # created 0700 by the first socket bound in it
+    except OSError as exc:
+        raise ListenerError(exc.strerror or str(exc)) from None
     if st.st_uid != os.geteuid():
         raise ListenerError(f"it belongs to uid {st.st_uid}, not to this daemon's user")
     if st.st_mode & 0o022:

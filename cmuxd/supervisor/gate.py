@@ -26,12 +26,17 @@ from ..auth import (
 )
 from ..peercred import peer_uid
 from .listeners import Listener, format_address
+from .pool import NoWorkerError
 
 log = logging.getLogger("cmuxd.supervisor")
 
 REFUSAL_LOG_INTERVAL = 10.0
 ACCEPT_INHERITS_OPTIONS = sys.platform.startswith("linux")
 BACKOFF_TABLE_MAX = 10000
+NO_WORKER_REPLY = (
+    b'{"ok":false,"error":{"code":"unavailable","message":"the daemon has no worker running '
+    b'(they are being restarted); try again shortly"}}\n'
+)
 
 
 class Backoff:
@@ -166,10 +171,6 @@ class Gate:
                 raise
             conn.setblocking(False)
             self.counters["accepted"] += 1
-            if self.pool.total_load() + self.in_flight >= self.config.max_connections:
-                self._refuse("max_connections")
-                _send_and_close(conn, self.limit_reply)
-                continue
             if listener.kind == "unix":
                 self._accept_unix(conn)
             else:
@@ -186,10 +187,12 @@ class Gate:
         uid = peer_uid(conn)
         peer = f"uid {uid}"
         if self.config.unix_auth == "token":
-            self._start_handshake(conn, peer, None)
+            if self._admit(conn):
+                self._start_handshake(conn, peer, None)
         elif uid in (self.uid, 0):
-            self.counters["authenticated"] += 1
-            self._hand_off(conn, "unix", peer, b"")
+            if self._admit(conn):
+                self.counters["authenticated"] += 1
+                self._hand_off(conn, "unix", peer, b"")
         else:
             self._refuse("peer_uid")
             conn.close()
@@ -207,7 +210,24 @@ class Gate:
             self._refuse("backoff")
             conn.close()
             return
-        self._start_handshake(conn, peer, host)
+        if self._admit(conn):
+            self._start_handshake(conn, peer, host)
+
+    def _admit(self, conn: socket.socket) -> bool:
+        """Refuse, with a one-line reason, a connection there is no room for. Only peers that
+        passed --allow-from, the back-off and the uid check get this far: the reason names
+        our limits, which outsiders need not learn."""
+        if self.pool.total_load() + self.in_flight >= self.config.max_connections:
+            self._refuse("max_connections")
+            _send_and_close(conn, self.limit_reply)
+            return False
+        if not self.pool.has_worker():
+            # Workers are being restarted (crash back-off): authenticating the client only
+            # to drop it would look like a daemon fault, so say so before the challenge.
+            self._refuse("no_worker")
+            _send_and_close(conn, NO_WORKER_REPLY)
+            return False
+        return True
 
     def _start_handshake(self, conn: socket.socket, peer: str, host: str | None) -> None:
         """Challenge now; the rest runs from the loop's callbacks (data, deadline), with no
@@ -306,6 +326,9 @@ class Gate:
         self.next_id += 1
         try:
             self.pool.dispatch(conn, kind, peer, leftover, self.next_id)
+        except NoWorkerError as exc:
+            log.warning("could not hand a connection to a worker: %s", exc)
+            self._refuse("no_worker")
         except Exception:
             log.exception("could not hand a connection to a worker")
             self._refuse("no_worker")

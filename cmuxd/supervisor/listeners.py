@@ -149,6 +149,13 @@ def bind_unix(path_text: str) -> Listener:
     path = Path(path_text).expanduser()
     if not path.is_absolute():
         path = Path.cwd() / path
+    try:
+        return _bind_unix(path)
+    except OSError as exc:  # the directory cannot be made, the stale file removed, …
+        raise ListenerError(f"--socket {path}: {exc.strerror or exc}") from None
+
+
+def _bind_unix(path: Path) -> Listener:
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True)
     if path.exists() or path.is_symlink():
@@ -164,15 +171,15 @@ def bind_unix(path_text: str) -> Listener:
     old_umask = os.umask(0o177)
     try:
         sock.bind(str(path))
-    except OSError as exc:
+        os.chmod(path, 0o600)
+        sock.listen(BACKLOG)
+        st = path.stat()
+    except OSError:
         sock.close()
-        raise ListenerError(f"--socket {path}: {exc.strerror}") from None
+        raise
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(BACKLOG)
     sock.setblocking(False)
-    st = path.stat()
     return Listener(sock, "unix", str(path), path=path, inode=(st.st_dev, st.st_ino))
 
 

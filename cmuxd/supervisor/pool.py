@@ -65,6 +65,10 @@ class Worker:
         return self.proc.pid if self.proc else 0
 
 
+class NoWorkerError(RuntimeError):
+    """Every worker is gone (being restarted): a connection has nowhere to go now."""
+
+
 class WorkerPool:
     def __init__(self, config, on_change=None, counters: Counter | None = None):
         self.config = config
@@ -123,6 +127,9 @@ class WorkerPool:
 
     def serving(self) -> list[Worker]:
         return [w for w in self.workers if w.state == "serving"]
+
+    def has_worker(self) -> bool:
+        return any(w.state == "serving" and w.chan is not None for w in self.workers)
 
     def _spawn(self, index: int) -> Worker:
         loop = asyncio.get_running_loop()
@@ -245,7 +252,7 @@ class WorkerPool:
         lost with it."""
         live = [w for w in self.serving() if w.chan is not None]
         if not live:
-            raise RuntimeError("no worker is running")
+            raise NoWorkerError("no worker is running")
         worker = min(live, key=lambda w: w.load)
         copy = os.dup(fd)
         worker.unacked[conn_id] = (copy, data)

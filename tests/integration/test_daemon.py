@@ -307,6 +307,24 @@ def test_stale_socket_is_replaced_and_live_one_is_not(daemon):
         other.close()
 
 
+@pytest.mark.parametrize("args, code, message", [
+    (["connect", "127.0.0.1:1"], 2, "connect needs --stdio"),
+    (["serve", "--stdio", "--tcp", "127.0.0.1:1"], 2, "cannot be combined with --tcp"),
+    (["serve", "--tcp", "127.0.0.1:1", "--scrollback", "0"], 2, "--scrollback"),
+    (["units", "install", "--systemd", "--launchd"], 2, "choose one of --systemd and --launchd"),
+    (["token", "new", "{existing}"], 1, "already exists"),
+], ids=["connect", "stdio-tcp", "scrollback", "units", "token"])
+def test_cli_failures_are_one_line_with_their_exit_code(tmp_path, args, code, message):
+    existing = tmp_path / "token"
+    existing.write_text("x\n")
+    args = [a.replace("{existing}", str(existing)) for a in args]
+    out = subprocess.run([sys.executable, "-m", "cmuxd", *args], capture_output=True,
+                         text=True, timeout=30, env=dict(os.environ, HOME=str(tmp_path)))
+    assert out.returncode == code, out.stderr
+    assert out.stderr.startswith("cmuxd-remote: ") and message in out.stderr, out.stderr
+    assert "Error" not in out.stderr.split(":")[0] and "Traceback" not in out.stderr
+
+
 def test_cli_ping_rpc_and_errors(shared):
     uri = f"cmux://127.0.0.1:{shared.port}"
     out = shared.cli("ping", uri, "--count", "3", "--interval", "0")
@@ -389,6 +407,25 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_to_start(daemon):
     assert out.returncode == 1
     assert "another daemon is listening" in out.stderr and "--state-dir" in out.stderr
     ping_ok(daemon.unix())
+
+
+@pytest.mark.parametrize("where", ["state", "socket"])
+def test_an_impossible_path_is_a_sentence_not_a_traceback(tmp_path, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    state, sock = tmp_path / "state", tmp_path / "s.sock"
+    if where == "state":
+        state = blocker / "state"
+    else:
+        sock = blocker / "run" / "s.sock"
+    out = subprocess.run(
+        [sys.executable, "-m", "cmuxd", "serve", "--socket", str(sock), "--state-dir",
+         str(state)], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "Not a directory" in out.stderr
+    assert ("--state-dir" if where == "state" else f"--socket {sock}") in out.stderr
+    assert not (tmp_path / "s.sock").exists()
 
 
 def test_a_state_dir_others_can_write_is_refused(tmp_path):

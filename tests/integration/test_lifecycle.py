@@ -12,7 +12,7 @@ import time
 import psutil
 
 from helpers import wait_for
-from listening import refused
+from listening import read_line, refused
 
 
 class PingLoop(threading.Thread):
@@ -197,9 +197,53 @@ def test_max_connections_refuses_with_a_reason(spawn_listening):
     assert reply["ok"] is False and "--max-connections" in reply["error"]["message"]
     for s in held:
         assert s.call("ping", id=1)["ok"] is True
+    out = d.cli("ping", f"127.0.0.1:{d.port}", "-c", "1")
+    assert out.returncode == 3, out
+    assert b"not taking connections now" in out.stderr and b"--max-connections" in out.stderr
     held[0].close()
     wait_for(lambda: d.status()["connections"] == 2)
     assert d.authed().call("ping", id=1)["ok"] is True
+
+
+def test_outsiders_learn_nothing_of_the_connection_limit(spawn_listening):
+    """A peer --allow-from closes out gets the same silent close at the limit as below it."""
+    d = spawn_listening("--allow-from", "10.0.0.0/8", "--max-connections", "1", workers=1)
+    held = d.unix()
+    assert held.call("ping", id=1)["ok"] is True
+    wait_for(lambda: d.status()["connections"] == 1)
+    assert refused(d.tcp_connect()) == b""
+    assert d.status()["counters"].get("refused_not_allowed") == 1
+    assert "refused_max_connections" not in d.status()["counters"]
+    assert held.call("ping", id=2)["ok"] is True
+
+
+def test_no_worker_running_is_said_before_the_challenge(spawn_listening):
+    """While crashed workers wait out their restart back-off, a client is told so at once
+    instead of being authenticated and then dropped."""
+    d = spawn_listening(workers=1)
+    killed: set[int] = set()
+    told = None
+    for _ in range(10):
+        pid = wait_for(lambda: next((w["pid"] for w in d.status()["workers"]
+                                     if w["state"] == "serving" and w["pid"] not in killed),
+                                    None), timeout=30)
+        killed.add(pid)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: all(w["pid"] != pid or not w["alive"] for w in d.status()["workers"]))
+        sock = d.tcp_connect()
+        first = json.loads(read_line(sock))
+        sock.close()
+        if "error" in first:
+            told = first
+            break
+    assert told is not None, "every reconnect found a worker already back"
+    assert told["ok"] is False and told["error"]["code"] == "unavailable"
+    assert "no worker running" in told["error"]["message"]
+    assert d.status()["counters"].get("refused_no_worker", 0) >= 1
+    wait_for(lambda: any(w["state"] == "serving" and w["alive"] for w in d.status()["workers"]),
+             timeout=30)
+    assert d.authed().call("ping", id=1)["ok"] is True
+    assert "Traceback" not in d.log()
 
 
 def test_ttin_ttou_change_the_worker_count(spawn_listening):

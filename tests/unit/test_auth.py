@@ -511,6 +511,24 @@ def test_challenge_mismatch_sends_nothing(change):
     assert client.error.startswith("relay auth challenge mismatch")
 
 
+def test_a_daemon_at_its_limit_is_unavailable_not_an_auth_failure():
+    client = ClientHandshake(V1_TOKEN, "relay-1")
+    client.feed(line({"ok": False, "error": {"code": "unavailable",
+                                              "message": "at its limit of 3 connections"}}))
+    assert client.state == "unavailable"
+    assert client.to_send is None
+    assert client.error == "the daemon is not taking connections now: at its limit of 3 connections"
+
+
+@pytest.mark.parametrize("reply", [{"ok": False}, {"ok": False, "error": "x"},
+                                   {"ok": False, "error": {"message": 7}}], ids=repr)
+def test_a_refusal_without_a_message_first_is_a_challenge_mismatch(reply):
+    client = ClientHandshake(V1_TOKEN, "relay-1")
+    client.feed(line(reply))
+    assert client.state == "failed"
+    assert client.error.startswith("relay auth challenge mismatch")
+
+
 @pytest.mark.parametrize("data", [PING, b"SSH-2.0-OpenSSH_9.6\r\n", b"[]\n", b"x" * MAX_AUTH_LINE])
 def test_a_server_that_is_not_a_relay_is_a_challenge_mismatch(data):
     client = ClientHandshake(V1_TOKEN, "relay-1")
