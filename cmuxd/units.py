@@ -94,9 +94,9 @@ WantedBy=sockets.target
             user = ("# User= the account whose shells the daemon serves (root without it):\n"
                     "# `cmuxd-remote units install --system --as USER` sets it.\n")
         return f"""\
-# cmux remote daemon. Socket-activated by cmuxd.socket; reload (SIGHUP) re-reads the token
-# and starts new workers; open connections stay on the old ones until they close or
-# --graceful-timeout (30 s) passes.
+# cmux remote daemon. Socket-activated by cmuxd.socket; reload (SIGHUP) starts new workers;
+# open connections stay on the old ones until they close or --graceful-timeout (30 s)
+# passes. A new token takes a restart: systemd copies LoadCredential= only at start.
 [Unit]
 Description=cmux remote daemon
 Requires=cmuxd.socket

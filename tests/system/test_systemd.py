@@ -99,7 +99,9 @@ class BootedSystemd:
             tmp_binds=units.paths_under_tmp(command), tailnet=[TAILNET_ADDRESS],
             serve_args=["--workers", "2", "--relay-id", RELAY_ID]).render()
         # Only what a test needs to finish quickly differs from the installed units.
+        # Tests start the service more often than StartLimitBurst= allows in real use.
         rendered["cmuxd.service.d/test.conf"] = (
+            "[Unit]\nStartLimitIntervalSec=0\n"
             f"[Service]\nWatchdogSec={WATCHDOG_SEC}s\nTimeoutAbortSec=5s\nLimitCORE=0\n")
         rendered[TARGET] = ("[Unit]\nDescription=cmuxd test boot: nothing but the journal\n"
                             "Wants=systemd-journald.socket systemd-journald.service\n")
@@ -336,6 +338,28 @@ def test_reload_keeps_every_open_connection_serving(systemd):
         stream.close()
     ping_ok(systemd.authed(), id=200)
     assert "reloaded: generation" in systemd.journal()
+
+
+def test_a_new_token_takes_a_restart_under_the_unit(systemd):
+    """systemd copies LoadCredential= files when the service starts, not on reload (252
+    here): `systemctl reload` keeps the old token, `systemctl restart` takes the new one."""
+    ping_ok(systemd.authed())  # starts the service if nothing did yet
+    wait_serving(systemd)
+    generation = systemd.control_status()["generation"]
+    old = systemd.token
+    inside = systemd.path(str(systemd.token_file))  # written through the overlay systemd sees
+    inside.unlink()
+    new = write_token_file(inside)
+    systemd.systemctl("reload", "cmuxd.service")
+    wait_for(lambda: systemd.control_status()["generation"] == generation + 1, timeout=15,
+             message="the new worker generation")
+    ping_ok(systemd.authed(token=old))
+    systemd.systemctl("restart", "cmuxd.service")
+    systemd.token = new
+    wait_serving(systemd)
+    ping_ok(systemd.authed())
+    with pytest.raises(AssertionError):
+        systemd.authed(token=old)
 
 
 def test_a_pty_shell_works_inside_the_sandbox(systemd):
