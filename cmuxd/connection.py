@@ -98,6 +98,8 @@ class Connection(asyncio.Protocol):
         self.input_eof = False
         self.closing = False
         self.write_paused = False
+        self.paused_replies = 0
+        """Reply bytes written since the peer stopped keeping up (see REPLY_ALLOWANCE)."""
         self.reading_paused = False
         self.tasks: set[asyncio.Task] = set()
         self._writable: asyncio.Future | None = None
@@ -143,6 +145,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.paused_replies = 0
         if self._writable is not None:
             if not self._writable.done():
                 self._writable.set_result(None)
@@ -157,12 +160,14 @@ class Connection(asyncio.Protocol):
         dispatch = self.dispatch
         self.batching = True
         try:
-            while pending and not self.write_paused:
+            while pending and not self._replies_held():
                 reply = dispatch(pending.popleft())
                 if reply is None:
                     continue
                 if type(reply) is bytes:
                     self.out += reply
+                    if self.write_paused:
+                        self.paused_replies += len(reply)
                     continue
                 self.busy = True
                 self._blocking = self.spawn(self._complete(reply))
@@ -219,6 +224,8 @@ class Connection(asyncio.Protocol):
         reply = await reply_coro
         if reply is not None:
             self.send(reply)
+            if self.write_paused:
+                self.paused_replies += len(reply)
         if self._blocking is asyncio.current_task():
             self._blocking = None
             self.busy = False
@@ -261,8 +268,15 @@ class Connection(asyncio.Protocol):
             self._writable = asyncio.get_running_loop().create_future()
         return self._writable
 
+    def _replies_held(self) -> bool:
+        """Requests wait while the peer leaves our replies unread. Events alone (a busy
+        terminal, a proxied download) do not hold them: their producers wait for the
+        peer on their own, bounded queues, and a request such as a Ctrl-C must get
+        through while the output that prompted it is still flowing."""
+        return self.write_paused and self.paused_replies >= REPLY_ALLOWANCE
+
     def _update_reading(self) -> None:
-        want_paused = self.busy or self.write_paused
+        want_paused = self.busy or self._replies_held()
         if want_paused == self.reading_paused or self.reader is None or self.input_eof:
             return
         self.reading_paused = want_paused
@@ -315,6 +329,10 @@ class Connection(asyncio.Protocol):
 
 
 INTERNAL_ERROR = "internal error in the daemon; see its log"
+
+REPLY_ALLOWANCE = 64 * 1024
+"""Reply bytes a connection may add past the write buffer's high-water mark before it stops
+reading requests."""
 
 STDOUT_HIGH_WATER = 256 * 1024
 """Bytes buffered for a stdout pipe before the connection stops reading (back-pressure)."""

@@ -200,7 +200,7 @@ class FrameStream:
 
     def __init__(self, reader, writer=None):
         if isinstance(reader, socket.socket):
-            sock = reader
+            sock = self.sock = reader
             self._fd = sock.fileno()
             self._recv = sock.recv
             self._send = sock.sendall

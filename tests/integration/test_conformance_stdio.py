@@ -888,6 +888,25 @@ def test_slow_reader_applies_back_pressure(daemon):
         daemon.expect({"id": 3, "method": "ping"}, ok(PONG, id=3))
 
 
+def test_a_client_that_leaves_replies_unread_is_held(daemon):
+    """Requests stop being read once the replies the client leaves unread pass a small
+    allowance: what the daemon takes stays bounded, and every request is answered in order
+    once the client reads."""
+    daemon.call("ping")
+    proc = psutil.Process(daemon.pid)
+    read = lambda: proc.io_counters().read_chars  # noqa: E731
+    before = read()
+    count = 200_000
+    writer = daemon.send_in_background(b'{"id":1,"method":"ping"}\n' * count)
+    taken = _wait_until_stalled(read, quiet=0.5, timeout=30) - before
+    assert taken < 2 * 1024 * 1024, f"{taken} bytes of requests were read with replies unread"
+    for _ in range(count):
+        assert daemon.recv_frame(timeout=30) == ok(PONG, id=1)
+    writer.join(30)
+    assert not writer.is_alive() and not writer.errors
+    daemon.expect({"id": 2, "method": "ping"}, ok(PONG, id=2))
+
+
 def _wait_until_stalled(progress, quiet: float, timeout: float) -> int:
     """Wait until `progress()` has not changed for `quiet` seconds; return its value."""
     deadline = time.monotonic() + timeout

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 
+import orjson
 import psutil
 
 from helpers import wait_for
@@ -237,6 +238,50 @@ def test_the_hub_starts_pty_processes_without_helper_threads():
         hub = [p for p in psutil.Process(d.proc.pid).children()
                if "cmuxd.hub_link" in " ".join(p.cmdline())][0]
         assert hub.num_threads() == 1
+    finally:
+        d.close()
+
+
+def test_requests_get_through_to_a_slow_reader_of_a_flooding_terminal():
+    """A client reading slower than its terminal writes still gets its requests served: a
+    Ctrl-C reaches the terminal at once (not after the output it is meant to stop) and a
+    ping is answered, while the output keeps the connection's write buffer full."""
+    d = ListeningDaemon(workers=1).wait_ready()
+    try:
+        sock = d.authed().sock
+        sock.sendall(orjson.dumps({"id": 1, "method": "pty.attach", "params": dict(
+            ident("a", "tok"), cols=80, rows=24,
+            command="trap 'echo INTERRUPTED; exit 0' INT; yes flood-line")}) + b"\n")
+        seen = bytearray()
+
+        def read_slowly(done, seconds: float, what: str) -> None:
+            """Read about 1.6 MB/s until `done()`."""
+            t0 = time.monotonic()
+            while not done():
+                assert time.monotonic() - t0 < seconds, f"{what} within {seconds} s"
+                chunk = sock.recv(8192)
+                assert chunk, "the daemon closed the connection"
+                seen.extend(chunk)
+                time.sleep(0.005)
+
+        def flooding() -> list:
+            return [p for p in psutil.Process(d.proc.pid).children(recursive=True)
+                    if p.name() == "yes" and p.status() != psutil.STATUS_ZOMBIE]
+
+        read_slowly(lambda: b'"pty.data"' in seen and flooding(), 10, "no output")
+        t0 = time.monotonic()
+        read_slowly(lambda: time.monotonic() - t0 > 1.0, 2, "")  # buffers fill meanwhile
+        sock.sendall(b'{"id":7,"method":"ping"}\n' + orjson.dumps({
+            "method": "pty.write", "params": dict(ident("a", "tok"), data_base64="Aw==")})
+            + b"\n")
+        read_slowly(lambda: not flooding(), 2, "the Ctrl-C did not reach the terminal")
+        pong = b'{"id":7,"ok":true,"result":{"pong":true}}'
+        read_slowly(lambda: pong in seen[-(len(pong) + 8192 * 3):], 15, "no pong")
+        sock.settimeout(10)
+        while b'"pty.exit"' not in seen[-8192 * 4:]:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the daemon closed the connection"
+            seen.extend(chunk)
     finally:
         d.close()
 
