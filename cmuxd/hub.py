@@ -275,13 +275,16 @@ class PtySession:
             self.finish()
 
     def signal(self, signum: int) -> None:
-        if self.pid is None or self.exited.done():
+        """Signal every process of the session, not just the leader's group: an interactive
+        shell runs its jobs in groups of their own, and they outlive a leader that is gone."""
+        if self.pid is None:
             return
-        try:
-            os.killpg(self.pid, signum)
-        except OSError:
+        members = session_members(self.pid)
+        if not self.exited.done():
+            members.add(self.pid)
+        for pid in members:
             try:
-                os.kill(self.pid, signum)
+                os.kill(pid, signum)
             except OSError:
                 pass
 
@@ -550,6 +553,20 @@ class PtySession:
         entry = self.sizes.snapshot(self.id, ("cols", "rows", "persistent"))
         entry["scrollback_bytes"] = len(self.scrollback)
         return entry
+
+
+def session_members(sid: int) -> set[int]:
+    """The processes in session `sid` (the pid of its leader), as far as we may see them."""
+    import psutil  # here, not at the top: workers import this module and never need it
+
+    members = set()
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == sid:
+                members.add(pid)
+        except OSError:  # gone, or (macOS) in a session we may not look into
+            pass
+    return members
 
 
 def _write_script(command: str) -> str:

@@ -8,6 +8,8 @@ import os
 import stat
 import time
 
+import psutil
+
 from helpers import (
     ANY_INT,
     ANY_STR,
@@ -239,6 +241,40 @@ def test_stdin_eof_kills_the_sessions(daemon):
         return False
 
     wait_for(gone, message="the PTY process to be killed")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _job_pid(daemon, command: str) -> int:
+    """Attach `command`, which prints `job=PID` for a process it starts; that pid, alive."""
+    daemon.call("pty.attach", attach_params(command=command))
+    out = output_until(daemon, b"\r\n", seen=b"")
+    pid = int(out.split(b"job=")[1].split(b"\r\n")[0])
+    assert not _gone(pid)
+    return pid
+
+
+def test_close_ends_jobs_in_process_groups_of_their_own(daemon):
+    """A shell with job control runs `sleep &` in its own process group, which no signal to
+    the leader's group reaches: pty.close ends it all the same."""
+    pid = _job_pid(daemon, "set -m; sleep 96 & echo job=$!; exec cat")
+    assert os.getpgid(pid) != os.getsid(pid)
+    assert daemon.call("pty.close", {"session_id": "t1"})["result"]["closed"] is True
+    wait_for(lambda: _gone(pid), message="the background job to be killed")
+
+
+def test_stopping_ends_processes_that_outlive_their_leader(daemon):
+    """A process that ignores SIGHUP outlives the leader the SIGHUP ended: the SIGKILL that
+    follows the grace period still reaches it."""
+    pid = _job_pid(daemon, "(trap '' HUP; exec sleep 98) & echo job=$!; exec cat")
+    daemon.close_stdin()
+    assert daemon.wait() == 0
+    wait_for(lambda: _gone(pid), message="the process that ignored SIGHUP to be killed")
 
 
 def test_cancel_never_responds_and_detaches_a_completed_attach(daemon):
