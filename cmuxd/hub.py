@@ -46,6 +46,7 @@ from .handlers.pty import (
     MSG_NO_HUB,
     MSG_QUEUE_FULL,
     MSG_SESSION_NOT_FOUND,
+    pty_error_event,
 )
 from .handlers.session import SizeCoordinator
 from .protocol import (
@@ -804,16 +805,20 @@ class Hub:
     def write(self, peer: int, session_id: str, attachment_id: str, token: str, data: bytes,
               seq: int | None, notification: bool) -> dict:
         """Queue input. A notification that fails on sequence or capacity also detaches, since
-        its sender will never see an error response to resynchronise on."""
+        its sender will never see an error response to resynchronise on: its pty.error goes
+        out here, in the attachment's own queue, so that pty.exit stays the last event."""
         att = self._find(session_id, attachment_id, token)
         try:
             if seq is not None and seq != att.next_seq:
                 raise RPCError(PTY_INPUT_SEQ_GAP, f"PTY input sequence gap: got {seq}, want {att.next_seq}")
             att.session.enqueue(att, data, seq)
-        except RPCError:
-            if notification:
-                self._detach(att)
-            raise
+        except RPCError as exc:
+            if not notification:
+                raise
+            self._send(att, pty_error_event(session_id, attachment_id, token, exc.code,
+                                            exc.message))
+            self._detach(att)
+            return {"written": 0}
         return {"written": len(data)}
 
     def resize(self, peer: int, session_id: str, attachment_id: str, token: str, cols: int,
