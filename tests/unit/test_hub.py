@@ -192,10 +192,10 @@ def test_input_queue_accepts_whole_writes_or_nothing():
         assert err.value.code == "pty_input_queue_full"
         # Request form: still attached.
         assert session_of(hub, "s")["attachments"][0]["attachment_id"] == "a"
-        # Notification form: detached, with pty.exit as the last event.
-        with pytest.raises(RPCError):
-            hub.write(a.id, "s", "a", "tok", b"z", None, True)
-        await until(lambda: a.names("a")[-1:] == ["pty.exit"], "pty.exit")
+        # Notification form: its pty.error, then detached with pty.exit as the last event.
+        assert hub.write(a.id, "s", "a", "tok", b"z", None, True) == {"written": 0}
+        await until(lambda: a.names("a")[-2:] == ["pty.error", "pty.exit"], "pty.exit")
+        assert a.events("a")[-2]["code"] == "pty_input_queue_full"
         assert session_of(hub, "s")["attachments"] == []
 
     run(test)
@@ -222,10 +222,10 @@ def test_seq_rules_and_cumulative_acks():
         await until(lambda: any(e.get("seq") == 12 for e in a.events("a")), "ack 12")
         acks = [e["seq"] for e in a.events("a") if e["event"] == "pty.input_ack"]
         assert acks == sorted(acks) and acks[0] == 1 and acks[-1] == 12
-        # A sequence gap sent as a notification detaches.
-        with pytest.raises(RPCError):
-            hub.write(a.id, "s", "a", "tok", b"x", 99, True)
-        await until(lambda: a.names("a")[-1:] == ["pty.exit"], "pty.exit")
+        # A sequence gap sent as a notification is a pty.error, then a detach.
+        assert hub.write(a.id, "s", "a", "tok", b"x", 99, True) == {"written": 0}
+        await until(lambda: a.names("a")[-2:] == ["pty.error", "pty.exit"], "pty.exit")
+        assert a.events("a")[-2]["message"] == "PTY input sequence gap: got 99, want 13"
 
     run(test)
 
