@@ -128,9 +128,10 @@ class ListeningDaemon:
         return msg
 
     def authed(self, host: str = "127.0.0.1", port: int | None = None, mutual: bool = True,
-               pipelined: bytes = b"") -> FrameStream:
-        """A TCP connection past the handshake, as a FrameStream."""
-        sock = self.tcp_connect(host, port)
+               pipelined: bytes = b"", sock: socket.socket | None = None) -> FrameStream:
+        """A TCP connection past the handshake, as a FrameStream (over `sock`, connected
+        already, when given)."""
+        sock = sock or self.tcp_connect(host, port)
         nonce = self.challenge(sock)["nonce"]
         auth = {"mac": mac_for(self.token, RELAY_ID, nonce), "relay_id": RELAY_ID}
         client_nonce = secrets.token_hex(32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -42,7 +43,9 @@ NO_WORKER_REPLY = (
 class Backoff:
     """Per-address failure counts; an address past the threshold is refused at accept for a
     period that doubles on each further offence, so a flood from one host costs an accept
-    and a close, not a handshake."""
+    and a close, not a handshake. Loopback is never counted: every local user shares it, so
+    one of them could lock all the others out; the cap on handshakes in flight still bounds
+    what a local flood costs."""
 
     def __init__(self, threshold: int, window: float, ceiling: float):
         self.threshold = threshold
@@ -55,6 +58,8 @@ class Backoff:
         return entry is not None and entry[2] > now
 
     def failure(self, addr: str, now: float) -> None:
+        if _is_loopback(addr):
+            return
         entry = self.table.get(addr)
         if entry is None or now - entry[1] > max(self.window, entry[3] * 2):
             entry = [0, now, 0.0, entry[3] if entry else 0.0]
@@ -353,6 +358,14 @@ class Gate:
         log.warning("refused %d connection(s) in the last %.0f s (%s)", total,
                     REFUSAL_LOG_INTERVAL, detail)
         self._refusals.clear()
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 def _tune_tcp(conn: socket.socket) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from helpers import TcpServer, wait_for
 from listening import RELAY_ID, ListeningDaemon, free_port, mac_for, read_line, refused
+from netns import PeerNamespace, netns_permitted
 
 
 @pytest.fixture(scope="module")
@@ -235,21 +236,62 @@ def test_unix_auth_token_requires_the_handshake():
         d.close()
 
 
-def test_backoff_refuses_an_address_after_repeated_failures():
-    d = ListeningDaemon("--backoff-failures", "3")
+@pytest.fixture
+def peer():
+    """A network namespace to connect from, so the daemon sees an address other than
+    loopback (which it never backs off)."""
+    tag = str(os.getpid() % 100000)
+    reason = netns_permitted(f"cmuxd-peer-{tag}-probe")
+    if reason is not None:
+        pytest.skip(reason)
+    ns = PeerNamespace(tag)
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+def peer_connect(ns: PeerNamespace, d: ListeningDaemon) -> socket.socket:
+    """A connection from the namespace to the daemon's listener on our side of it."""
+    sock = ns.socket()
+    sock.settimeout(10)
+    sock.connect((ns.root_address, int(d.tcp[0].rsplit(":", 1)[1])))
+    sock.settimeout(None)
+    return sock
+
+
+def test_backoff_refuses_an_address_after_repeated_failures(peer):
+    d = ListeningDaemon("--backoff-failures", "3", tcp=[f"{peer.root_address}:{free_port()}"])
     try:
         d.wait_ready()
         for _ in range(3):
+            sock = peer_connect(peer, d)
+            d.challenge(sock)
+            sock.sendall(b'{"mac":"00","relay_id":"x"}\n')
+            assert refused(sock) == b'{"ok":false}\n'
+        sock = peer_connect(peer, d)
+        assert refused(sock) == b""  # closed at accept: no challenge, no handshake work
+        wait_for(lambda: d.status()["counters"].get("refused_backoff", 0) >= 1)
+        ping_ok(d.unix())  # other peers are not affected
+        # The block is short at first; a good client gets in again once it has passed.
+        time.sleep(1.1)
+        ping_ok(d.authed(sock=peer_connect(peer, d)))
+    finally:
+        d.close()
+
+
+def test_loopback_is_never_backed_off():
+    """Every local user shares loopback: failures there must not lock the others out."""
+    d = ListeningDaemon("--backoff-failures", "3")
+    try:
+        d.wait_ready()
+        for _ in range(5):
             sock = d.tcp_connect()
             d.challenge(sock)
             sock.sendall(b'{"mac":"00","relay_id":"x"}\n')
             assert refused(sock) == b'{"ok":false}\n'
-        sock = d.tcp_connect()
-        assert refused(sock) == b""  # closed at accept: no challenge, no handshake work
-        wait_for(lambda: d.status()["counters"].get("refused_backoff", 0) >= 1)
-        # The block is short at first; a good client gets in again once it has passed.
-        time.sleep(1.1)
         ping_ok(d.authed())
+        assert "refused_backoff" not in d.status()["counters"]
     finally:
         d.close()
 
@@ -440,20 +482,21 @@ def test_a_state_dir_others_can_write_is_refused(tmp_path):
     assert not (tmp_path / "s.sock").exists()
 
 
-def test_capacity_refusals_do_not_count_against_an_address():
-    d = ListeningDaemon("--max-handshakes", "1", "--backoff-failures", "2")
+def test_capacity_refusals_do_not_count_against_an_address(peer):
+    d = ListeningDaemon("--max-handshakes", "1", "--backoff-failures", "2",
+                        tcp=[f"{peer.root_address}:{free_port()}"])
     try:
         d.wait_ready()
-        silent = d.tcp_connect()
+        silent = peer_connect(peer, d)
         d.challenge(silent)  # holds the only handshake slot
         for _ in range(3):
-            sock = d.tcp_connect()
+            sock = peer_connect(peer, d)
             d.challenge(sock)  # the challenge comes first; the refusal follows at once
             assert refused(sock) == b'{"ok":false}\n'
         wait_for(lambda: d.status()["counters"].get("refused_capacity", 0) == 3)
         silent.close()
         wait_for(lambda: d.status()["handshakes_in_flight"] == 0, timeout=10)
-        ping_ok(d.authed())  # not blocked at accept by the back-off
+        ping_ok(d.authed(sock=peer_connect(peer, d)))  # not blocked at accept by the back-off
         assert d.status()["counters"].get("refused_backoff", 0) == 0
     finally:
         d.close()

@@ -26,6 +26,7 @@ import pytest
 
 from cmuxd.status import query_status
 from helpers import daemon_command, stop_process, wait_for, write_token_file
+from netns import ip, netns_permitted
 
 PORT = 5555
 TAG = str(os.getpid() % 100000)
@@ -37,14 +38,6 @@ HOSTS = {  # name -> (IPv4, IPv6) on tailscale0
     "fleet-c": ("100.64.3.2", "fd7a:115c:a1e0::3:2"),
 }
 OUTSIDER = ("out", "192.168.77.2")
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30,
-                            stdin=subprocess.DEVNULL)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-    return result
 
 
 def netns_name(short: str) -> str:
@@ -105,18 +98,6 @@ class Network:
             ip("link", "del", link, check=False)  # gone with its peer's namespace, usually
         if self.bridge:
             ip("link", "del", BRIDGE, check=False)
-
-
-def netns_permitted() -> str | None:
-    """Why namespaces cannot be made here, or None when they can."""
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
-    probe = netns_name("probe")
-    result = ip("netns", "add", probe, check=False)
-    if result.returncode != 0:
-        return f"`ip netns add` is not permitted here: {result.stderr.strip()}"
-    ip("netns", "del", probe, check=False)
-    return None
 
 
 class NamespaceDaemon:
@@ -190,7 +171,7 @@ def tailscale_status(base_tag: str = "tag:cmuxd-fleet") -> dict:
 
 @pytest.fixture(scope="module")
 def fleet():
-    reason = netns_permitted()
+    reason = netns_permitted(netns_name("probe"))
     if reason is not None:
         print(f"skipping the namespace fleet test: {reason}")
         pytest.skip(reason)

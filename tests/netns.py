@@ -1,0 +1,83 @@
+"""Network namespaces for tests that need a peer address other than loopback. Everything
+made here is removed by the maker; without permission to make a namespace, callers skip
+with the reason `netns_permitted` gives."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import socket
+import subprocess
+import threading
+
+CLONE_NEWNET = 0x40000000
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30,
+                            stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+    return result
+
+
+def netns_permitted(probe: str) -> str | None:
+    """Why namespaces cannot be made here, or None when they can."""
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    result = ip("netns", "add", probe, check=False)
+    if result.returncode != 0:
+        return f"`ip netns add` is not permitted here: {result.stderr.strip()}"
+    ip("netns", "del", probe, check=False)
+    return None
+
+
+class PeerNamespace:
+    """A namespace joined to ours by a veth pair: we are `root_address`, sockets made by
+    `socket()` come from `peer_address`."""
+
+    def __init__(self, tag: str, subnet: int = 213):
+        self.name = f"cmuxd-peer-{tag}"
+        self.link = f"cxp{tag}"
+        self.root_address = f"10.{subnet}.{int(tag) % 250}.1"
+        self.peer_address = f"10.{subnet}.{int(tag) % 250}.2"
+        ip("netns", "add", self.name)
+        try:
+            ip("link", "add", self.link, "type", "veth", "peer", "name", f"{self.link}p")
+            ip("link", "set", f"{self.link}p", "netns", self.name)
+            ip("addr", "add", f"{self.root_address}/30", "dev", self.link)
+            ip("link", "set", self.link, "up")
+            ip("-n", self.name, "addr", "add", f"{self.peer_address}/30", "dev", f"{self.link}p")
+            ip("-n", self.name, "link", "set", f"{self.link}p", "up")
+            ip("-n", self.name, "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def socket(self) -> socket.socket:
+        """A TCP socket of the namespace (made on a thread that joined it; a socket keeps
+        the namespace it was made in, whichever thread uses it later)."""
+        made: list = []
+
+        def run() -> None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    made.append(OSError(ctypes.get_errno(), "setns failed"))
+                    return
+                made.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            finally:
+                os.close(fd)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        if isinstance(made[0], BaseException):
+            raise made[0]
+        return made[0]
+
+    def close(self) -> None:
+        ip("netns", "del", self.name, check=False)
+        ip("link", "del", self.link, check=False)  # gone with its peer, usually
