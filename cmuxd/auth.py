@@ -535,8 +535,9 @@ def server_credentials(token_file: os.PathLike | str | None = None, relay_id: st
     """The daemon's own credentials.
 
     Token: --token-file, then the systemd credential $CREDENTIALS_DIRECTORY/relay-token, then
-    CMUX_RELAY_TOKEN, then the default token file. Relay id: --relay-id, then CMUX_RELAY_ID,
-    then the relay_id of a JSON token file, then the short host name, which is what a fleet
+    CMUX_RELAY_TOKEN, then the default token file. Relay id: --relay-id, then the relay_id of
+    a JSON token file (it belongs with the token beside it, and clients given the same file
+    read it first too), then CMUX_RELAY_ID, then the short host name, which is what a fleet
     of hosts on one mesh would use anyway.
     """
     file_id: str | None = None
@@ -563,10 +564,10 @@ def server_credentials(token_file: os.PathLike | str | None = None, relay_id: st
 
     if relay_id is not None:
         rid, id_from = relay_id.strip(), "--relay-id"
-    elif _env_value(env, "CMUX_RELAY_ID"):
-        rid, id_from = _env_value(env, "CMUX_RELAY_ID"), "CMUX_RELAY_ID"
     elif file_id:
         rid, id_from = file_id, "the token file"
+    elif _env_value(env, "CMUX_RELAY_ID"):
+        rid, id_from = _env_value(env, "CMUX_RELAY_ID"), "CMUX_RELAY_ID"
     else:
         rid, id_from = short_hostname(), "the host name"
     if not rid or "\n" in rid:

@@ -771,8 +771,10 @@ def test_server_relay_id_order(tmp_path, env):
     json_file = write_secret(tmp_path / "json", auth_json("from-file"))
     with_env = {**env, "CMUX_RELAY_ID": " from-env "}
     assert server_credentials(plain, relay_id="from-flag", env=with_env).relay_id == "from-flag"
-    assert server_credentials(json_file, env=with_env).relay_id == "from-env"
-    assert server_credentials(json_file, env=env).relay_id == "from-file"
+    # The file's relay id belongs with its token, as for a client given the same file.
+    assert server_credentials(json_file, env=with_env).relay_id == "from-file"
+    assert client_credentials(None, json_file, env=with_env).relay_id == "from-file"
+    assert server_credentials(plain, env=with_env).relay_id == "from-env"
     host = server_credentials(plain, env=env)
     assert host.relay_id == os.uname().nodename.split(".")[0]
     assert "." not in host.relay_id
