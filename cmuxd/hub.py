@@ -754,7 +754,9 @@ class Hub:
             raise RPCError(code, failure)
         if self.closing or peer not in self.peers:
             raise RPCError(REMOTE_CONNECTION_INACTIVE, MSG_INACTIVE)
-        if session.ended or (starter and want.attachment is None):
+        # A starter whose attachment went live has attached, even if the session has ended
+        # since: the client saw pty.ready, and pty.exit closes that attachment.
+        if (starter and want.attachment is None) or (not starter and session.ended):
             code = PTY_SESSION_NOT_FOUND if require_existing else PTY_START_FAILED
             raise RPCError(code, f"PTY session {_quote(session_id)} ended before the attach completed")
         if not starter:

@@ -333,3 +333,11 @@ def test_close_right_after_attach_sees_the_session(daemon):
     responses = {r["id"]: r for r in (daemon.next_response(), daemon.next_response())}
     match(responses[2], ok({"session_id": "t1", "closed": True}, id=2))
     daemon.expect({"id": 3, "method": "pty.list"}, ok({"sessions": []}, id=3))
+    # The attach either completed (its attachment saw pty.ready, then pty.exit) or never
+    # went live; it is not an error after a pty.ready.
+    events = [e["event"] for e in daemon.events]
+    if "pty.ready" in events:
+        assert events[-1] == "pty.exit"
+        assert responses[1]["ok"] is True and responses[1]["result"]["attached"] is True
+    else:
+        assert responses[1]["ok"] is False
