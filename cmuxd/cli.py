@@ -247,8 +247,7 @@ def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = 
             mkdirs = []
         else:
             if user or system or as_user or tailnet_address:
-                usage_error("--user, --system, --as and --tailnet-address apply to "
-                                        "--systemd")
+                usage_error("--user, --system, --as and --tailnet-address apply to --systemd")
             plan = units.launchd_plan(token_file=token_file, port=port, tailnet=tailnet)
             mkdirs = units.launchd_dirs()
         if print_only:
@@ -298,7 +297,7 @@ def fleet_config(*, from_tailscale: str | None = None, tag: list[str] | None = N
 
     if token_file and token_dir:
         usage_error("choose one of --token-file (one token for the fleet) and "
-                                "--token-dir (a token per host)")
+                    "--token-dir (a token per host)")
     try:
         doc = read_tailscale_status(from_tailscale)
         fleet = fleet_from_tailscale(doc, tags=tag or (), port=port,
