@@ -138,6 +138,26 @@ class Processes:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+@contextmanager
+def piped_process(procs: Processes, argv: list[str]) -> Iterator[subprocess.Popen]:
+    """`argv` with pipes for stdin and stdout (`proc.started`: the clock just before it was
+    started). If the body fails, the process is stopped and the tail of its stderr printed,
+    so the failure says why."""
+    errlog = tempfile.TemporaryFile()
+    started = time.perf_counter()
+    proc = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog)
+    proc.started = started
+    try:
+        yield proc
+    except BaseException:
+        procs.stop(proc)
+        errlog.seek(0)
+        sys.stderr.write(errlog.read().decode(errors="replace")[-2000:])
+        raise
+    finally:
+        errlog.close()
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -301,9 +321,7 @@ def stdio_section(args, procs: Processes, results: dict) -> None:
     print(f"stdio: {count:,} pipelined pings to `{shlex.join(argv)}`, {args.runs} runs")
     rates, cpus = [], []
     for run in range(1, args.runs + 1):
-        errlog = tempfile.TemporaryFile()
-        proc = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog)
-        try:
+        with piped_process(procs, argv) as proc:
             pipe = Pipe(proc.stdin.fileno(), proc.stdout.fileno())
             # Not timed: interpreter start-up and the first request.
             pipe.write(PING)
@@ -317,13 +335,6 @@ def stdio_section(args, procs: Processes, results: dict) -> None:
             procs.forget(proc)
             if status != 0:
                 raise RuntimeError(f"the daemon exited with status {status}")
-        except BaseException:
-            procs.stop(proc)
-            errlog.seek(0)
-            sys.stderr.write(errlog.read().decode(errors="replace")[-2000:])
-            raise
-        finally:
-            errlog.close()
         rates.append(count / seconds)
         cpus.append(cpu / count)
         print(f"  run {run}: {rate(count / seconds):>12}   ({ms(seconds)}; daemon CPU "
@@ -528,10 +539,8 @@ def ssh_server(procs: Processes, tty: bool = False) -> Iterator[SSHServer]:
 def spawn_first_reply(argv: list[str], procs: Processes) -> float:
     """Start `argv` (something that ends in `serve --stdio`), send one ping; seconds from the
     start to the reply line. The process is then closed (not timed)."""
-    errlog = tempfile.TemporaryFile()
-    t0 = time.perf_counter()
-    proc = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog)
-    try:
+    with piped_process(procs, argv) as proc:
+        t0 = proc.started
         pipe = Pipe(proc.stdin.fileno(), proc.stdout.fileno())
         pipe.write(PING)
         line = pipe.readline()
@@ -541,20 +550,11 @@ def spawn_first_reply(argv: list[str], procs: Processes) -> float:
         proc.wait(timeout=10)
         procs.forget(proc)
         return elapsed
-    except BaseException:
-        procs.stop(proc)
-        errlog.seek(0)
-        sys.stderr.write(errlog.read().decode(errors="replace")[-2000:])
-        raise
-    finally:
-        errlog.close()
 
 
 def steady_state(argv: list[str], procs: Processes, args) -> tuple[list[float], list[float]]:
     """Over one open `argv` pipe: sequential ping RTTs, then pipelined runs (seconds each)."""
-    errlog = tempfile.TemporaryFile()
-    proc = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog)
-    try:
+    with piped_process(procs, argv) as proc:
         pipe = Pipe(proc.stdin.fileno(), proc.stdout.fileno())
         pipe.write(PING)
         check_pong(pipe.readline(), 1)
@@ -562,14 +562,8 @@ def steady_state(argv: list[str], procs: Processes, args) -> tuple[list[float], 
         rtts = sequential_rtts(pipe, args.rtt)
         payload = ping_batch(args.pings)
         runs = [pipelined(pipe, payload, args.pings) for _ in range(args.pipe_runs)]
-        return rtts, runs
-    except BaseException:
-        errlog.seek(0)
-        sys.stderr.write(errlog.read().decode(errors="replace")[-2000:])
-        raise
-    finally:
         procs.stop(proc)
-        errlog.close()
+        return rtts, runs
 
 
 def ssh_section(args, procs: Processes, results: dict) -> None:
@@ -1402,18 +1396,10 @@ def relay_throughput(binary: Path, procs: Processes, path: Path, size: int) -> f
 
 def ssh_echo(server: SSHServer, procs: Processes, count: int, warmup: int) -> list[float]:
     """The same keystrokes through `ssh -tt` (stdin and stdout are pipes here)."""
-    errlog = tempfile.TemporaryFile()
-    proc = procs.start(server.ssh_argv(ECHO_COMMAND, tty=True), stdin=subprocess.PIPE,
-                       stdout=subprocess.PIPE, stderr=errlog)
-    try:
-        return _raw_echo(proc.stdin.fileno(), proc.stdout.fileno(), count, warmup)
-    except BaseException:
-        errlog.seek(0)
-        sys.stderr.write(errlog.read().decode(errors="replace")[-2000:])
-        raise
-    finally:
+    with piped_process(procs, server.ssh_argv(ECHO_COMMAND, tty=True)) as proc:
+        echoes = _raw_echo(proc.stdin.fileno(), proc.stdout.fileno(), count, warmup)
         procs.stop(proc)
-        errlog.close()
+        return echoes
 
 
 def cmuxd_throughput(target: TCPTarget, path: Path, size: int) -> tuple[float, dict]:
