@@ -24,7 +24,6 @@ chunks) overflows a new attachment's queue and drops it on attach.
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
 import hmac
 import logging
@@ -40,15 +39,6 @@ from collections.abc import Callable
 
 import orjson
 
-from .handlers.pty import (
-    MSG_ATTACHMENT_NOT_FOUND,
-    MSG_INACTIVE,
-    MSG_NO_HUB,
-    MSG_QUEUE_FULL,
-    MSG_SESSION_NOT_FOUND,
-    pty_error_event,
-)
-from .handlers.session import SizeCoordinator
 from .protocol import (
     NOT_FOUND,
     PTY_INPUT_QUEUE_FULL,
@@ -60,25 +50,29 @@ from .protocol import (
     RPCError,
     b64,
 )
+from .pty_output import OutputPump
+from .pty_ring import Ring
+from .pty_rules import (
+    DIMENSION_MAX,
+    INPUT_CHUNK,
+    INPUT_QUEUE_CHUNKS,
+    MSG_ATTACHMENT_NOT_FOUND,
+    MSG_INACTIVE,
+    MSG_NO_HUB,
+    MSG_QUEUE_FULL,
+    MSG_SESSION_NOT_FOUND,
+    REPLAY_CHUNK,
+    BEHIND_FRAMES,
+    OUTBOUND_FRAMES,
+    STALL_TIMEOUT,
+    pty_error_event,
+)
+from .sizing import SizeCoordinator
 
 log = logging.getLogger("cmuxd.hub")
 
-READ_MAX = 32768
-"""Largest PTY read, hence largest live pty.data payload."""
-BULK_READ = 1024
-"""A PTY read at least this large is followed by another, to gather bulk output."""
-REPLAY_CHUNK = 49152
-INPUT_CHUNK = 16384
-INPUT_QUEUE_CHUNKS = 256
-DIMENSION_MAX = 65535
 INLINE_COMMAND_MAX = 122880
 """Longer commands go through a temporary script: argv has a size limit, a file has not."""
-
-BEHIND_FRAMES = 128
-"""Undrained frames at which an attachment holds the PTY's reading back. Half the outbound
-queue, so the events a single step can add (acks, replay, one read per attachment) always
-fit below the overflow mark."""
-STALL_TIMEOUT = 2.0
 SHUTDOWN_GRACE = 1.0
 """Between SIGHUP and SIGKILL when the daemon stops."""
 
@@ -162,10 +156,10 @@ class _Exit(asyncio.SubprocessProtocol):
 class Attachment:
     __slots__ = (
         "session", "id", "token", "peer", "cols", "rows", "seq_ack", "next_seq",
-        "acked", "behind", "slow", "attached",
+        "acked", "behind", "slow", "attached", "ext",
     )
 
-    def __init__(self, session, attachment_id, token, peer, cols, rows, seq_ack):
+    def __init__(self, session, attachment_id, token, peer, cols, rows, seq_ack, ext):
         self.session: PtySession = session
         self.id: str = attachment_id
         self.token: str = token
@@ -180,6 +174,8 @@ class Attachment:
         self.slow = False
         """Behind for longer than the stall timeout: no longer holds the PTY's reading back."""
         self.attached = True
+        self.ext: bool = ext
+        """The client asked for absolute offsets (spec §6.8), so its events carry them."""
 
     def event(self, name: str, **extra) -> dict:
         return {
@@ -190,23 +186,48 @@ class Attachment:
             **extra,
         }
 
+    def data_event(self, encoded: str, offset: int) -> dict:
+        if self.ext:
+            return self.event("pty.data", data_base64=encoded, ext_offset=offset)
+        return self.event("pty.data", data_base64=encoded)
+
 
 class _AttachRequest:
     """One pty.attach on its way into a session."""
 
     __slots__ = ("peer", "attachment_id", "token", "cols", "rows", "seq_ack", "abandoned",
-                 "attachment", "replay")
+                 "attachment", "replay", "resume_from")
 
-    def __init__(self, peer, attachment_id, token, cols, rows, seq_ack):
+    def __init__(self, peer, attachment_id, token, cols, rows, seq_ack, resume_from):
         self.peer = peer
         self.attachment_id = attachment_id
         self.token = token
         self.cols = cols
         self.rows = rows
         self.seq_ack = seq_ack
+        self.resume_from: int | None = resume_from
         self.abandoned = False
         self.attachment: Attachment | None = None
         self.replay = 0
+
+
+class LeaseGrant:
+    """A session's reading lent to one worker: the PTY master and the ring are shared with
+    it, and the hub neither reads the PTY nor sends that session's events until it is back."""
+
+    __slots__ = ("home", "id", "known_head", "released", "revoking", "forwarded", "written")
+
+    def __init__(self, home, lease_id: int, known_head: int):
+        self.home = home
+        self.id = lease_id
+        self.known_head = known_head
+        """The ring's head when lent: a holder that dies can be cut back to it, no further."""
+        self.released: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.revoking = False
+        self.forwarded = 0
+        """Inputs the holder forwarded to our queue (it writes straight to the PTY while we
+        hold none of its input, to keep the order)."""
+        self.written = 0
 
 
 class PtySession:
@@ -219,7 +240,12 @@ class PtySession:
         self.slave: int | None = slave
         self.sizes = SizeCoordinator()
         self.attachments: dict[str, Attachment] = {}
-        self.scrollback = bytearray()
+        self.ring = Ring.create(hub.scrollback)
+        self.pump: OutputPump | None = None
+        self.lease: LeaseGrant | None = None
+        self.pins = 0
+        """Calls that need the session back from a lease holder; none is lent meanwhile."""
+        self.command = ""
         self.transport: asyncio.SubprocessTransport | None = None
         self.pid: int | None = None
         self.script: str | None = None
@@ -227,13 +253,16 @@ class PtySession:
         self.exited: asyncio.Future = asyncio.get_running_loop().create_future()
         self.eof = False
         self.ended = False
-        self.reading = False
         self.input: deque[list] = deque()
-        """Entries [chunk (memoryview), acks [(attachment, seq)]], in PTY order."""
+        """Entries [chunk (memoryview), acks [(attachment, seq)], forwarded mark], in PTY
+        order."""
         self.writer_armed = False
         self.pump_scheduled = False
         self.idle_timer: asyncio.TimerHandle | None = None
-        self.stall_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def incarnation(self) -> str:
+        return self.ring.incarnation
 
     # process
 
@@ -241,6 +270,7 @@ class PtySession:
         loop = asyncio.get_running_loop()
         shell = resolve_shell(self.hub.shell)
         command = command.strip()
+        self.command = command
         if not command:
             argv = [shell]
         elif len(command.encode("utf-8", "surrogatepass")) <= INLINE_COMMAND_MAX:
@@ -298,9 +328,14 @@ class PtySession:
         hub = self.hub
         if hub.sessions.get(self.id) is self:
             del hub.sessions[self.id]
-        for timer in (self.idle_timer, self.stall_timer):
-            if timer is not None:
-                timer.cancel()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.lease is not None:
+            # The holder stops reading before it sees the pty.exit events that follow.
+            grant, self.lease = self.lease, None
+            grant.home.end_lease(self, grant)
+            if not grant.released.done():
+                grant.released.set_result(None)
         if self.started is None or self.started.done():
             self.release()
         # else the start in progress owns the descriptors and calls release() itself.
@@ -310,7 +345,9 @@ class PtySession:
         self.attachments.clear()
 
     def release(self) -> None:
-        self._read_off()
+        if self.pump is not None:
+            self.pump.close()
+            self.pump = None
         if self.writer_armed:
             asyncio.get_running_loop().remove_writer(self.master)
             self.writer_armed = False
@@ -321,6 +358,7 @@ class PtySession:
         if self.slave is not None:
             os.close(self.slave)
             self.slave = None
+        self.ring.close()
         if self.transport is not None:
             self.transport.close()
         if self.script is not None:
@@ -339,115 +377,122 @@ class PtySession:
 
     # output
 
-    def _read_on(self) -> None:
-        if not self.reading and not self.eof and self.master >= 0:
-            asyncio.get_running_loop().add_reader(self.master, self._on_readable)
-            self.reading = True
+    def read_here(self) -> None:
+        """The hub reads the PTY itself (no lease, or the lease came back)."""
+        if self.pump is None and not self.eof and not self.ended and self.master >= 0:
+            self.pump = OutputPump(self.id, self.master, self.ring, self.attachments,
+                                   self.hub._send, self._on_eof, self.hub.stall_timeout)
+        self.update_reading()
 
-    def _read_off(self) -> None:
-        if self.reading:
-            asyncio.get_running_loop().remove_reader(self.master)
-            self.reading = False
-
-    def _on_readable(self) -> None:
-        data, eof = self._read_ready()
-        if data:
-            self._record(data)
-            if self.attachments:
-                encoded = b64(data)
-                hub = self.hub
-                for att in list(self.attachments.values()):
-                    hub._send(att, att.event("pty.data", data_base64=encoded))
-                self.update_reading()
-        if eof:
-            self._read_off()
-            self.eof = True
-            if self.exited.done():
-                self.finish()
-
-    def _read_ready(self) -> tuple[bytes, bool]:
-        """What the PTY has ready, up to READ_MAX, and whether it has ended. A PTY read returns
-        at most about 4 KiB (the line discipline's buffer), so after a large read (bulk output)
-        the PTY is read on until it has nothing more: one event per 32 KiB rather than per
-        4 KiB. A small read (typing, a prompt) is passed on at once, with no extra read."""
-        chunks = []
-        size = 0
-        eof = False
-        while size < READ_MAX:
-            try:
-                data = os.read(self.master, READ_MAX - size)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EIO:
-                    log.warning("reading PTY %s failed: %s", self.id, exc)
-                eof = True
-                break
-            if not data:
-                eof = True
-                break
-            chunks.append(data)
-            size += len(data)
-            if len(data) < BULK_READ:
-                break
-        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), eof
-
-    def _record(self, data: bytes) -> None:
-        ring = self.scrollback
-        ring += data
-        excess = len(ring) - self.hub.scrollback
-        if excess > 0:
-            del ring[:excess]
+    def _on_eof(self) -> None:
+        self.pump = None
+        self.eof = True
+        if self.exited.done():
+            self.finish()
 
     def update_reading(self) -> None:
-        """Read the PTY unless an attachment that still counts is far behind."""
-        if self.ended:
-            return
-        held = any(a.behind >= BEHIND_FRAMES and not a.slow for a in self.attachments.values())
-        if held and self.reading:
-            self._read_off()
-            if self.stall_timer is None:
-                self.stall_timer = asyncio.get_running_loop().call_later(
-                    self.hub.stall_timeout, self._stalled
-                )
-        elif not held:
-            if self.stall_timer is not None:
-                self.stall_timer.cancel()
-                self.stall_timer = None
-            self._read_on()
+        if self.pump is not None:
+            self.pump.update()
 
-    def _stalled(self) -> None:
-        """Held back for the whole stall timeout. If some attachment is keeping up, the ones
-        behind stop counting, and will be dropped when their queues overflow. If every one is
-        behind, nobody is kept waiting: the process stays blocked, as on a real terminal whose
-        reader paused, and none is dropped."""
-        self.stall_timer = None
-        behind = [a for a in self.attachments.values() if a.behind >= BEHIND_FRAMES]
-        if len(behind) == len(self.attachments):
-            self.stall_timer = asyncio.get_running_loop().call_later(
-                self.hub.stall_timeout, self._stalled
-            )
+    # the read lease
+
+    def consider_lease(self) -> None:
+        """Lend the reading to the worker that serves every attachment, if one does: then a
+        keystroke and its echo cross that worker alone."""
+        if (self.lease is not None or self.pins or self.ended or self.eof or not self.attachments
+                or self.started is None or not self.started.done() or self.master < 0):
             return
-        for att in behind:
-            att.slow = True
-        self.update_reading()
+        homes = {self.hub.homes.get(att.peer) for att in self.attachments.values()}
+        if len(homes) != 1:
+            return
+        home = homes.pop()
+        if home is None or not home.can_hold_leases:
+            return
+        if self.pump is not None:
+            self.pump.close()
+            self.pump = None
+        self.hub._lease_counter += 1
+        self.lease = LeaseGrant(home, self.hub._lease_counter, self.ring.head)
+        home.grant_lease(self, self.lease)
+
+    async def reclaim(self) -> None:
+        """Take the reading back before the set of attachments changes."""
+        while self.lease is not None:
+            grant = self.lease
+            if not grant.revoking:
+                grant.revoking = True
+                grant.home.revoke_lease(self, grant)
+            await asyncio.shield(grant.released)
+
+    def owned(self) -> "_Owned":
+        """`async with session.owned():` — the hub alone reads this session inside."""
+        return _Owned(self)
+
+    def lease_returned(self, grant: LeaseGrant, state: dict | None) -> None:
+        """The holder gave the lease back (`state` says what changed while it read), or died
+        (`state` is None): keep what it published in the ring, cut anything torn."""
+        if self.lease is not grant:
+            return
+        self.lease = None
+        if self.ring.recover(grant.known_head):
+            log.warning("PTY %s: the ring its reader left was torn; cut back to offset %d",
+                        self.id, grant.known_head)
+        if state is not None:
+            for entry in state.get("attachments", ()):
+                att = self.attachments.get(entry["attachment_id"])
+                if att is None:
+                    continue
+                att.next_seq, att.acked = entry["next_seq"], entry["acked"]
+                att.behind, att.slow = entry["behind"], entry["slow"]
+                self.hub._behind_reset(att)
+            for aid in state.get("dropped", ()):
+                att = self.attachments.get(aid)
+                if att is not None:  # its pty.exit went out from the holder
+                    self._remove(att)
+            if state.get("eof"):
+                self.eof = True
+        if not grant.released.done():
+            grant.released.set_result(None)
+        if self.eof:
+            if self.exited.done():
+                self.finish()
+            return
+        self.read_here()
+        self.consider_lease()
 
     # input
 
-    def enqueue(self, att: Attachment, data: bytes, seq: int | None) -> None:
+    def enqueue(self, att: Attachment, data: bytes, seq: int | None, *, force: bool = False,
+                forwarded: LeaseGrant | None = None) -> None:
+        """Queue input whole or not at all. `force` takes the rest of a write whose start the
+        lease holder already wrote to the PTY (at most one chunk over the limit)."""
         chunks = [data[i : i + INPUT_CHUNK] for i in range(0, len(data), INPUT_CHUNK)]
-        if len(self.input) + len(chunks) > INPUT_QUEUE_CHUNKS:
+        if not force and len(self.input) + len(chunks) > INPUT_QUEUE_CHUNKS:
             raise RPCError(PTY_INPUT_QUEUE_FULL, MSG_QUEUE_FULL)
         if seq is not None:
             att.next_seq = seq + 1
+        mark = None
+        if forwarded is not None:
+            forwarded.forwarded += 1
+            mark = (forwarded, forwarded.forwarded)
         for chunk in chunks:
-            self.input.append([memoryview(chunk), []])
-        if seq is not None and att.seq_ack:
-            if self.input:
-                self.input[-1][1].append((att, seq))
-            else:
-                self.hub._ack(att, seq)
-        if chunks and not self.writer_armed and not self.pump_scheduled:
+            self.input.append([memoryview(chunk), [], None])
+        ack = (att, seq) if seq is not None and att.seq_ack else None
+        if self.input:
+            if ack is not None:
+                self.input[-1][1].append(ack)
+            if chunks:
+                self.input[-1][2] = mark
+            elif mark is not None:
+                # Empty: done when everything queued before it is.
+                self.input.append([memoryview(b""), [], mark])
+        else:
+            if ack is not None:
+                self._acked({ack[0]: ack[1]})
+            if mark is not None:
+                mark[0].written = mark[1]
+                self._tell_holder({})
+        if self.input and not self.writer_armed and not self.pump_scheduled:
             self.pump_scheduled = True
             asyncio.get_running_loop().call_soon(self._pump_input)
 
@@ -462,7 +507,7 @@ class PtySession:
         while queue:
             entry = queue[0]
             try:
-                written = os.write(self.master, entry[0])
+                written = os.write(self.master, entry[0]) if entry[0] else 0
             except BlockingIOError:
                 blocked = True
                 break
@@ -476,6 +521,8 @@ class PtySession:
             queue.popleft()
             for att, seq in entry[1]:
                 acks[att] = seq
+            if entry[2] is not None:
+                entry[2][0].written = entry[2][1]
         loop = asyncio.get_running_loop()
         if blocked and not self.writer_armed:
             loop.add_writer(self.master, self._pump_input)
@@ -483,9 +530,22 @@ class PtySession:
         elif not blocked and self.writer_armed:
             loop.remove_writer(self.master)
             self.writer_armed = False
-        # Cumulative acks: one per attachment per pass covers every write it finished.
+        self._acked(acks)
+
+    def _acked(self, acks: dict) -> None:
+        """Cumulative acks: one per attachment per pass covers every write it finished. While
+        lent, the holder sends them, in order with the output it reads."""
+        if self.lease is not None:
+            self._tell_holder(acks)
+            return
         for att, seq in acks.items():
             self.hub._ack(att, seq)
+
+    def _tell_holder(self, acks: dict) -> None:
+        grant = self.lease
+        if grant is not None:
+            grant.home.input_done(self, grant, {a.id: s for a, s in acks.items()},
+                                  idle=not self.input)
 
     # attachments
 
@@ -499,19 +559,21 @@ class PtySession:
             self.idle_timer.cancel()
             self.idle_timer = None
         att = Attachment(self, want.attachment_id, want.token, want.peer, want.cols, want.rows,
-                         want.seq_ack)
+                         want.seq_ack, want.resume_from is not None)
         self.attachments[att.id] = att
         self.sizes.set(att.id, att.cols, att.rows, persistent=True)
         self.apply_size()
         # Ready, snapshot and registration happen in one step, so the replay ends exactly
         # where live output begins.
-        snapshot = bytes(self.scrollback)
+        offset, snapshot = self.ring.read(want.resume_from)
         want.attachment = att
         want.replay = len(snapshot)
-        if hub._send(att, att.event("pty.ready")):
+        ready = att.event("pty.ready", ext_incarnation=self.incarnation, ext_offset=offset) \
+            if att.ext else att.event("pty.ready")
+        if hub._send(att, ready):
             for i in range(0, len(snapshot), REPLAY_CHUNK):
                 chunk = b64(snapshot[i : i + REPLAY_CHUNK])
-                if not hub._send(att, att.event("pty.data", data_base64=chunk)):
+                if not hub._send(att, att.data_event(chunk, offset + i)):
                     break
 
     def _remove(self, att: Attachment) -> None:
@@ -550,10 +612,33 @@ class PtySession:
         self.signal(signal.SIGKILL)
         self.finish()
 
-    def snapshot(self) -> dict:
+    def snapshot(self, ext: bool = False) -> dict:
         entry = self.sizes.snapshot(self.id, ("cols", "rows", "persistent"))
-        entry["scrollback_bytes"] = len(self.scrollback)
+        entry["scrollback_bytes"] = len(self.ring)
+        if ext:
+            entry["ext_incarnation"] = self.incarnation
+            entry["ext_offset"] = self.ring.head
         return entry
+
+
+class _Owned:
+    __slots__ = ("session",)
+
+    def __init__(self, session: PtySession):
+        self.session = session
+
+    async def __aenter__(self) -> PtySession:
+        self.session.pins += 1
+        try:
+            await self.session.reclaim()
+        except BaseException:
+            self.session.pins -= 1
+            raise
+        return self.session
+
+    async def __aexit__(self, *exc) -> None:
+        self.session.pins -= 1
+        self.session.consider_lease()
 
 
 def session_members(sid: int) -> set[int]:
@@ -613,7 +698,10 @@ class Hub:
         self.stall_timeout = STALL_TIMEOUT
         self.sessions: dict[str, PtySession] = {}
         self.peers: dict[int, Callable[[dict], bool]] = {}
+        self.homes: dict[int, object] = {}
+        """The worker link each remote peer comes over; it can hold read leases."""
         self._peer_counter = 0
+        self._lease_counter = 0
         self._supported: bool | None = None
         self.closing = False
 
@@ -639,19 +727,54 @@ class Hub:
             caps.append(PERSISTENT_CAPABILITY)
         return caps
 
-    def add_peer(self, deliver: Callable[[dict], bool]) -> int:
+    def add_peer(self, deliver: Callable[[dict], bool], home=None) -> int:
         """Register a connection; `deliver(event) -> bool` queues one event for it and returns
-        False when that attachment's outbound queue is full."""
+        False when that attachment's outbound queue is full. A connection served by another
+        process names the link it comes over as its `home`."""
         self._peer_counter += 1
         self.peers[self._peer_counter] = deliver
+        if home is not None:
+            self.homes[self._peer_counter] = home
         return self._peer_counter
 
     async def remove_peer(self, peer: int) -> None:
         self.peers.pop(peer, None)
+        self.homes.pop(peer, None)
         for session in list(self.sessions.values()):
-            for att in list(session.attachments.values()):
-                if att.peer == peer:
-                    session._remove(att)
+            if any(att.peer == peer for att in session.attachments.values()):
+                async with session.owned():
+                    for att in list(session.attachments.values()):
+                        if att.peer == peer:
+                            session._remove(att)
+
+    # read leases (see PtySession.consider_lease)
+
+    def lease_lost(self, home) -> None:
+        """A worker holding leases is gone: its sessions are read here again."""
+        for session in list(self.sessions.values()):
+            if session.lease is not None and session.lease.home is home:
+                session.lease_returned(session.lease, None)
+
+    def lease_released(self, session_id: str, lease_id: int, state: dict) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None and session.lease is not None and session.lease.id == lease_id:
+            session.lease_returned(session.lease, state)
+
+    def leased(self, session_id: str) -> PtySession | None:
+        session = self.sessions.get(session_id)
+        return session if session is not None and session.lease is not None else None
+
+    def forwarded_input(self, session_id: str, lease_id: int, attachment_id: str, data: bytes,
+                        seq: int | None, force: bool) -> dict:
+        """Input a lease holder could not write at once: it checked token and sequence."""
+        session = self.sessions.get(session_id)
+        att = None if session is None else session.attachments.get(attachment_id)
+        if att is None:
+            raise RPCError(NOT_FOUND, MSG_ATTACHMENT_NOT_FOUND)
+        grant = session.lease if session.lease is not None and session.lease.id == lease_id \
+            else None
+        session.enqueue(att, data, seq, force=force, forwarded=grant)
+        return {"written": len(data)}
 
     def drained(self, peer: int, session_id: str, attachment_id: str, token: str,
                 frames: int) -> None:
@@ -676,7 +799,8 @@ class Hub:
         deliver = self.peers.get(att.peer)
         if deliver is None:
             return True
-        if deliver(event):
+        # A remote peer's queue is in its worker: frames not yet reported drained count.
+        if (att.peer not in self.homes or att.behind < OUTBOUND_FRAMES) and deliver(event):
             att.behind += 1
             return True
         log.info("PTY %s attachment %s fell behind and was dropped", att.session.id, att.id)
@@ -705,7 +829,8 @@ class Hub:
 
     async def attach(self, peer: int, session_id: str, attachment_id: str, token: str,
                      cols: int, rows: int, command: str | None, require_existing: bool,
-                     input_seq_ack: bool, reserved: Callable[[], None] | None = None) -> dict:
+                     input_seq_ack: bool, reserved: Callable[[], None] | None = None,
+                     resume_from: int | None = None) -> dict:
         """Attach, starting the session's process first if needed.
 
         `reserved()` is called once the session exists in the hub (found, or created and
@@ -719,7 +844,7 @@ class Hub:
         if not self.supported():
             raise RPCError(UNAVAILABLE, MSG_NO_HUB)
         cols, rows = _clamp(cols), _clamp(rows)
-        want = _AttachRequest(peer, attachment_id, token, cols, rows, input_seq_ack)
+        want = _AttachRequest(peer, attachment_id, token, cols, rows, input_seq_ack, resume_from)
         session = self.sessions.get(session_id)
         starter = session is None
         if starter:
@@ -756,11 +881,15 @@ class Hub:
             raise RPCError(REMOTE_CONNECTION_INACTIVE, MSG_INACTIVE)
         # A starter whose attachment went live has attached, even if the session has ended
         # since: the client saw pty.ready, and pty.exit closes that attachment.
-        if (starter and want.attachment is None) or (not starter and session.ended):
+        if not starter:
+            async with session.owned():
+                if self.closing or peer not in self.peers:
+                    raise RPCError(REMOTE_CONNECTION_INACTIVE, MSG_INACTIVE)
+                if not session.ended:
+                    session.attach(want)
+        if want.attachment is None:
             code = PTY_SESSION_NOT_FOUND if require_existing else PTY_START_FAILED
             raise RPCError(code, f"PTY session {_quote(session_id)} ended before the attach completed")
-        if not starter:
-            session.attach(want)
         return {
             "session_id": session_id,
             "attachment_id": attachment_id,
@@ -794,7 +923,8 @@ class Hub:
         else:
             session._arm_idle()
         os.set_blocking(session.master, False)
-        session._read_on()
+        session.read_here()
+        session.consider_lease()
         return None
 
     async def cancel(self, peer: int, session_id: str, attachment_id: str, token: str) -> None:
@@ -802,7 +932,8 @@ class Hub:
             att = self._find(session_id, attachment_id, token)
         except RPCError:
             return
-        self._detach(att)
+        async with att.session.owned():
+            self._detach(att)
 
     def write(self, peer: int, session_id: str, attachment_id: str, token: str, data: bytes,
               seq: int | None, notification: bool) -> dict:
@@ -846,9 +977,9 @@ class Hub:
         session.kill()
         return {"session_id": session_id, "closed": True}
 
-    def list(self) -> dict:
+    def list(self, ext: bool = False) -> dict:
         sessions = sorted(self.sessions.values(), key=lambda s: s.id.encode("utf-8", "surrogatepass"))
-        return {"sessions": [s.snapshot() for s in sessions if s.pid is not None]}
+        return {"sessions": [s.snapshot(ext) for s in sessions if s.pid is not None]}
 
     async def shutdown(self) -> None:
         """Stop every session: SIGHUP, then SIGKILL whatever outlived the grace period."""

@@ -380,10 +380,10 @@ def test_a_lone_slow_peer_blocks_the_process_instead_of_being_dropped(tmp_path):
         a = Peer(hub, draining=False)
         await attach(hub, a, command=f"stty raw -echo; cat {tmp_path / 'blob'}; exec sleep 1000")
         session = hub.sessions["s"]
-        await until(lambda: session.stall_timer is not None, "the PTY to be held back")
-        first = session.stall_timer
+        await until(lambda: session.pump.stall_timer is not None, "the PTY to be held back")
+        first = session.pump.stall_timer
         # The stall timeout passed with nobody else waiting: the timer is simply renewed.
-        await until(lambda: session.stall_timer is not first, "the stall timer to fire")
+        await until(lambda: session.pump.stall_timer is not first, "the stall timer to fire")
         assert "pty.exit" not in a.names("a")
         assert len(a.pending()) < QUEUE_FRAMES
         a.draining = True

@@ -1,0 +1,35 @@
+"""What the PTY hub and the workers both need to know about PTY sessions: the spec's limits,
+the error texts and the event shapes. Both sides import this module and neither imports the
+other's internals, so the rules cannot drift apart."""
+
+from __future__ import annotations
+
+from .protocol import event
+
+READ_MAX = 32768
+"""Largest PTY read, hence largest live pty.data payload."""
+BULK_READ = 1024
+"""A PTY read at least this large is followed by another, to gather bulk output."""
+REPLAY_CHUNK = 49152
+INPUT_CHUNK = 16384
+INPUT_QUEUE_CHUNKS = 256
+DIMENSION_MAX = 65535
+
+OUTBOUND_FRAMES = 256
+"""Events one attachment may have waiting for the client before it is dropped."""
+BEHIND_FRAMES = 128
+"""Undrained frames at which an attachment holds the PTY's reading back. Half the outbound
+queue, so the events a single step can add (acks, replay, one read per attachment) always
+fit below the overflow mark."""
+STALL_TIMEOUT = 2.0
+
+MSG_ATTACHMENT_NOT_FOUND = "PTY attachment not found"
+MSG_SESSION_NOT_FOUND = "PTY session not found"
+MSG_NO_HUB = "PTY hub is not available"
+MSG_QUEUE_FULL = "PTY input queue is full"
+MSG_INACTIVE = "RPC connection closed before PTY attachment completed"
+
+
+def pty_error_event(sid: str, aid: str, token: str, code: str, message: str) -> dict:
+    return event("pty.error", session_id=sid, attachment_id=aid, attachment_token=token,
+                 error=message, message=message, code=code)
