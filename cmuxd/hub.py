@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import hmac
 import logging
 import os
 import signal
@@ -65,7 +64,10 @@ from .pty_rules import (
     BEHIND_FRAMES,
     OUTBOUND_FRAMES,
     STALL_TIMEOUT,
+    attachment_event,
+    data_event,
     pty_error_event,
+    tokens_equal,
 )
 from .sizing import SizeCoordinator
 
@@ -97,10 +99,6 @@ def _os_text(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
-
-
-def _tokens_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
 def _clamp(value: int) -> int:
@@ -178,18 +176,10 @@ class Attachment:
         """The client asked for absolute offsets (spec §6.8), so its events carry them."""
 
     def event(self, name: str, **extra) -> dict:
-        return {
-            "event": name,
-            "session_id": self.session.id,
-            "attachment_id": self.id,
-            "attachment_token": self.token,
-            **extra,
-        }
+        return attachment_event(self.session.id, self.id, self.token, name, **extra)
 
     def data_event(self, encoded: str, offset: int) -> dict:
-        if self.ext:
-            return self.event("pty.data", data_base64=encoded, ext_offset=offset)
-        return self.event("pty.data", data_base64=encoded)
+        return data_event(self.session.id, self.id, self.token, encoded, offset, self.ext)
 
 
 class _AttachRequest:
@@ -215,7 +205,7 @@ class LeaseGrant:
     """A session's reading lent to one worker: the PTY master and the ring are shared with
     it, and the hub neither reads the PTY nor sends that session's events until it is back."""
 
-    __slots__ = ("home", "id", "known_head", "released", "revoking", "forwarded", "written")
+    __slots__ = ("home", "id", "known_head", "released", "revoking")
 
     def __init__(self, home, lease_id: int, known_head: int):
         self.home = home
@@ -224,10 +214,6 @@ class LeaseGrant:
         """The ring's head when lent: a holder that dies can be cut back to it, no further."""
         self.released: asyncio.Future = asyncio.get_running_loop().create_future()
         self.revoking = False
-        self.forwarded = 0
-        """Inputs the holder forwarded to our queue (it writes straight to the PTY while we
-        hold none of its input, to keep the order)."""
-        self.written = 0
 
 
 class PtySession:
@@ -254,8 +240,8 @@ class PtySession:
         self.eof = False
         self.ended = False
         self.input: deque[list] = deque()
-        """Entries [chunk (memoryview), acks [(attachment, seq)], forwarded mark], in PTY
-        order."""
+        """Entries [chunk (memoryview), acks [(attachment, seq)], forwarded input id or 0],
+        in PTY order."""
         self.writer_armed = False
         self.pump_scheduled = False
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -444,7 +430,6 @@ class PtySession:
                     continue
                 att.next_seq, att.acked = entry["next_seq"], entry["acked"]
                 att.behind, att.slow = entry["behind"], entry["slow"]
-                self.hub._behind_reset(att)
             for aid in state.get("dropped", ()):
                 att = self.attachments.get(aid)
                 if att is not None:  # its pty.exit went out from the holder
@@ -463,36 +448,30 @@ class PtySession:
     # input
 
     def enqueue(self, att: Attachment, data: bytes, seq: int | None, *, force: bool = False,
-                forwarded: LeaseGrant | None = None) -> None:
+                fid: int = 0) -> None:
         """Queue input whole or not at all. `force` takes the rest of a write whose start the
-        lease holder already wrote to the PTY (at most one chunk over the limit)."""
+        lease holder already wrote to the PTY (at most one chunk over the limit); `fid` names
+        a forwarded input, whose holder is told when it is written."""
         chunks = [data[i : i + INPUT_CHUNK] for i in range(0, len(data), INPUT_CHUNK)]
         if not force and len(self.input) + len(chunks) > INPUT_QUEUE_CHUNKS:
             raise RPCError(PTY_INPUT_QUEUE_FULL, MSG_QUEUE_FULL)
         if seq is not None:
             att.next_seq = seq + 1
-        mark = None
-        if forwarded is not None:
-            forwarded.forwarded += 1
-            mark = (forwarded, forwarded.forwarded)
-        for chunk in chunks:
-            self.input.append([memoryview(chunk), [], None])
         ack = (att, seq) if seq is not None and att.seq_ack else None
-        if self.input:
-            if ack is not None:
-                self.input[-1][1].append(ack)
-            if chunks:
-                self.input[-1][2] = mark
-            elif mark is not None:
-                # Empty: done when everything queued before it is.
-                self.input.append([memoryview(b""), [], mark])
-        else:
-            if ack is not None:
-                self._acked({ack[0]: ack[1]})
-            if mark is not None:
-                mark[0].written = mark[1]
-                self._tell_holder({})
-        if self.input and not self.writer_armed and not self.pump_scheduled:
+        if not chunks and not self.input:
+            self._written({ack[0]: ack[1]} if ack else {}, [fid] if fid else [])
+            return
+        # An empty write is done when everything queued before it is.
+        entry = [memoryview(b""), [], 0]
+        for chunk in chunks:
+            entry = [memoryview(chunk), [], 0]
+            self.input.append(entry)
+        if not chunks:
+            self.input.append(entry)
+        if ack is not None:
+            entry[1].append(ack)
+        entry[2] = fid
+        if not self.writer_armed and not self.pump_scheduled:
             self.pump_scheduled = True
             asyncio.get_running_loop().call_soon(self._pump_input)
 
@@ -503,6 +482,7 @@ class PtySession:
             return
         queue = self.input
         acks: dict[Attachment, int] = {}
+        fids: list[int] = []
         blocked = False
         while queue:
             entry = queue[0]
@@ -521,8 +501,8 @@ class PtySession:
             queue.popleft()
             for att, seq in entry[1]:
                 acks[att] = seq
-            if entry[2] is not None:
-                entry[2][0].written = entry[2][1]
+            if entry[2]:
+                fids.append(entry[2])
         loop = asyncio.get_running_loop()
         if blocked and not self.writer_armed:
             loop.add_writer(self.master, self._pump_input)
@@ -530,22 +510,19 @@ class PtySession:
         elif not blocked and self.writer_armed:
             loop.remove_writer(self.master)
             self.writer_armed = False
-        self._acked(acks)
+        self._written(acks, fids)
 
-    def _acked(self, acks: dict) -> None:
+    def _written(self, acks: dict, fids: list[int]) -> None:
         """Cumulative acks: one per attachment per pass covers every write it finished. While
-        lent, the holder sends them, in order with the output it reads."""
-        if self.lease is not None:
-            self._tell_holder(acks)
+        lent, the holder sends them, in order with the output it reads, and learns which of
+        its forwarded inputs are written and whether the queue is empty."""
+        grant = self.lease
+        if grant is not None:
+            grant.home.input_done(self, grant, {a.id: s for a, s in acks.items()}, fids,
+                                  idle=not self.input)
             return
         for att, seq in acks.items():
             self.hub._ack(att, seq)
-
-    def _tell_holder(self, acks: dict) -> None:
-        grant = self.lease
-        if grant is not None:
-            grant.home.input_done(self, grant, {a.id: s for a, s in acks.items()},
-                                  idle=not self.input)
 
     # attachments
 
@@ -764,16 +741,14 @@ class Hub:
         session = self.sessions.get(session_id)
         return session if session is not None and session.lease is not None else None
 
-    def forwarded_input(self, session_id: str, lease_id: int, attachment_id: str, data: bytes,
-                        seq: int | None, force: bool) -> dict:
+    def forwarded_input(self, session_id: str, attachment_id: str, data: bytes,
+                        seq: int | None, force: bool, fid: int) -> dict:
         """Input a lease holder could not write at once: it checked token and sequence."""
         session = self.sessions.get(session_id)
         att = None if session is None else session.attachments.get(attachment_id)
         if att is None:
             raise RPCError(NOT_FOUND, MSG_ATTACHMENT_NOT_FOUND)
-        grant = session.lease if session.lease is not None and session.lease.id == lease_id \
-            else None
-        session.enqueue(att, data, seq, force=force, forwarded=grant)
+        session.enqueue(att, data, seq, force=force, fid=fid)
         return {"written": len(data)}
 
     def drained(self, peer: int, session_id: str, attachment_id: str, token: str,
@@ -821,7 +796,7 @@ class Hub:
     def _find(self, session_id: str, attachment_id: str, token: str) -> Attachment:
         session = self.sessions.get(session_id)
         att = None if session is None else session.attachments.get(attachment_id)
-        if att is None or not _tokens_equal(att.token, token):
+        if att is None or not tokens_equal(att.token, token):
             raise RPCError(NOT_FOUND, MSG_ATTACHMENT_NOT_FOUND)
         return att
 

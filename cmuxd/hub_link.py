@@ -2,12 +2,23 @@
 daemon behind a 0600 Unix socket; `RemoteHub` is what a worker's handlers call instead of an
 in-process Hub, with the same methods (the ones that need the hub's answer are coroutines).
 
-Frames are JSON lines. Worker → hub: `{"op":…}` (calls carry an `rid`). Hub → worker:
-replies by `rid` (an attach also gets `{"rid":…,"reserved":true}` once its session exists),
-and `{"peer":…,"event":…}` for events. Flow control crosses the link as counts: the hub lets
-at most OUTBOUND_FRAMES events of one attachment be unconfirmed, and the worker confirms
-them with `drained` as its client reads them, so a slow client is dropped by the hub exactly
-as the spec's per-attachment queue says, without the link ever buffering without bound.
+Messages are JSON lines with a `type` and named fields (`link_channel`), and may carry fds.
+A worker opens with `hello` and the link version it speaks; the hub refuses any other
+version, and each end checks that the other runs as its own uid.
+
+Worker → hub: `hello`, `add_peer`, `remove_peer`, `drained`, `call` (a Hub method by name,
+`params` by name; `quiet` for a pty.write notification, answered only if it fails),
+`input` (a lease holder's input for the hub's queue), `released` (a lease given back).
+Hub → worker: `hello`/`refused`, `reply` (by `rid`; an attach also gets `reserved` once its
+session exists), `event` (for one peer), `lease` (+ the PTY master and the ring),
+`revoke`, `end_lease`, `input_done`, `input_refused`.
+
+Flow control crosses the link as counts: the hub lets at most OUTBOUND_FRAMES events of one
+attachment be unconfirmed, and the worker confirms them with `drained` as its client reads
+them, so a slow client is dropped by the hub exactly as the spec's per-attachment queue says,
+without the link ever buffering without bound. Input is bounded the same way: a worker whose
+link holds more than LINK_HIGH_WATER unsent bytes refuses pty.write with
+`pty_input_queue_full` instead of buffering it.
 """
 
 from __future__ import annotations
@@ -23,17 +34,26 @@ from pathlib import Path
 
 import orjson
 
-from .handlers.pty import MSG_NO_HUB, OUTBOUND_FRAMES, pty_error_event
 from .hub import Hub, watch_children_without_threads
-from .protocol import OVERSIZED, UNAVAILABLE, FrameDecoder, RPCError, b64, encode
+from .link_channel import MessageChannel
+from .peercred import peer_uid
+from .protocol import PTY_INPUT_QUEUE_FULL, UNAVAILABLE, RPCError, b64
+from .pty_lease import WorkerLease
+from .pty_rules import MSG_NO_HUB, MSG_QUEUE_FULL, pty_error_event
 
 log = logging.getLogger("cmuxd.hub")
 
+LINK_VERSION = 2
+"""Bumped whenever a message changes shape; a hub and a worker must speak the same one."""
 CONNECT_WAIT = 5.0
 LINK_MAX_FRAME = 64 * 1024 * 1024
 """Link frames carry a whole pty.write (up to the 4 MiB request frame, base64 once more)."""
+LINK_HIGH_WATER = 8 * 1024 * 1024
+"""Unsent link bytes past which a worker refuses more input rather than buffer it."""
 CALLS = ("attach", "cancel", "write", "resize", "detach", "close", "list")
 ASYNC_CALLS = ("attach", "cancel")
+OWNED_CALLS = ("write", "detach")
+"""Calls that change a session's input or attachments: a lent session is taken back first."""
 
 
 def hub_socket_path(state_dir: str) -> Path:
@@ -41,133 +61,147 @@ def hub_socket_path(state_dir: str) -> Path:
 
 
 class _LinkPeer:
-    """One worker-side connection as the hub sees it: events go over the link, counted."""
+    """One worker-side connection as the hub sees it: its events go over the link."""
+
+    __slots__ = ("link", "remote_id")
 
     def __init__(self, link: "_Link", remote_id: int):
         self.link = link
         self.remote_id = remote_id
-        self.unconfirmed: dict[tuple, int] = {}
 
     def deliver(self, event: dict) -> bool:
-        key = (event["session_id"], event["attachment_id"], event["attachment_token"])
-        if event["event"] == "pty.exit":
-            self.unconfirmed.pop(key, None)
-        else:
-            count = self.unconfirmed.get(key, 0)
-            if count >= OUTBOUND_FRAMES:
-                return False
-            self.unconfirmed[key] = count + 1
-        self.link.send({"peer": self.remote_id, "event": event})
+        self.link.send({"type": "event", "peer": self.remote_id, "event": event})
         return True
 
 
-class _Link(asyncio.Protocol):
-    """The hub end of one worker's link."""
+class _Link:
+    """The hub end of one worker's link; also the `home` that holds that worker's leases."""
 
-    def __init__(self, server: "HubServer"):
+    def __init__(self, server: "HubServer", sock: socket.socket):
         self.server = server
         self.hub = server.hub
-        self.decoder = FrameDecoder(LINK_MAX_FRAME)
-        self.transport = None
-        self.peers: dict[int, tuple[int, _LinkPeer]] = {}  # remote id -> (hub peer, peer)
+        self.peers: dict[int, int] = {}  # remote id -> hub peer
+        self.remote_ids: dict[int, int] = {}  # hub peer -> remote id
         self.tasks: set[asyncio.Task] = set()
+        self.can_hold_leases = False
+        self.channel = MessageChannel(sock, self._handle, self._closed, LINK_MAX_FRAME)
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.send({"hello": {"persistent": self.hub.capabilities(True),
-                             "local": self.hub.capabilities(False)}})
+    def send(self, message: dict, fds: list[int] = ()) -> None:
+        self.channel.send(message, fds)
 
-    def send(self, message: dict) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(encode(message))
-
-    def data_received(self, data: bytes) -> None:
-        for frame in self.decoder.feed(data):
-            if frame is OVERSIZED:
-                log.error("a worker sent a link frame over %d bytes; closing its link",
-                          LINK_MAX_FRAME)
-                self.transport.close()
-                return
-            self._handle(orjson.loads(frame))
-
-    def connection_lost(self, exc) -> None:
+    def _closed(self) -> None:
+        self.server.links.discard(self)
         for task in self.tasks:
             task.cancel()
-        for hub_peer, _ in self.peers.values():
+        self.hub.lease_lost(self)
+        for hub_peer in self.peers.values():
             asyncio.get_running_loop().create_task(self.hub.remove_peer(hub_peer))
         self.peers.clear()
+        self.remote_ids.clear()
 
-    def _handle(self, msg: dict) -> None:
-        op = msg["op"]
-        if op == "add_peer":
+    def _handle(self, msg: dict, fds: list[int]) -> None:
+        for fd in fds:  # workers never send fds
+            os.close(fd)
+        kind = msg["type"]
+        if not self.can_hold_leases:
+            if kind != "hello" or msg.get("version") != LINK_VERSION:
+                log.error("a worker speaking hub link version %r connected; this hub speaks "
+                          "%d (a daemon mid-upgrade?); closing its link", msg.get("version"),
+                          LINK_VERSION)
+                self.send({"type": "refused", "reason": f"the PTY hub speaks link version "
+                                                        f"{LINK_VERSION}"})
+                self.channel.close()
+                return
+            self.can_hold_leases = True
+            self.send({"type": "hello", "version": LINK_VERSION,
+                       "caps": {"persistent": self.hub.capabilities(True),
+                                "local": self.hub.capabilities(False)}})
+        elif kind == "add_peer":
             peer = _LinkPeer(self, msg["peer"])
-            self.peers[msg["peer"]] = (self.hub.add_peer(peer.deliver), peer)
-        elif op == "remove_peer":
-            entry = self.peers.pop(msg["peer"], None)
-            if entry is not None:
-                self._spawn(self.hub.remove_peer(entry[0]))
-        elif op == "drained":
-            entry = self.peers.get(msg["peer"])
-            if entry is not None:
-                key = tuple(msg["key"])
-                left = entry[1].unconfirmed.get(key, 0) - msg["n"]
-                if key in entry[1].unconfirmed:
-                    entry[1].unconfirmed[key] = max(0, left)
-                self.hub.drained(entry[0], *key, msg["n"])
-        elif op == "call":
-            if msg["method"] in ASYNC_CALLS:
-                self._spawn(self._call(msg))
-            else:
-                self._call_now(msg)
+            hub_peer = self.hub.add_peer(peer.deliver, home=self)
+            self.peers[msg["peer"]] = hub_peer
+            self.remote_ids[hub_peer] = msg["peer"]
+        elif kind == "remove_peer":
+            hub_peer = self.peers.pop(msg["peer"], None)
+            if hub_peer is not None:
+                del self.remote_ids[hub_peer]
+                self._spawn(self.hub.remove_peer(hub_peer))
+        elif kind == "drained":
+            hub_peer = self.peers.get(msg["peer"])
+            if hub_peer is not None:
+                self.hub.drained(hub_peer, msg["session_id"], msg["attachment_id"], msg["token"],
+                                 msg["frames"])
+        elif kind == "call":
+            self._call(msg)
+        elif kind == "input":
+            self._input(msg)
+        elif kind == "released":
+            self.hub.lease_released(msg["session_id"], msg["lease"], msg)
+        else:
+            log.error("a worker sent an unknown hub link message %r", kind)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _prepare(self, msg: dict) -> tuple:
+    # calls
+
+    def _call(self, msg: dict) -> None:
+        method, params = msg["method"], msg["params"]
+        if method in ASYNC_CALLS:
+            self._spawn(self._call_async(msg))
+            return
+        session = self.hub.leased(params.get("session_id")) if method in OWNED_CALLS else None
+        if session is not None:
+            self._spawn(self._call_owned(session, msg))
+            return
+        self._call_now(msg)
+
+    async def _call_owned(self, session, msg: dict) -> None:
+        async with session.owned():
+            self._call_now(msg)
+
+    def _prepare(self, msg: dict):
         """The hub method and its arguments, with the worker's peer id made ours."""
-        method, args = msg["method"], msg["args"]
+        method, params = msg["method"], dict(msg["params"])
         if method not in CALLS:
             raise RPCError(UNAVAILABLE, f"unknown hub call {method}")
-        if method in ("list", "close"):
-            return getattr(self.hub, method), args
-        entry = self.peers.get(args[0])
-        if entry is None:
-            raise RPCError(UNAVAILABLE, MSG_NO_HUB)
-        args = [entry[0], *args[1:]]
+        if "peer" in params:
+            hub_peer = self.peers.get(params["peer"])
+            if hub_peer is None:
+                raise RPCError(UNAVAILABLE, MSG_NO_HUB)
+            params["peer"] = hub_peer
         if method == "write":
-            args[4] = binascii.a2b_base64(args[4])
-        return getattr(self.hub, method), args
+            params["data"] = binascii.a2b_base64(params.pop("data_base64"))
+        return getattr(self.hub, method), params
 
     def _call_now(self, msg: dict) -> None:
-        """Calls the hub answers at once run here, not in a task of their own: keystrokes
-        take this path. A quiet call (a pty.write notification) is answered only when it
-        fails, and then as the pty.error event its sender would have emitted."""
+        """Calls the hub answers at once run here, not in a task of their own. A quiet call
+        (a pty.write notification) is answered only when it fails, and then as the pty.error
+        event its sender would have emitted."""
         try:
-            method, args = self._prepare(msg)
-            result = method(*args)
+            method, params = self._prepare(msg)
+            result = method(**params)
         except Exception as exc:
             self._failed(msg, exc)
             return
         if not msg.get("quiet"):
-            self.send({"rid": msg["rid"], "ok": True, "result": result})
+            self.send({"type": "reply", "rid": msg["rid"], "ok": True, "result": result})
 
-    async def _call(self, msg: dict) -> None:
+    async def _call_async(self, msg: dict) -> None:
         rid = msg["rid"]
         try:
-            method, args = self._prepare(msg)
+            method, params = self._prepare(msg)
             if method == self.hub.attach:
-                result = await method(*args, reserved=lambda: self.send(
-                    {"rid": rid, "reserved": True}))
-            else:
-                result = await method(*args)
+                params["reserved"] = lambda: self.send({"type": "reserved", "rid": rid})
+            result = await method(**params)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._failed(msg, exc)
             return
-        self.send({"rid": rid, "ok": True, "result": result})
+        self.send({"type": "reply", "rid": rid, "ok": True, "result": result})
 
     def _failed(self, msg: dict, exc: Exception) -> None:
         if isinstance(exc, RPCError):
@@ -176,34 +210,93 @@ class _Link(asyncio.Protocol):
             log.error("hub call %s failed", msg["method"], exc_info=exc)
             code, message = UNAVAILABLE, "internal error in the PTY hub; see the daemon log"
         if not msg.get("quiet"):
-            self.send({"rid": msg["rid"], "ok": False, "code": code, "message": message})
+            self.send({"type": "reply", "rid": msg["rid"], "ok": False, "code": code,
+                       "message": message})
             return
-        entry = self.peers.get(msg["args"][0])
-        if entry is not None:
-            _, sid, aid, token = msg["args"][:4]
-            entry[1].deliver(pty_error_event(sid, aid, token, code, message))
+        params = msg["params"]
+        if params.get("peer") in self.peers:
+            self.send({"type": "event", "peer": params["peer"], "event": pty_error_event(
+                params["session_id"], params["attachment_id"], params["token"], code, message)})
+
+    def _input(self, msg: dict) -> None:
+        try:
+            self.hub.forwarded_input(msg["session_id"], msg["attachment_id"],
+                                     binascii.a2b_base64(msg["data_base64"]), msg["seq"],
+                                     msg["force"], msg["fid"])
+        except RPCError as exc:
+            self.send({"type": "input_refused", "session_id": msg["session_id"],
+                       "fid": msg["fid"], "code": exc.code, "message": exc.message})
+            return
+        self.send({"type": "input_accepted", "session_id": msg["session_id"], "fid": msg["fid"]})
+
+    # the home of leases (see PtySession.consider_lease)
+
+    def grant_lease(self, session, grant) -> None:
+        attachments = [
+            {"peer": self.remote_ids.get(a.peer, -1), "attachment_id": a.id, "token": a.token,
+             "next_seq": a.next_seq, "acked": a.acked, "seq_ack": a.seq_ack, "slow": a.slow,
+             "ext": a.ext}
+            for a in session.attachments.values()
+        ]
+        self.send({"type": "lease", "session_id": session.id, "lease": grant.id,
+                   "attachments": attachments, "busy": bool(session.input)},
+                  [session.master, session.ring.fd])
+
+    def revoke_lease(self, session, grant) -> None:
+        self.send({"type": "revoke", "session_id": session.id, "lease": grant.id})
+
+    def end_lease(self, session, grant) -> None:
+        self.send({"type": "end_lease", "session_id": session.id, "lease": grant.id})
+
+    def input_done(self, session, grant, acks: dict, fids: list[int], idle: bool) -> None:
+        self.send({"type": "input_done", "session_id": session.id, "lease": grant.id,
+                   "acks": acks, "fids": fids, "idle": idle})
 
 
 class HubServer:
     def __init__(self, hub, path: Path):
         self.hub = hub
         self.path = path
-        self.server: asyncio.AbstractServer | None = None
+        self.sock: socket.socket | None = None
+        self.links: set[_Link] = set()
 
     async def start(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.path.exists():
             self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            self.server = await asyncio.get_running_loop().create_unix_server(
-                lambda: _Link(self), str(self.path))
+            sock.bind(str(self.path))
         finally:
             os.umask(old)
+        sock.listen(128)
+        sock.setblocking(False)
+        self.sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accepting a worker's link failed: %s", exc)
+                return
+            uid = peer_uid(conn)
+            if uid != os.getuid():
+                log.error("refused a hub link from uid %d: only uid %d's workers may connect",
+                          uid, os.getuid())
+                conn.close()
+                continue
+            self.links.add(_Link(self, conn))
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -216,75 +309,164 @@ class RemoteHub:
 
     def __init__(self, path: Path):
         self.path = path
-        self.writer: asyncio.StreamWriter | None = None
+        self.channel: MessageChannel | None = None
         # PTY support is a property of this host, so it is known before the link is up:
         # a connection that arrives first (the one that socket-activated us) sees it too.
         probe = Hub()
         self.caps = {"persistent": probe.capabilities(True), "local": probe.capabilities(False)}
         self.peers: dict[int, object] = {}
         self.attachments: dict[int, set] = {}  # peer -> attachments seen live
+        self.behind: dict[tuple, int] = {}
+        """Frames of each attachment given to its connection and not yet written out."""
+        self.leases: dict[str, WorkerLease] = {}
         self._next_peer = 0
         self._next_rid = 0
+        self._next_fid = 0
         self._waiting: dict[int, tuple[asyncio.Future, object]] = {}
+        self._inputs: dict[int, asyncio.Future] = {}
         self._runner: asyncio.Task | None = None
+        self._lost: asyncio.Future | None = None
         self.connected = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._runner = asyncio.get_running_loop().create_task(self._run())
+        self.loop = asyncio.get_running_loop()
+        self._runner = self.loop.create_task(self._run())
 
     async def _run(self) -> None:
         delay = 0.05
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(str(self.path))
-            except OSError:
+                sock = await self._connect()
+            except OSError as exc:
+                if delay >= 1.0:
+                    log.debug("the PTY hub is not reachable yet: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
             delay = 0.05
-            self.writer = writer
+            self._lost = self.loop.create_future()
+            self.channel = MessageChannel(sock, self._handle, self._channel_closed,
+                                          LINK_MAX_FRAME)
+            self.channel.send({"type": "hello", "version": LINK_VERSION})
             for peer in self.peers:
-                self._send({"op": "add_peer", "peer": peer})
-            try:
-                await self._read(reader)
-            except (OSError, orjson.JSONDecodeError):
-                pass
-            self.writer = None
+                self.channel.send({"type": "add_peer", "peer": peer})
+            await self._lost
+            self.channel = None
             self.connected.clear()
-            writer.close()
             for fut, _ in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(RPCError(UNAVAILABLE, MSG_NO_HUB))
             self._waiting.clear()
+            for fut in self._inputs.values():
+                if not fut.done():
+                    fut.set_exception(RPCError(UNAVAILABLE, MSG_NO_HUB))
+            self._inputs.clear()
+            for lease in list(self.leases.values()):
+                lease.close()
             self._hub_lost()
             log.warning("lost the PTY hub; reconnecting")
+            await asyncio.sleep(delay)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        decoder = FrameDecoder(LINK_MAX_FRAME)
-        while data := await reader.read(262144):
-            for frame in decoder.feed(data):
-                if frame is OVERSIZED:
-                    raise OSError("the hub sent an oversized link frame")
-                msg = orjson.loads(frame)
-                if "event" in msg:
-                    self._event(msg["peer"], msg["event"])
-                elif "rid" in msg:
-                    self._reply(msg)
-                elif "hello" in msg:
-                    self.caps = msg["hello"]
-                    self.connected.set()
+    async def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await self.loop.sock_connect(sock, str(self.path))
+            uid = peer_uid(sock)
+            if uid != os.getuid():
+                raise OSError(f"the PTY hub socket {self.path} is served by uid {uid}, "
+                              f"not ours ({os.getuid()})")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
-    def _event(self, peer: int, event: dict) -> None:
+    def _channel_closed(self) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    def _handle(self, msg: dict, fds: list[int]) -> None:
+        kind = msg["type"]
+        if kind == "event":
+            self._event(msg["peer"], msg["event"])
+        elif kind == "reply":
+            self._reply(msg)
+        elif kind == "reserved":
+            entry = self._waiting.get(msg["rid"])
+            if entry is not None and entry[1] is not None:
+                entry[1]()
+        elif kind == "lease":
+            self._leased(msg, fds)
+            return
+        elif kind == "revoke":
+            lease = self.leases.get(msg["session_id"])
+            if lease is not None and lease.id == msg["lease"]:
+                lease.give_back()
+        elif kind == "end_lease":
+            lease = self.leases.get(msg["session_id"])
+            if lease is not None and lease.id == msg["lease"]:
+                lease.close()
+        elif kind == "input_done":
+            lease = self.leases.get(msg["session_id"])
+            if lease is not None and lease.id == msg["lease"]:
+                lease.input_done(msg)
+        elif kind in ("input_accepted", "input_refused"):
+            self._input_answered(msg)
+        elif kind == "hello":
+            self.caps = msg["caps"]
+            self.connected.set()
+        elif kind == "refused":
+            log.error("the PTY hub refused this worker: %s", msg.get("reason"))
+        for fd in fds:
+            os.close(fd)
+
+    def _leased(self, msg: dict, fds: list[int]) -> None:
+        old = self.leases.pop(msg["session_id"], None)
+        if old is not None:
+            old.close()
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            log.error("the PTY hub lent session %s without its PTY and ring", msg["session_id"])
+            return
+        try:
+            self.leases[msg["session_id"]] = WorkerLease(self, msg, fds)
+        except (OSError, ValueError) as exc:
+            log.error("could not take the reading of PTY %s: %s", msg["session_id"], exc)
+            self.channel.send({"type": "released", "session_id": msg["session_id"],
+                               "lease": msg["lease"], "attachments": [], "dropped": [],
+                               "eof": False})
+
+    def lease_given_back(self, lease: WorkerLease, state: dict) -> None:
+        if self.channel is not None:
+            self.channel.send({"type": "released", "session_id": lease.session_id,
+                               "lease": lease.id, **state})
+
+    # events
+
+    def deliver(self, peer: int, event: dict) -> bool:
+        """Give one event to its connection, counting it until drained; False when that
+        attachment's queue is full."""
         deliver = self.peers.get(peer)
         if deliver is None:
-            return
+            return True
         key = (event["session_id"], event["attachment_id"], event["attachment_token"])
+        kind = event["event"]
         live = self.attachments.setdefault(peer, set())
-        if event["event"] == "pty.exit":
+        if not deliver(event):
+            return False
+        if kind == "pty.exit":
             live.discard(key)
-        elif event["event"] != "pty.error":  # an error may name no live attachment
-            live.add(key)
-        deliver(event)
+            self.behind.pop(key, None)
+        else:
+            if kind != "pty.error":  # an error may name no live attachment
+                live.add(key)
+            self.behind[key] = self.behind.get(key, 0) + 1
+        return True
+
+    def _event(self, peer: int, event: dict) -> None:
+        self.deliver(peer, event)
 
     def _hub_lost(self) -> None:
         """The hub's sessions died with it: end every attachment we were showing, so clients
@@ -296,13 +478,11 @@ class RemoteHub:
                     deliver({"event": "pty.exit", "session_id": sid, "attachment_id": aid,
                              "attachment_token": token})
         self.attachments.clear()
+        self.behind.clear()
+
+    # calls
 
     def _reply(self, msg: dict) -> None:
-        if msg.get("reserved"):
-            entry = self._waiting.get(msg["rid"])
-            if entry is not None and entry[1] is not None:
-                entry[1]()
-            return
         entry = self._waiting.pop(msg["rid"], None)
         if entry is None or entry[0].done():
             return
@@ -312,29 +492,83 @@ class RemoteHub:
             entry[0].set_exception(RPCError(msg["code"], msg["message"]))
 
     def _send(self, msg: dict) -> None:
-        if self.writer is not None:
-            self.writer.write(encode(msg))
+        if self.channel is not None:
+            self.channel.send(msg)
 
-    def _call(self, method: str, *args, reserved=None) -> asyncio.Future:
+    def link_full(self) -> bool:
+        return self.channel is not None and self.channel.buffered > LINK_HIGH_WATER
+
+    def _call(self, method: str, params: dict, reserved=None) -> asyncio.Future:
         """Send the call now, so calls reach the hub in the order the requests arrived, and
         return the future of its answer."""
-        if self.writer is None or not self.connected.is_set():
-            return asyncio.ensure_future(self._call_once_connected(method, args, reserved))
+        if self.channel is None or not self.connected.is_set():
+            return asyncio.ensure_future(self._call_once_connected(method, params, reserved))
         self._next_rid += 1
         rid = self._next_rid
-        fut = asyncio.get_running_loop().create_future()
+        fut = self.loop.create_future()
         self._waiting[rid] = (fut, reserved)
         fut.add_done_callback(lambda _: self._waiting.pop(rid, None))
-        self._send({"op": "call", "rid": rid, "method": method, "args": list(args)})
+        self._send({"type": "call", "rid": rid, "method": method, "params": params})
         return fut
 
-    async def _call_once_connected(self, method: str, args: tuple, reserved):
+    async def _call_once_connected(self, method: str, params: dict, reserved):
         """Just started, or the hub is being replaced: give the link a moment."""
         try:
             await asyncio.wait_for(self.connected.wait(), CONNECT_WAIT)
         except TimeoutError:
             raise RPCError(UNAVAILABLE, MSG_NO_HUB) from None
-        return await self._call(method, *args, reserved=reserved)
+        return await self._call(method, params, reserved=reserved)
+
+    def forward_input(self, lease: WorkerLease, att, data: bytes, seq, force: bool,
+                      notification: bool) -> int:
+        """Input a lease holder hands to the hub's queue; its id."""
+        self._next_fid += 1
+        fid = self._next_fid
+        if not notification and not force:
+            self._inputs[fid] = self.loop.create_future()
+        self._send({"type": "input", "session_id": lease.session_id, "lease": lease.id,
+                    "attachment_id": att.id, "data_base64": b64(data), "seq": seq,
+                    "force": force, "fid": fid})
+        return fid
+
+    async def reply_of(self, fid: int, att, seq, length: int) -> dict:
+        await self._inputs[fid]
+        if seq is not None:
+            att.next_seq = max(att.next_seq, seq + 1)
+        return {"written": length}
+
+    def _input_answered(self, msg: dict) -> None:
+        fid = msg["fid"]
+        fut = self._inputs.pop(fid, None)
+        lease = self.leases.get(msg["session_id"])
+        refused = msg["type"] == "input_refused"
+        if refused and lease is not None:
+            lease.input_refused(fid)
+        if fut is not None:
+            if not fut.done():
+                if refused:
+                    fut.set_exception(RPCError(msg["code"], msg["message"]))
+                else:
+                    fut.set_result(None)
+            return
+        if refused and lease is not None:
+            self._notification_refused(lease, msg)
+
+    def _notification_refused(self, lease: WorkerLease, msg: dict) -> None:
+        """A pty.write notification the hub's queue could not take: pty.error, then the
+        attachment is detached, as the spec says for the notification form."""
+        for att in list(lease.attachments.values()):
+            if att.id == msg.get("attachment_id"):
+                self.deliver(att.peer, pty_error_event(lease.session_id, att.id, att.token,
+                                                       msg["code"], msg["message"]))
+                self.loop.create_task(self._detach_quietly(att.peer, lease.session_id, att.id,
+                                                           att.token))
+
+    async def _detach_quietly(self, peer, sid, aid, token) -> None:
+        try:
+            await self.detach(peer, sid, aid, token)
+        except RPCError:
+            pass
 
     # the Hub interface the handlers use
 
@@ -344,49 +578,74 @@ class RemoteHub:
     def add_peer(self, deliver) -> int:
         self._next_peer += 1
         self.peers[self._next_peer] = deliver
-        self._send({"op": "add_peer", "peer": self._next_peer})
+        self._send({"type": "add_peer", "peer": self._next_peer})
         return self._next_peer
 
     async def remove_peer(self, peer: int) -> None:
         self.peers.pop(peer, None)
-        self.attachments.pop(peer, None)
-        self._send({"op": "remove_peer", "peer": peer})
+        for key in self.attachments.pop(peer, ()):
+            self.behind.pop(key, None)
+        self._send({"type": "remove_peer", "peer": peer})
 
     def drained(self, peer: int, session_id: str, attachment_id: str, token: str,
                 frames: int) -> None:
-        self._send({"op": "drained", "peer": peer, "key": [session_id, attachment_id, token],
-                    "n": frames})
+        key = (session_id, attachment_id, token)
+        if key in self.behind:
+            self.behind[key] = max(0, self.behind[key] - frames)
+        lease = self.leases.get(session_id)
+        if lease is not None and lease.find(attachment_id, token) is not None:
+            lease.drained()
+            return
+        self._send({"type": "drained", "peer": peer, "session_id": session_id,
+                    "attachment_id": attachment_id, "token": token, "frames": frames})
 
     async def attach(self, peer, session_id, attachment_id, token, cols, rows, command,
-                     require_existing, input_seq_ack, reserved=None) -> dict:
-        return await self._call("attach", peer, session_id, attachment_id, token, cols, rows,
-                                command, require_existing, input_seq_ack, reserved=reserved)
+                     require_existing, input_seq_ack, reserved=None, resume_from=None) -> dict:
+        return await self._call("attach", {
+            "peer": peer, "session_id": session_id, "attachment_id": attachment_id,
+            "token": token, "cols": cols, "rows": rows, "command": command,
+            "require_existing": require_existing, "input_seq_ack": input_seq_ack,
+            "resume_from": resume_from}, reserved=reserved)
 
     async def cancel(self, peer, session_id, attachment_id, token) -> None:
-        await self._call("cancel", peer, session_id, attachment_id, token)
+        await self._call("cancel", {"peer": peer, "session_id": session_id,
+                                    "attachment_id": attachment_id, "token": token})
 
     def write(self, peer, session_id, attachment_id, token, data: bytes, seq, notification):
-        args = [peer, session_id, attachment_id, token, b64(data), seq, notification]
+        lease = self.leases.get(session_id)
+        att = lease.find(attachment_id, token) if lease is not None else None
+        if att is not None:
+            return lease.write(att, data, seq, notification)
+        if self.channel is None or not self.connected.is_set():
+            if notification:
+                raise RPCError(UNAVAILABLE, MSG_NO_HUB)
+        elif self.link_full():
+            raise RPCError(PTY_INPUT_QUEUE_FULL, MSG_QUEUE_FULL)
+        params = {"peer": peer, "session_id": session_id, "attachment_id": attachment_id,
+                  "token": token, "data_base64": b64(data), "seq": seq,
+                  "notification": notification}
         if not notification:
-            return self._call("write", *args)
+            return self._call("write", params)
         # A notification is answered only if it fails, by a pty.error the hub sends: no
         # round trip on the keystroke path.
-        if self.writer is None or not self.connected.is_set():
-            raise RPCError(UNAVAILABLE, MSG_NO_HUB)
-        self._send({"op": "call", "rid": 0, "method": "write", "args": args, "quiet": True})
+        self._send({"type": "call", "rid": 0, "method": "write", "params": params,
+                    "quiet": True})
         return {"written": len(data)}
 
     def resize(self, peer, session_id, attachment_id, token, cols, rows):
-        return self._call("resize", peer, session_id, attachment_id, token, cols, rows)
+        return self._call("resize", {"peer": peer, "session_id": session_id,
+                                     "attachment_id": attachment_id, "token": token,
+                                     "cols": cols, "rows": rows})
 
     def detach(self, peer, session_id, attachment_id, token):
-        return self._call("detach", peer, session_id, attachment_id, token)
+        return self._call("detach", {"peer": peer, "session_id": session_id,
+                                     "attachment_id": attachment_id, "token": token})
 
     def close(self, session_id):
-        return self._call("close", session_id)
+        return self._call("close", {"session_id": session_id})
 
-    def list(self):
-        return self._call("list")
+    def list(self, ext: bool = False):
+        return self._call("list", {"ext": ext})
 
 
 async def _serve(config: dict, lifeline: int | None) -> None:

@@ -4,6 +4,8 @@ other's internals, so the rules cannot drift apart."""
 
 from __future__ import annotations
 
+import hmac
+
 from .protocol import event
 
 READ_MAX = 32768
@@ -33,3 +35,22 @@ MSG_INACTIVE = "RPC connection closed before PTY attachment completed"
 def pty_error_event(sid: str, aid: str, token: str, code: str, message: str) -> dict:
     return event("pty.error", session_id=sid, attachment_id=aid, attachment_token=token,
                  error=message, message=message, code=code)
+
+
+def attachment_event(sid: str, aid: str, token: str, name: str, **extra) -> dict:
+    return {"event": name, "session_id": sid, "attachment_id": aid, "attachment_token": token,
+            **extra}
+
+
+def data_event(sid: str, aid: str, token: str, encoded: str, offset: int, ext: bool) -> dict:
+    """pty.data; with the absolute offset of its first byte for a client that asked (§6.8)."""
+    if ext:
+        return {"event": "pty.data", "session_id": sid, "attachment_id": aid,
+                "attachment_token": token, "data_base64": encoded, "ext_offset": offset}
+    return {"event": "pty.data", "session_id": sid, "attachment_id": aid,
+            "attachment_token": token, "data_base64": encoded}
+
+
+def tokens_equal(a: str, b: str) -> bool:
+    """Attachment tokens are capabilities: compared in constant time."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))

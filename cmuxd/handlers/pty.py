@@ -18,28 +18,26 @@ from ..protocol import (
     NOT_FOUND,
     UNAVAILABLE,
     RPCError,
-    event,
     param_base64,
     param_bool,
     param_int,
     param_str,
     require_size,
 )
+from ..pty_rules import (
+    MSG_ATTACHMENT_NOT_FOUND,
+    MSG_NO_HUB,
+    MSG_SESSION_NOT_FOUND,
+    OUTBOUND_FRAMES,
+    pty_error_event,
+)
 
 log = logging.getLogger("cmuxd.pty")
 
-OUTBOUND_FRAMES = 256
-"""Events one attachment may have waiting for the client before it is dropped."""
 MAX_INFLIGHT_ATTACHES = 32
 DRAIN_BATCH = 32
 """Frames written for one attachment before the next one gets a turn."""
 
-# Shared with the hub, which answers the same conditions when it has a session table.
-MSG_ATTACHMENT_NOT_FOUND = "PTY attachment not found"
-MSG_SESSION_NOT_FOUND = "PTY session not found"
-MSG_NO_HUB = "PTY hub is not available"
-MSG_QUEUE_FULL = "PTY input queue is full"
-MSG_INACTIVE = "RPC connection closed before PTY attachment completed"
 MSG_TOO_MANY_ATTACHES = "too many PTY attach requests are already in progress"
 MSG_DUPLICATE_ATTACH = "PTY attach request id is already in progress"
 
@@ -199,13 +197,18 @@ def pty_attach(ctx, req):
         other.has_id and json_equal(other.req_id, entry.req_id) for other in conn.inflight
     ):
         raise RPCError(INVALID_REQUEST, MSG_DUPLICATE_ATTACH)
+    resume_from = None
+    if "ext_resume_from" in params:
+        resume_from = param_int(params, "ext_resume_from")
+        if resume_from is None or resume_from < 0:
+            raise RPCError(INVALID_PARAMS, "ext_resume_from must be a non-negative integer")
     conn.inflight.append(entry)
     return _attach(ctx, conn, entry, params.get("command"), param_bool(params, "require_existing"),
-                   param_bool(params, "input_seq_ack"), cols, rows)
+                   param_bool(params, "input_seq_ack"), cols, rows, resume_from)
 
 
 async def _attach(ctx, conn: PtyConnection, entry: _InflightAttach, command, require_existing,
-                  input_seq_ack, cols, rows):
+                  input_seq_ack, cols, rows, resume_from):
     """Run the hub's attach beside the connection, so that the connection can read on as
     soon as the session is reserved, whichever task (or link) reports the reservation."""
     loop = asyncio.get_running_loop()
@@ -218,7 +221,7 @@ async def _attach(ctx, conn: PtyConnection, entry: _InflightAttach, command, req
     call = entry.call = loop.create_task(conn.hub.attach(
         conn.peer, entry.session_id, entry.attachment_id, entry.token, cols, rows,
         command if type(command) is str else "", require_existing, input_seq_ack,
-        reserved=on_reserved,
+        reserved=on_reserved, resume_from=resume_from,
     ))
     try:
         await asyncio.wait((reserved, call), return_when=asyncio.FIRST_COMPLETED)
@@ -317,11 +320,6 @@ def _error_event(ctx, params: dict, code: str, message: str) -> None:
     ctx.send_event(pty_error_event(sid, aid, token, code, message))
 
 
-def pty_error_event(sid: str, aid: str, token: str, code: str, message: str) -> dict:
-    return event("pty.error", session_id=sid, attachment_id=aid, attachment_token=token,
-                 error=message, message=message, code=code)
-
-
 def _write(ctx, req) -> dict:
     params = req.params
     sid, aid, token = _identity("pty.write", params)
@@ -375,7 +373,7 @@ def pty_close(ctx, req) -> dict:
 def pty_list(ctx, req) -> dict:
     if ctx.hub is None:
         return {"sessions": []}
-    return ctx.hub.list()
+    return ctx.hub.list(ext=param_bool(req.params, "ext"))
 
 
 METHODS = {
