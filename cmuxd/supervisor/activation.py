@@ -142,6 +142,8 @@ def launchd_listeners(library: str | None = None) -> list[Listener] | None:
             fds = launch_activate_socket(name, library)
             if fds is None:
                 log.info("launchd did not start this process; binding --tcp/--socket")
+                for listener in listeners:
+                    listener.close()
                 return None
             if not fds:
                 missing.append(name)
