@@ -11,6 +11,7 @@ dnspython is imported here only, and only when a lookup runs.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterable, Sequence
 
@@ -34,9 +35,11 @@ async def lookup(name: str, *, nameservers: Sequence[tuple[str, int]] | None = N
         if nameservers is not None:
             resolver.nameservers = [dns.nameserver.Do53Nameserver(address, port)
                                     for address, port in nameservers]
-        answer = await resolver.resolve(f"{SERVICE}.{name}", "SRV", lifetime=deadline,
-                                        search=True)
-    except dns.exception.DNSException:
+        # dnspython's lifetime may overrun by its retry back-off; the deadline is ours.
+        answer = await asyncio.wait_for(
+            resolver.resolve(f"{SERVICE}.{name}", "SRV", lifetime=deadline, search=True),
+            deadline)
+    except (dns.exception.DNSException, TimeoutError):
         return []
     records = [(r.priority, r.weight, r.target.to_text(omit_final_dot=True), r.port)
                for r in answer]
