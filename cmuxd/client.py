@@ -2,6 +2,8 @@
 
 Addresses: `cmux://host:port`, `host:port`, `[v6]:port`, `unix:///path` or a bare `/path`,
 or the name of a host in cmux.json (see cmuxd.fleet), which brings that host's credentials.
+Any other host name given without a port is looked up as a `_cmux._tcp` SRV record first
+(see cmuxd.srv), then dialed on port 5555.
 TCP always runs the mutual relay handshake, so a server that cannot prove it holds the
 token is refused before any request is sent.
 """
@@ -69,6 +71,8 @@ class Address:
     name: str = field(default="", compare=False)
     relay_id: str | None = field(default=None, compare=False)
     token_file: str | None = field(default=None, compare=False)
+    # A host name given without a port: its SRV records say where to dial (else `port`).
+    srv: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         if self.kind == "unix":
@@ -120,7 +124,19 @@ def parse_address(text: str) -> Address:
         raise ClientError(f"{text!r}: the port must be a number", EXIT_USAGE) from None
     if not 1 <= port <= 65535:
         raise ClientError(f"{text!r}: the port must be between 1 and 65535", EXIT_USAGE)
-    return Address("tcp", host=host, port=port)
+    return Address("tcp", host=host, port=port, srv=not port_text and _is_dns_name(host))
+
+
+def _is_dns_name(host: str) -> bool:
+    """Whether a host could have SRV records: not an IP literal, not localhost (RFC 6761
+    keeps that name out of DNS)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
 
 
 def _fleet_entry(name: str):
@@ -190,10 +206,11 @@ class AsyncClient:
         together with the auth line (it is only processed if the daemon accepts us). With
         `raw`, no response pump starts: the caller reads `reader` itself."""
         address = target if isinstance(target, Address) else parse_address(target)
+        candidates = await _srv_candidates(address)
         needs_auth = address.kind == "tcp" or unix_auth
         if needs_auth and creds is None:
-            creds = credentials_for(address, token_file, relay_id)
-        reader, writer = await _dial(address)
+            creds = credentials_for(candidates[0], token_file, relay_id)
+        reader, writer, address = await _dial_any(candidates)
         try:
             if address.kind == "unix":
                 _check_unix_peer(writer.get_extra_info("socket"), address)
@@ -290,6 +307,29 @@ def _id_key(value: Any) -> Any:
     return orjson.dumps(value)
 
 
+async def _srv_candidates(address: Address) -> list[Address]:
+    """Where to dial, in order: a port-less host name's SRV targets, else the address."""
+    if not address.srv:
+        return [address]
+    from . import srv
+
+    found = await srv.lookup(address.host)
+    return [Address("tcp", host=host, port=port) for host, port in found] or [
+        replace(address, srv=False)]
+
+
+async def _dial_any(candidates: list[Address]):
+    """The first candidate that answers (RFC 2782: try the targets in turn); the first
+    failure when none does, since that is the preferred target's."""
+    first_error = None
+    for address in candidates:
+        try:
+            return (*await _dial(address), address)
+        except ClientError as exc:
+            first_error = first_error or exc
+    raise first_error
+
+
 async def _dial(address: Address):
     try:
         if address.kind == "unix":
@@ -353,6 +393,11 @@ class Client:
     def __init__(self, target: str | Address, **kwargs):
         self._runner = asyncio.Runner()
         self._client: AsyncClient = self._runner.run(AsyncClient.connect(target, **kwargs))
+
+    @property
+    def address(self) -> Address:
+        """The address dialed: for a host name given without a port, the SRV target."""
+        return self._client.address
 
     def rpc(self, method: str, params: dict | None = None, *, timeout: float = 30.0) -> dict:
         return self._runner.run(self._client.rpc(method, params, timeout=timeout))

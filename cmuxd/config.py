@@ -45,6 +45,9 @@ class Config:
     idle_ttl: float = 86400.0
     state_dir: str = ""
     allow_from: list[str] = field(default_factory=list)  # --allow-from; empty: every peer
+    # The shared library that exports launch_activate_socket(3); None: the process's own
+    # (libSystem on macOS, where launchd is asked whatever this says).
+    launchd_library: str | None = None
     allow: AllowList | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):

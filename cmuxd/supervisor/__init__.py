@@ -30,7 +30,7 @@ def run_daemon(config) -> int:
     listeners = []
     try:
         creds = None
-        activated = activated_listeners()
+        activated = activated_listeners(config.launchd_library)
         if activated is not None:
             # The service manager's sockets win: binding the flags' addresses as well would
             # race the socket unit for the same port.

@@ -26,18 +26,23 @@ log = logging.getLogger("cmuxd.supervisor")
 
 SD_LISTEN_FDS_START = 3
 LISTEN_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
-# The socket names the launchd plist declares (units/cmuxd.plist.in); one call each.
+# The socket names the launchd plist declares (units.render_plist); one call each.
 LAUNCHD_SOCKET_NAMES = ("tcp", "unix")
 
+_STREAM_HINTS = {
+    "systemd": "use ListenStream= (not ListenDatagram= or ListenSequentialPacket=)",
+    "launchd": "set SockType to stream in the plist's Sockets entry",
+}
 _FAMILIES = {socket.AF_INET: "tcp", socket.AF_INET6: "tcp", socket.AF_UNIX: "unix"}
 
 
-def activated_listeners() -> list[Listener] | None:
+def activated_listeners(launchd_library: str | None = None) -> list[Listener] | None:
     """The service manager's sockets, or None when we were not socket-activated (the caller
-    then binds --tcp/--socket itself)."""
+    then binds --tcp/--socket itself). launchd is asked on macOS, or anywhere when
+    `launchd_library` names a library that exports launch_activate_socket(3)."""
     listeners = systemd_listeners()
-    if listeners is None and sys.platform == "darwin":
-        listeners = launchd_listeners()
+    if listeners is None and (sys.platform == "darwin" or launchd_library is not None):
+        listeners = launchd_listeners(launchd_library)
     return listeners
 
 
@@ -127,35 +132,61 @@ def _forget_listen_variables(environ) -> None:
 # launchd
 
 
-def launchd_listeners() -> list[Listener] | None:
-    """Sockets from the plist's Sockets dictionary, or None when launchd did not start us."""
+def launchd_listeners(library: str | None = None) -> list[Listener] | None:
+    """Sockets from the plist's Sockets dictionary, or None when launchd did not start us or
+    declared none of our names (the caller then binds --tcp/--socket, and says so)."""
     listeners: list[Listener] = []
-    for name in LAUNCHD_SOCKET_NAMES:
-        fds = launch_activate_socket(name)
-        if fds is None:
-            return None
-        try:
-            listeners.extend(adopt_socket(fd, name, "launchd") for fd in fds)
-        except ListenerError:
-            for listener in listeners:
-                listener.close()
-            raise
-    return listeners or None
-
-
-def launch_activate_socket(name: str) -> list[int] | None:
-    """launch_activate_socket(3) for one socket name: its fds, [] when the plist declares no
-    socket of that name, None when this process was not started by launchd (or this is not
-    macOS). The only place that calls into liblaunch."""
-    if sys.platform != "darwin":
+    missing = []
+    try:
+        for name in LAUNCHD_SOCKET_NAMES:
+            fds = launch_activate_socket(name, library)
+            if fds is None:
+                log.info("launchd did not start this process; binding --tcp/--socket")
+                for listener in listeners:
+                    listener.close()
+                return None
+            if not fds:
+                missing.append(name)
+            for i, fd in enumerate(fds):
+                try:
+                    listeners.append(adopt_socket(fd, name, "launchd"))
+                except ListenerError:
+                    for rest in fds[i + 1:]:
+                        os.close(rest)
+                    raise
+    except ListenerError:
+        for listener in listeners:
+            listener.close()
+        raise
+    if not listeners:
+        log.info("launchd passed no socket named %s (launch_activate_socket: ENOENT); binding "
+                 "--tcp/--socket", " or ".join(map(repr, LAUNCHD_SOCKET_NAMES)))
         return None
+    if missing:
+        log.info("launchd passed no socket named %s; the plist's Sockets dictionary leaves it "
+                 "out, so cmuxd serves the others only", " or ".join(map(repr, missing)))
+    return listeners
+
+
+def launch_activate_socket(name: str, library: str | None = None) -> list[int] | None:
+    """launch_activate_socket(3) for one socket name: its fds, [] when the plist declares no
+    socket of that name (ENOENT), None when this process was not started by launchd (ESRCH)
+    or the function does not exist. `library` is the shared library that exports it; None
+    means the process's own (libSystem on macOS). The only place that calls into liblaunch."""
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
     try:
-        activate = libc.launch_activate_socket
+        lib = ctypes.CDLL(library, use_errno=True)
+    except OSError as exc:
+        raise ListenerError(f"cannot load {library}: {exc}; name a shared library that "
+                            "exports launch_activate_socket(3)") from None
+    try:
+        activate = lib.launch_activate_socket
     except AttributeError:
-        return None
+        if library is None:
+            return None
+        raise ListenerError(f"{library} does not export launch_activate_socket; name the "
+                            "library that does") from None
     activate.restype = ctypes.c_int
     activate.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.POINTER(ctypes.c_int)),
                          ctypes.POINTER(ctypes.c_size_t)]
@@ -167,12 +198,14 @@ def launch_activate_socket(name: str) -> list[int] | None:
     if err == errno.ENOENT:
         return []
     if err != 0:
-        raise ListenerError(f"launchd could not hand over the socket {name!r}: "
-                            f"{os.strerror(err)}; check the Sockets dictionary of the plist")
+        code = errno.errorcode.get(err, str(err))
+        raise ListenerError(f"launchd could not hand over the socket {name!r} "
+                            f"({os.strerror(err)}, {code}); check the Sockets dictionary "
+                            "of the plist and that the job is loaded once")
     try:
         return [fds[i] for i in range(count.value)]
     finally:
-        libc.free(fds)
+        ctypes.CDLL(None).free(fds)
 
 
 # checks shared by both
@@ -195,8 +228,7 @@ def adopt_socket(fd: int, name: str, origin: str) -> Listener:
             raise ListenerError(f"{what} is an {_family_name(sock.family)} socket; cmuxd "
                                 "listens only on TCP (IPv4, IPv6) and Unix sockets")
         if sock.type != socket.SOCK_STREAM:
-            raise ListenerError(f"{what} is not a stream socket; use ListenStream= (not "
-                                "ListenDatagram= or ListenSequentialPacket=)")
+            raise ListenerError(f"{what} is not a stream socket; {_STREAM_HINTS[origin]}")
         if not _is_listening(sock):
             raise ListenerError(f"{what} is not listening; the socket unit needs Accept=no "
                                 "(cmuxd accepts connections itself)")
