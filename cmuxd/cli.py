@@ -240,17 +240,24 @@ def connect(uri: str, *, stdio: bool = False, token_file: str | None = None,
 
 
 @argh.arg("--json", help="print the raw status object")
+@argh.arg("--prometheus", help="print the counters in the Prometheus text format (for node_exporter's textfile collector)")
 @argh.arg("--state-dir", help="the daemon's --state-dir (default: $XDG_RUNTIME_DIR/cmuxd, or ~/.local/state/cmux without XDG_RUNTIME_DIR)")
-def status(*, json: bool = False, state_dir: str = "") -> None:
+def status(*, json: bool = False, prometheus: bool = False, state_dir: str = "") -> None:
     """Show how the running daemon is doing: listeners, workers, counters."""
     from .status import format_status, query_status
 
+    if json and prometheus:
+        usage_error("choose one of --json and --prometheus")
     try:
         result = query_status(Config(state_dir=state_dir).control_path)
     except OSError as exc:
         print(f"cmuxd-remote: {exc}", file=sys.stderr)
         sys.exit(3)
-    if json:
+    if prometheus:
+        from .metrics import prometheus_text
+
+        sys.stdout.write(prometheus_text(result))
+    elif json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     else:
         print(format_status(result))
