@@ -46,7 +46,7 @@ class SystemdUnits:
     tmp_binds: list[str] = field(default_factory=list)  # our own files under /tmp, /var/tmp
     tailnet: list[str] = field(default_factory=list)  # extra addresses (drop-in)
     serve_args: list[str] = field(default_factory=list)
-    at_boot: bool = True  # the service starts with the manager, not only on a connection
+    at_boot: bool = False  # a user service starts with its manager; system ones always do
 
     def render(self) -> dict[str, str]:
         """{path relative to the unit directory: text}."""
@@ -94,7 +94,7 @@ WantedBy=sockets.target
         elif self.system:
             user = ("# User= the account whose shells the daemon serves (root without it):\n"
                     "# `cmuxd-remote units install --system --as USER` sets it.\n")
-        if self.at_boot:
+        if self.system or self.at_boot:
             target = "multi-user.target" if self.system else "default.target"
             when = "at boot" if self.system else "with the user manager"
             started = f"Started {when} ({target}) and by cmuxd.socket's first connection"
@@ -346,7 +346,6 @@ def systemd_plan(mode: str, *, user: str | None = None, token_file: str | None =
         homes = [account.pw_dir, pwd.getpwuid(os.getuid()).pw_dir]
         unit_dir = SYSTEM_UNIT_DIR
         token = Path(token_file) if token_file else SYSTEM_TOKEN_FILE
-        at_boot = True
         steps = ["systemctl daemon-reload", "systemctl enable --now cmuxd.socket cmuxd.service"]
     else:
         if user is not None:
