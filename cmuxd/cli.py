@@ -446,20 +446,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _keep_declared_short_options(parser: argparse.ArgumentParser) -> None:
-    """argh gives an option a one-letter alias whenever its initial is unique in its command,
-    so -t meant --token-file in one command and --tcp's neighbour in another; keep only the
-    aliases a command declares."""
+def _keep_declared_option_names(parser: argparse.ArgumentParser) -> None:
+    """argh adds names of its own: a one-letter alias whenever an initial is unique in its
+    command (so -t meant --token-file in one command and --timeout in another), and the
+    parameter's name beside a declared one (--as-user beside --as). Keep the declared names."""
     function = parser.get_default(argh.constants.DEST_FUNCTION)
     declared = {name for spec in getattr(function, argh.constants.ATTR_ARGS, [])
                 for name in spec.cli_arg_names}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in set(action.choices.values()):
-                _keep_declared_short_options(sub)
+                _keep_declared_option_names(sub)
             continue
+        named = declared.intersection(action.option_strings)
         for option in list(action.option_strings):
-            if len(option) == 2 and option != "-h" and option not in declared:
+            inferred = option not in declared and option != "-h"
+            if inferred and (len(option) == 2 or named):
                 action.option_strings.remove(option)
                 del parser._option_string_actions[option]
 
@@ -481,7 +483,7 @@ def build_parser() -> argh.ArghParser:
             "dest": "command", "metavar": "COMMAND", "required": True})
     top = argh.assembling.get_subparsers(parser)
     top.dest, top.metavar, top.required = "command", "COMMAND", True
-    _keep_declared_short_options(parser)
+    _keep_declared_option_names(parser)
     return parser
 
 

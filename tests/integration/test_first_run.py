@@ -284,3 +284,10 @@ def test_attach_without_a_terminal_is_refused_and_starts_nothing(daemon):
     assert "attach needs a terminal on stdin" in out.stderr
     assert daemon.status()["pty_sessions"] == 0
     assert daemon.authed().call("ping", id=1)["ok"] is True
+
+
+def test_each_option_goes_by_the_names_it_was_given():
+    units = dict(all_parsers())["cmuxd-remote units install"]
+    names = {o for action in units._actions for o in action.option_strings}
+    assert {"--as", "--print"} <= names
+    assert not {"--as-user", "--print-only"} & names
