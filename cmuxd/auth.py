@@ -55,6 +55,10 @@ class AuthError(Exception):
     """
 
 
+class NoRelayIdError(AuthError):
+    """A token was found but nothing names the relay id; the client may know why better."""
+
+
 def new_nonce() -> str:
     """A fresh server nonce: 16 CSPRNG bytes as 32 lowercase hex characters (§7.2)."""
     return secrets.token_hex(16)
@@ -601,7 +605,7 @@ def client_credentials(port: int | None, token_file: os.PathLike | str | None = 
             return file_id, str(path)
         if env_id:
             return env_id, "CMUX_RELAY_ID"
-        raise AuthError(f"{path} holds a token but no relay id; pass --relay-id, set "
+        raise NoRelayIdError(f"{path} holds a token but no relay id; pass --relay-id, set "
                         'CMUX_RELAY_ID, or write the file as {"relay_id": "...", '
                         '"relay_token": "..."}')
 

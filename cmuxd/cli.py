@@ -1,11 +1,8 @@
-"""Command line: parse with argh, then call the parts that do the work.
-
-Exit codes of the client commands: 0 success, 1 the daemon answered with an error,
-2 usage, 3 unreachable (refused, unknown host, closed), 4 authentication, 5 timeout.
-"""
+"""Command line: parse with argh, then call the parts that do the work."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -19,6 +16,7 @@ from . import __version__
 from .auth import AuthError, write_new_token
 from .client import (
     EXIT_RPC_ERROR,
+    EXIT_TIMEOUT,
     EXIT_USAGE,
     AsyncClient,
     ClientError,
@@ -29,6 +27,30 @@ from .client import (
 from .config import DEFAULT_PORT, Config
 
 log = logging.getLogger("cmuxd")
+
+DESCRIPTION = """\
+The cmux remote daemon (serve) and its clients (ping, rpc, connect, attach, status, fleet).
+
+Exit codes of the client commands: 0 success, 1 the daemon answered with an error,
+2 usage, 3 unreachable (refused, unknown host, closed), 4 authentication, 5 timeout."""
+
+URI_HELP = ("cmux://HOST:PORT, HOST:PORT, [IPV6]:PORT (port 5555 when omitted), unix:///PATH, "
+            "or a host name from cmux.json")
+
+
+def client_options(func):
+    """The credentials options every client command takes, with one help text each."""
+    for flag, text in [
+        ("--unix-auth", "run the relay handshake on a Unix socket too"),
+        ("--relay-id", "the daemon's relay id (default: cmux.json's entry, the token file's "
+                       "relay_id, CMUX_RELAY_ID, or for a daemon on this host its short host "
+                       "name)"),
+        ("--token-file", "the relay token file (default: cmux.json's entry, CMUX_RELAY_ID + "
+                         "CMUX_RELAY_TOKEN, ~/.cmux/relay/PORT.auth, then "
+                         "~/.config/cmuxd/relay-token)"),
+    ]:
+        func = argh.arg(flag, help=text)(func)
+    return func
 
 
 def version() -> None:
@@ -41,11 +63,11 @@ def version() -> None:
 @argh.arg("--socket", action="append", metavar="PATH", help="a Unix socket path; repeatable")
 @argh.arg("--workers", help="worker processes (default: the number of CPUs)")
 @argh.arg("--token-file", help="relay token file (default: $CREDENTIALS_DIRECTORY/relay-token, CMUX_RELAY_TOKEN, then ~/.config/cmuxd/relay-token)")
-@argh.arg("--relay-id", help="relay id (default: CMUX_RELAY_ID, then the short host name)")
+@argh.arg("--relay-id", help="relay id (default: a JSON token file's relay_id, CMUX_RELAY_ID, then the short host name)")
 @argh.arg("--unix-auth", choices=["peer", "token"], help="peer: same uid or root pass; token: Unix clients run the relay handshake too")
 @argh.arg("--max-handshakes", help="unauthenticated connections in flight at once")
 @argh.arg("--backoff-failures", help="failed handshakes from one address before it is refused for a while")
-@argh.arg("--state-dir", help="where the control and PTY hub sockets live, one daemon's alone (default: $XDG_RUNTIME_DIR/cmuxd)")
+@argh.arg("--state-dir", help="where the control and PTY hub sockets live, one daemon's alone (default: $XDG_RUNTIME_DIR/cmuxd, or ~/.local/state/cmux without XDG_RUNTIME_DIR)")
 @argh.arg("--shell", help="the shell of PTY sessions started without a command (default: $SHELL, then bash, then sh)")
 @argh.arg("--scrollback", help="bytes of output each PTY session keeps for replay")
 @argh.arg("--idle-ttl", help="seconds a PTY session with no attachment lives on")
@@ -64,7 +86,8 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
           shell: str | None = None, scrollback: int = 1 << 20,
           idle_ttl: float = 86400.0) -> None:
     """Serve the cmux remote protocol. Without --stdio, --tcp or --socket it listens on
-    127.0.0.1:5555 and a Unix socket under $XDG_RUNTIME_DIR/cmuxd."""
+    127.0.0.1:5555 and the Unix socket $XDG_RUNTIME_DIR/cmuxd/cmuxd.sock (without
+    XDG_RUNTIME_DIR: ~/.local/state/cmux/cmuxd.sock)."""
     if stdio:
         if tcp or socket:
             usage_error("--stdio serves one pipe; it cannot be combined with --tcp or --socket")
@@ -72,8 +95,13 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
             usage_error("--scrollback and --idle-ttl must be positive")
         sys.exit(asyncio.run(_serve_stdio(shell, scrollback, idle_ttl)))
     from .supervisor import run_daemon
-    from .supervisor.listeners import default_socket_path
+    from .supervisor.listeners import ListenerError, default_socket_path, parse_tcp
 
+    for spec in tcp or []:
+        try:
+            parse_tcp(spec)
+        except ListenerError as exc:
+            usage_error(str(exc))
     if not tcp and not socket:
         tcp = [f"127.0.0.1:{DEFAULT_PORT}"]
         socket = [str(default_socket_path())]
@@ -139,10 +167,10 @@ def _run_client(coro) -> int:
         return 130
 
 
-@argh.arg("uri", help="cmux://HOST:PORT, HOST:PORT, [IPV6]:PORT or unix:///PATH")
+@argh.arg("uri", help=URI_HELP)
+@client_options
 @argh.arg("-c", "--count", help="pings to send")
 @argh.arg("-i", "--interval", help="seconds between pings")
-@argh.arg("--unix-auth", help="run the relay handshake on a Unix socket too")
 def ping(uri: str, *, count: int = 4, interval: float = 0.2, token_file: str | None = None,
          relay_id: str | None = None, unix_auth: bool = False) -> None:
     """Ping a daemon and print round-trip times like ping(8)."""
@@ -162,9 +190,11 @@ def ping(uri: str, *, count: int = 4, interval: float = 0.2, token_file: str | N
     sys.exit(_run_client(go()))
 
 
-@argh.arg("uri", help="cmux://HOST:PORT, HOST:PORT, [IPV6]:PORT or unix:///PATH")
+@argh.arg("uri", help=URI_HELP)
+@client_options
 @argh.arg("method", help="e.g. hello, ping, session.open")
-@argh.arg("params", nargs="?", default=None, help="JSON object of parameters")
+@argh.arg("params", nargs="?", default=None, help="JSON object of parameters (default: none)")
+@argh.arg("--timeout", help="seconds the whole call may take: connect, handshake and answer")
 def rpc(uri: str, method: str, params: str | None, *, token_file: str | None = None,
         relay_id: str | None = None, unix_auth: bool = False, timeout: float = 30.0) -> None:
     """Call one method and print its result as JSON."""
@@ -178,18 +208,27 @@ def rpc(uri: str, method: str, params: str | None, *, token_file: str | None = N
         sys.exit(EXIT_USAGE)
 
     async def go() -> int:
-        client = await AsyncClient.connect(uri, **_client_kwargs(token_file, relay_id, unix_auth))
         try:
-            result = await client.rpc(method, parsed, timeout=timeout)
-        finally:
-            await client.close()
+            async with asyncio.timeout(timeout):
+                client = await AsyncClient.connect(
+                    uri, **_client_kwargs(token_file, relay_id, unix_auth))
+                try:
+                    result = await client.rpc(method, parsed, timeout=None)
+                finally:
+                    await client.close()
+        except TimeoutError:
+            raise ClientError(f"{uri}: {method} did not complete within --timeout {timeout:g} s "
+                              "(connect, handshake and answer); is the daemon up and not "
+                              "overloaded? Raise --timeout for a slow method",
+                              EXIT_TIMEOUT) from None
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return 0
 
     sys.exit(_run_client(go()))
 
 
-@argh.arg("uri", help="cmux://HOST:PORT, HOST:PORT, [IPV6]:PORT or unix:///PATH")
+@argh.arg("uri", help=URI_HELP)
+@client_options
 @argh.arg("--stdio", help="bridge stdin/stdout to the daemon (the only mode)")
 def connect(uri: str, *, stdio: bool = False, token_file: str | None = None,
             relay_id: str | None = None, unix_auth: bool = False) -> None:
@@ -201,17 +240,24 @@ def connect(uri: str, *, stdio: bool = False, token_file: str | None = None,
 
 
 @argh.arg("--json", help="print the raw status object")
-@argh.arg("--state-dir", help="the daemon's --state-dir (default: $XDG_RUNTIME_DIR/cmuxd)")
-def status(*, json: bool = False, state_dir: str = "") -> None:
+@argh.arg("--prometheus", help="print the counters in the Prometheus text format (for node_exporter's textfile collector)")
+@argh.arg("--state-dir", help="the daemon's --state-dir (default: $XDG_RUNTIME_DIR/cmuxd, or ~/.local/state/cmux without XDG_RUNTIME_DIR)")
+def status(*, json: bool = False, prometheus: bool = False, state_dir: str = "") -> None:
     """Show how the running daemon is doing: listeners, workers, counters."""
     from .status import format_status, query_status
 
+    if json and prometheus:
+        usage_error("choose one of --json and --prometheus")
     try:
         result = query_status(Config(state_dir=state_dir).control_path)
     except OSError as exc:
         print(f"cmuxd-remote: {exc}", file=sys.stderr)
         sys.exit(3)
-    if json:
+    if prometheus:
+        from .metrics import prometheus_text
+
+        sys.stdout.write(prometheus_text(result))
+    elif json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     else:
         print(format_status(result))
@@ -228,11 +274,14 @@ def status(*, json: bool = False, state_dir: str = "") -> None:
 @argh.arg("--port", help="the TCP port on loopback (and on the tailnet addresses)")
 @argh.arg("--tailnet", help="systemd: also listen on this host's Tailscale addresses (`tailscale ip`); launchd: listen on every address and serve only tailnet and loopback peers (--allow-from)")
 @argh.arg("--tailnet-address", action="append", metavar="ADDR", help="systemd: a Tailscale address to listen on; repeatable; implies --tailnet")
+@argh.arg("--at-boot", help="systemd --user: start the daemon with your user manager (at login, or at boot with lingering), not only on the first connection; --system units always do")
 def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = False,
                   system: bool = False, as_user: str | None = None, print_only: bool = False,
                   token_file: str | None = None, port: int = DEFAULT_PORT,
-                  tailnet: bool = False, tailnet_address: list[str] | None = None) -> None:
-    """Install service units that start the daemon on the first connection."""
+                  tailnet: bool = False, tailnet_address: list[str] | None = None,
+                  at_boot: bool = False) -> None:
+    """Install service units: --system ones start the daemon at boot, --user and launchd
+    ones on the first connection (or at login: --at-boot, launchd's RunAtLoad)."""
     from . import units
 
     if systemd == launchd:
@@ -243,11 +292,13 @@ def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = 
                 usage_error("choose one of --user and --system")
             addresses = tailnet_address or (units.tailscale_addresses() if tailnet else [])
             plan = units.systemd_plan("system" if system else "user", user=as_user,
-                                      token_file=token_file, port=port, tailnet=addresses)
+                                      token_file=token_file, port=port, tailnet=addresses,
+                                      at_boot=at_boot)
             mkdirs = []
         else:
-            if user or system or as_user or tailnet_address:
-                usage_error("--user, --system, --as and --tailnet-address apply to --systemd")
+            if user or system or as_user or tailnet_address or at_boot:
+                usage_error("--user, --system, --as, --tailnet-address and --at-boot apply to "
+                            "--systemd (the launchd agent starts at login already)")
             plan = units.launchd_plan(token_file=token_file, port=port, tailnet=tailnet)
             mkdirs = units.launchd_dirs()
         if print_only:
@@ -266,7 +317,8 @@ def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = 
     print("next:\n" + "\n".join(f"    {step}" for step in plan.next_steps))
 
 
-@argh.arg("uri", help="cmux://HOST:PORT, HOST:PORT, [IPV6]:PORT or unix:///PATH")
+@argh.arg("uri", help=URI_HELP)
+@client_options
 @argh.arg("session", help="the PTY session to join (started with the shell, or --command, if absent)")
 @argh.arg("--command", help="command for a new session (default: the login shell)")
 def attach(uri: str, session: str, *, command: str = "", token_file: str | None = None,
@@ -275,6 +327,9 @@ def attach(uri: str, session: str, *, command: str = "", token_file: str | None 
     session running."""
     from .client import attach_terminal
 
+    if not os.isatty(0):
+        usage_error("attach needs a terminal on stdin (it puts it in raw mode); run it from "
+                    "an interactive shell, or use `connect --stdio` or `rpc` from scripts")
     sys.exit(_run_client(attach_terminal(uri, session, command,
                                          **_client_kwargs(token_file, relay_id, unix_auth))))
 
@@ -378,19 +433,65 @@ def usage_error(message: str) -> NoReturn:
     fail(message, EXIT_USAGE)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show a default only where the help text does not already say it, and only one that
+    means something (not None, False or an empty string)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("(default" in text or not action.option_strings or default in (None, False, "")
+                or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _keep_declared_option_names(parser: argparse.ArgumentParser) -> None:
+    """argh adds names of its own: a one-letter alias whenever an initial is unique in its
+    command (so -t meant --token-file in one command and --timeout in another), and the
+    parameter's name beside a declared one (--as-user beside --as). Keep the declared names."""
+    function = parser.get_default(argh.constants.DEST_FUNCTION)
+    declared = {name for spec in getattr(function, argh.constants.ATTR_ARGS, [])
+                for name in spec.cli_arg_names}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _keep_declared_option_names(sub)
+            continue
+        named = declared.intersection(action.option_strings)
+        for option in list(action.option_strings):
+            inferred = option not in declared and option != "-h"
+            if inferred and (len(option) == 2 or named):
+                action.option_strings.remove(option)
+                del parser._option_string_actions[option]
+
+
+def build_parser() -> argh.ArghParser:
+    """The whole command line; a missing command is a usage error (exit 2), as in argparse."""
+    parser = argh.ArghParser(prog="cmuxd-remote", description=DESCRIPTION,
+                             formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=__version__)
+    own = {"func_kwargs": {"formatter_class": HelpFormatter}}
+    parser.add_commands([version, serve, status, ping, rpc, connect, attach], **own)
+    for name, functions, text in [
+        ("token", [token_new], "manage the relay token"),
+        ("units", [units_install], "install systemd or launchd service units"),
+        ("fleet", [fleet_config, fleet_status], "cmux.json from your tailnet; check every host"),
+    ]:
+        parser.add_commands(functions, group_name=name, **own, group_kwargs={
+            "title": text, "description": f"cmuxd-remote {name} COMMAND --help for more",
+            "dest": "command", "metavar": "COMMAND", "required": True})
+    top = argh.assembling.get_subparsers(parser)
+    top.dest, top.metavar, top.required = "command", "COMMAND", True
+    _keep_declared_option_names(parser)
+    return parser
+
+
 def main() -> None:
     from .logs import setup_logging
 
     setup_logging()
-    parser = argh.ArghParser(prog="cmuxd-remote", description=__doc__)
-    parser.add_commands([version, serve, status, ping, rpc, connect, attach])
-    parser.add_commands([token_new], group_name="token",
-                        group_kwargs={"help": "manage the relay token"})
-    parser.add_commands([units_install], group_name="units",
-                        group_kwargs={"help": "install systemd or launchd service units"})
-    parser.add_commands([fleet_config, fleet_status], group_name="fleet",
-                        group_kwargs={"help": "cmux.json from your tailnet; check every host"})
-    parser.dispatch()
+    build_parser().dispatch()
 
 
 if __name__ == "__main__":

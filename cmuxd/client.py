@@ -27,6 +27,7 @@ from .auth import (
     AuthError,
     ClientHandshake,
     Credentials,
+    NoRelayIdError,
     client_credentials,
     short_hostname,
 )
@@ -175,11 +176,30 @@ def credentials_for(address: Address, token_file=None, relay_id=None) -> Credent
     except AuthError as exc:
         if relay_id is None and address.is_local and not os.environ.get("CMUX_RELAY_ID"):
             try:
-                return client_credentials(address.port or None, token_file,
-                                          short_hostname())
+                creds = client_credentials(address.port or None, token_file,
+                                           short_hostname())
+                return replace(creds, source=creds.source.replace(
+                    "relay id from --relay-id", "relay id from the host name (the daemon's "
+                    "default)"))
             except AuthError:
                 pass
+        if isinstance(exc, NoRelayIdError) and address.kind == "tcp" and not address.name \
+                and not _is_ip_literal(address.host):
+            from .fleet import fleet_path
+
+            raise ClientError(
+                f"{address.host} is not a host in {fleet_path()}, so nothing says which relay "
+                "id its daemon announces; add it there (`cmuxd-remote fleet config`), or pass "
+                "--relay-id (a daemon's default is its short host name)", EXIT_AUTH) from None
         raise ClientError(str(exc), EXIT_AUTH) from None
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class AsyncClient:

@@ -663,7 +663,8 @@ async def _serve(config: dict, lifeline: int | None) -> None:
         supervisor.setblocking(False)
 
         def heartbeat() -> None:
-            """Answer the supervisor's pings; its end closing means it is gone."""
+            """Answer the supervisor's pings with the session count (for its status); its end
+            closing means it is gone."""
             try:
                 data = supervisor.recv(4096)
             except (BlockingIOError, InterruptedError):
@@ -672,7 +673,8 @@ async def _serve(config: dict, lifeline: int | None) -> None:
                 data = b""
             if data:
                 try:
-                    supervisor.send(b"p")
+                    supervisor.send(orjson.dumps({"type": "pong", "sessions": len(hub.sessions)},
+                                                 option=orjson.OPT_APPEND_NEWLINE))
                 except OSError:
                     pass
                 return

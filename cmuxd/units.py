@@ -46,6 +46,7 @@ class SystemdUnits:
     tmp_binds: list[str] = field(default_factory=list)  # our own files under /tmp, /var/tmp
     tailnet: list[str] = field(default_factory=list)  # extra addresses (drop-in)
     serve_args: list[str] = field(default_factory=list)
+    at_boot: bool = False  # a user service starts with its manager; system ones always do
 
     def render(self) -> dict[str, str]:
         """{path relative to the unit directory: text}."""
@@ -65,8 +66,8 @@ class SystemdUnits:
         if self.system and self.user not in (None, "root"):
             owner = f"SocketUser={self.user}\n"
         return f"""\
-# cmux remote daemon: the sockets. systemd listens; the first connection starts
-# cmuxd.service, and connections that arrive while it restarts wait in the backlog.
+# cmux remote daemon: the sockets. systemd listens and holds them across restarts of
+# cmuxd.service: connections that arrive meanwhile wait in the backlog.
 [Unit]
 Description=cmux remote daemon sockets
 
@@ -93,10 +94,19 @@ WantedBy=sockets.target
         elif self.system:
             user = ("# User= the account whose shells the daemon serves (root without it):\n"
                     "# `cmuxd-remote units install --system --as USER` sets it.\n")
+        if self.system or self.at_boot:
+            target = "multi-user.target" if self.system else "default.target"
+            when = "at boot" if self.system else "with the user manager"
+            started = f"Started {when} ({target}) and by cmuxd.socket's first connection"
+            install = f"WantedBy={target}\nAlso=cmuxd.socket\n"
+        else:
+            started = "Started by cmuxd.socket's first connection"
+            install = "Also=cmuxd.socket\n"
         return f"""\
-# cmux remote daemon. Socket-activated by cmuxd.socket; reload (SIGHUP) starts new workers;
-# open connections stay on the old ones until they close or --graceful-timeout (30 s)
-# passes. A new token takes a restart: systemd copies LoadCredential= only at start.
+# cmux remote daemon. {started}.
+# Reload (SIGHUP) starts new workers; open connections stay on the old ones until they close
+# or --graceful-timeout (30 s) passes. A new token takes a restart: systemd copies
+# LoadCredential= only at start.
 [Unit]
 Description=cmux remote daemon
 Requires=cmuxd.socket
@@ -123,8 +133,7 @@ UMask=0077
 # `systemctl{"" if self.system else " --user"} edit cmuxd.service` where that gets in the way (README).
 {self.hardening()}
 [Install]
-Also=cmuxd.socket
-"""
+{install}"""
 
     def hardening(self) -> str:
         # These need no namespace: they work in a user manager without user namespaces too.
@@ -319,7 +328,11 @@ class Installed:
 
 
 def systemd_plan(mode: str, *, user: str | None = None, token_file: str | None = None,
-                 port: int = DEFAULT_PORT, tailnet: list[str] | None = None) -> Installed:
+                 port: int = DEFAULT_PORT, tailnet: list[str] | None = None,
+                 at_boot: bool = False) -> Installed:
+    """System units always start at boot (a fleet wants the daemon up, not only on demand);
+    user units only with `at_boot`, since a user manager runs only while its user is logged
+    in, unless lingering is on."""
     if mode not in ("user", "system"):
         raise UnitsError("choose --user (your own systemd instance) or --system")
     command = installed_command()
@@ -333,17 +346,24 @@ def systemd_plan(mode: str, *, user: str | None = None, token_file: str | None =
         homes = [account.pw_dir, pwd.getpwuid(os.getuid()).pw_dir]
         unit_dir = SYSTEM_UNIT_DIR
         token = Path(token_file) if token_file else SYSTEM_TOKEN_FILE
-        steps = ["systemctl daemon-reload", "systemctl enable --now cmuxd.socket"]
+        steps = ["systemctl daemon-reload", "systemctl enable --now cmuxd.socket cmuxd.service"]
     else:
         if user is not None:
             raise UnitsError("--as applies to --system units; a --user unit runs as you")
         homes = [str(Path.home())]
         unit_dir = config_home() / "systemd" / "user"
         token = Path(token_file) if token_file else default_token_path()
-        steps = ["systemctl --user daemon-reload", "systemctl --user enable --now cmuxd.socket"]
+        steps = ["systemctl --user daemon-reload"]
+        if at_boot:
+            steps += ["systemctl --user enable --now cmuxd.socket cmuxd.service",
+                      f"loginctl enable-linger {pwd.getpwuid(os.getuid()).pw_name}"
+                      "    # your manager starts at boot, not at login"]
+        else:
+            steps += ["systemctl --user enable --now cmuxd.socket"]
     units = SystemdUnits(mode, command, token.absolute(), user=user, port=port,
                          protect_home=protect_home_is_safe(command, homes),
-                         tmp_binds=paths_under_tmp(command), tailnet=list(tailnet or []))
+                         tmp_binds=paths_under_tmp(command), tailnet=list(tailnet or []),
+                         at_boot=at_boot)
     files: dict[Path, str | bytes] = {unit_dir / name: text
                                       for name, text in units.render().items()}
     return Installed(files, token.absolute(), False, steps)

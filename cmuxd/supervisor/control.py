@@ -26,7 +26,7 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self.listener = bind_unix(str(self.path))
+        self.listener = bind_unix(str(self.path), "the control socket")
         self.server = await asyncio.start_unix_server(self._serve, sock=self.listener.sock)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -127,6 +127,7 @@ class Supervisor:
             "counters": dict(self.counters),
             "generation": self.pool.generation,
             "connections": self.pool.total_load(),
+            "pty_sessions": self.pool.pty_sessions,
             "handshakes_in_flight": self.gate.in_flight,
         }
 

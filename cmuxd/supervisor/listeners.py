@@ -143,28 +143,29 @@ def _bind_tcp_one(family: int, sockaddr, spec: str, dual: bool = False) -> Liste
     return Listener(sock, "tcp", format_address(family, sock.getsockname()))
 
 
-def bind_unix(path_text: str) -> Listener:
+def bind_unix(path_text: str, label: str = "--socket") -> Listener:
     """Create the socket 0600 (its directory 0700 when we create it), replacing a stale file
-    only when nothing answers on it."""
+    only when nothing answers on it. `label` names the socket in errors as the user knows it:
+    the option that gave it, or what it is for."""
     path = Path(path_text).expanduser()
     if not path.is_absolute():
         path = Path.cwd() / path
     try:
-        return _bind_unix(path)
+        return _bind_unix(path, label)
     except OSError as exc:  # the directory cannot be made, the stale file removed, …
-        raise ListenerError(f"--socket {path}: {exc.strerror or exc}") from None
+        raise ListenerError(f"{label} {path}: {exc.strerror or exc}") from None
 
 
-def _bind_unix(path: Path) -> Listener:
+def _bind_unix(path: Path, label: str) -> Listener:
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True)
     if path.exists() or path.is_symlink():
         st = path.lstat()
         if not stat.S_ISSOCK(st.st_mode):
-            raise ListenerError(f"--socket {path}: the path exists and is not a socket")
+            raise ListenerError(f"{label} {path}: the path exists and is not a socket")
         if _answers(path):
             raise ListenerError(
-                f"--socket {path}: another daemon is listening there; stop it first"
+                f"{label} {path}: another daemon is listening there; stop it first"
             )
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

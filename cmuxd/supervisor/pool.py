@@ -76,7 +76,7 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.generation = 1
         self.stopping = False
-        self.exits = 0
+        self.pty_sessions = 0  # as of the hub's last heartbeat answer
         self.on_change = on_change or (lambda: None)
         self._crash_streak = 0
         self._respawn_after = 0.0
@@ -439,6 +439,7 @@ class WorkerPool:
             data = b""
         if data:
             self._hub_pong = time.monotonic()
+            self.pty_sessions = _session_count(data, self.pty_sessions)
         else:  # the hub is gone; the reaper notices and replaces it
             asyncio.get_running_loop().remove_reader(self._hub_lifeline.fileno())
 
@@ -512,6 +513,8 @@ class WorkerPool:
                       "it%s", self.hub.pid, _describe_exit(self.hub.returncode),
                       f" in {delay:.1f} s" if delay else "")
             self.hub = None
+            self.pty_sessions = 0
+            self.counters["hub_restarts"] += 1
             self._hub_respawn_at = now + delay
         if self.hub is None and now >= self._hub_respawn_at and not self.stopping:
             self.hub = self._spawn_hub()
@@ -532,7 +535,7 @@ class WorkerPool:
             if now < self._respawn_after:
                 continue
             worker.state = "gone"
-            self.exits += 1
+            self.counters["worker_restarts"] += 1
             lived = time.time() - worker.started
             self._crash_streak = self._crash_streak + 1 if lived < 5 else 0
             delay = respawn_delay(self._crash_streak)
@@ -569,6 +572,16 @@ class WorkerPool:
                 pass
             rows.append(row)
         return rows
+
+
+def _session_count(data: bytes, previous: int) -> int:
+    """The newest session count among the hub's heartbeat answers in `data`."""
+    for line in reversed(data.split(b"\n")):
+        try:
+            return int(orjson.loads(line)["sessions"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return previous
 
 
 def respawn_delay(streak: int) -> float:

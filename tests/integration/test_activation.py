@@ -107,7 +107,8 @@ def ping_ok(stream, id=1):
 @pytest.mark.parametrize("reader", ["systemd-python", "built-in"])
 def test_first_connection_starts_the_daemon_on_activated_tcp_and_unix(spawn, reader):
     if reader == "systemd-python" and not systemd_python_available():
-        pytest.skip("systemd-python is not installed (needs libsystemd-dev and pkg-config)")
+        pytest.skip("systemd-python is not installed; `apt-get install libsystemd-dev "
+                    "pkg-config` (as .ci/run does), then ./scripts/setup adds it")
     d = spawn(reader=reader)
     # Nothing runs yet: this connection waits in the backlog of the activated socket.
     stream = d.authed()

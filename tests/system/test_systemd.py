@@ -511,6 +511,9 @@ def test_units_install_user_serves_an_unprivileged_user(systemd):
     systemd.nsenter(*as_user, "systemctl", "--user", "daemon-reload", check=True)
     systemd.nsenter(*as_user, "systemctl", "--user", "enable", "--now", "cmuxd.socket",
                     check=True)
+    # Without --at-boot a user service waits for its first connection.
+    assert systemd.nsenter(*as_user, "systemctl", "--user", "is-active",
+                           "cmuxd.service").stdout.strip() == "inactive"
     token = systemd.path(f"/home/{TEST_USER}/.config/cmuxd/relay-token").read_text().strip()
     stream = systemd.authed(port=port, token=token, relay_id=os.uname().nodename.split(".")[0])
     ping_ok(stream)
@@ -545,8 +548,18 @@ def test_units_install_system_as_another_user(systemd):
     assert "wrote /etc/systemd/system/cmuxd.service" in installed
     token_file = systemd.path("/etc/cmuxd/relay-token")
     assert token_file.stat().st_uid == 0 and token_file.stat().st_mode & 0o777 == 0o600
-    systemd.systemctl("daemon-reload")  # /etc/systemd/system now overrides the test's units
-    systemd.systemctl("start", "cmuxd.socket")
+    # The next steps it prints (/etc/systemd/system then overrides the test's units): the
+    # service is enabled for boot and runs before any connection.
+    steps = installed.split("next:\n", 1)[1].split("\n")
+    assert [s.strip() for s in steps if s.strip()] == [
+        "systemctl daemon-reload", "systemctl enable --now cmuxd.socket cmuxd.service"]
+    systemd.systemctl("daemon-reload")
+    systemd.systemctl("enable", "--now", "cmuxd.socket", "cmuxd.service")
+    assert systemd.systemctl("is-enabled", "cmuxd.service").strip() == "enabled"
+    assert "multi-user.target" in systemd.show("WantedBy")
+    wait_for(lambda: systemd.show("SubState") == "running"
+             and "0 connections" in systemd.show("StatusText"), timeout=30, interval=0.1,
+             message="the enabled service to run with no connection yet")
     stream = systemd.authed(port=port, token=token_file.read_text().strip(),
                             relay_id=os.uname().nodename.split(".")[0])
     ping_ok(stream)

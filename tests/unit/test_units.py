@@ -204,7 +204,7 @@ def test_systemd_analyze_verify_passes(tmp_path, mode):
         print("systemd-analyze is not installed (apt: systemd); units not verified")
         pytest.skip("systemd-analyze is not installed (apt: systemd)")
     rendered = render(mode, user="root" if mode == "system" else None,
-                      tailnet=["100.64.1.2"])
+                      tailnet=["100.64.1.2"], at_boot=True)
     for name, text in rendered.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
@@ -263,3 +263,42 @@ def test_files_under_tmp_are_bound_back_into_the_private_tmp(tmp_path):
     text = units.SystemdUnits("system", [str(script)], Path("/etc/cmuxd/relay-token"),
                               tmp_binds=binds).render()["cmuxd.service"]
     assert "PrivateTmp=yes" in text and "BindReadOnlyPaths=/tmp/checkout-x" in text
+
+
+def install_section(text: str) -> list[str]:
+    return lines(text.split("[Install]", 1)[1])
+
+
+def test_system_service_starts_at_boot_and_user_service_on_demand():
+    assert install_section(render("system")["cmuxd.service"]) == [
+        "WantedBy=multi-user.target", "Also=cmuxd.socket"]
+    assert install_section(render("user")["cmuxd.service"]) == ["Also=cmuxd.socket"]
+    assert install_section(render("user", at_boot=True)["cmuxd.service"]) == [
+        "WantedBy=default.target", "Also=cmuxd.socket"]
+    # The socket is enabled either way: it holds the port across restarts.
+    for mode in ("user", "system"):
+        assert install_section(render(mode)["cmuxd.socket"]) == ["WantedBy=sockets.target"]
+
+
+def test_install_next_steps_enable_what_starts_at_boot(tmp_path):
+    system = cli("units", "install", "--systemd", "--system", "--as", "nobody", "--print",
+                 home=tmp_path)
+    assert system.returncode == 0, system.stderr
+    assert "WantedBy=multi-user.target" in system.stdout
+    on_demand = cli("units", "install", "--systemd", "--user", home=tmp_path)
+    assert on_demand.returncode == 0, on_demand.stderr
+    assert "systemctl --user enable --now cmuxd.socket\n" in on_demand.stdout
+    assert "linger" not in on_demand.stdout
+    at_boot = cli("units", "install", "--systemd", "--user", "--at-boot", home=tmp_path)
+    assert at_boot.returncode == 0, at_boot.stderr
+    assert "systemctl --user enable --now cmuxd.socket cmuxd.service" in at_boot.stdout
+    assert "loginctl enable-linger" in at_boot.stdout
+    service = tmp_path / ".config" / "systemd" / "user" / "cmuxd.service"
+    assert "WantedBy=default.target" in service.read_text()
+
+
+def test_at_boot_applies_to_systemd_only(tmp_path):
+    result = cli("units", "install", "--launchd", "--at-boot", "--print", home=tmp_path)
+    assert result.returncode == 2
+    assert "--at-boot apply to --systemd" in result.stderr
+    assert not any(tmp_path.iterdir())
