@@ -34,6 +34,7 @@ import struct
 import subprocess
 import tempfile
 import termios
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -162,10 +163,11 @@ class _Exit(asyncio.SubprocessProtocol):
 class Attachment:
     __slots__ = (
         "session", "id", "token", "peer", "cols", "rows", "seq_ack", "next_seq",
-        "acked", "behind", "slow", "attached",
+        "acked", "behind", "slow", "attached", "wants_exit_status",
     )
 
-    def __init__(self, session, attachment_id, token, peer, cols, rows, seq_ack):
+    def __init__(self, session, attachment_id, token, peer, cols, rows, seq_ack,
+                 wants_exit_status=False):
         self.session: PtySession = session
         self.id: str = attachment_id
         self.token: str = token
@@ -180,6 +182,8 @@ class Attachment:
         self.slow = False
         """Behind for longer than the stall timeout: no longer holds the PTY's reading back."""
         self.attached = True
+        self.wants_exit_status = wants_exit_status
+        """The client sent `ext_exit_status` (spec §6.8): its pty.exit may carry the status."""
 
     def event(self, name: str, **extra) -> dict:
         return {
@@ -195,15 +199,16 @@ class _AttachRequest:
     """One pty.attach on its way into a session."""
 
     __slots__ = ("peer", "attachment_id", "token", "cols", "rows", "seq_ack", "abandoned",
-                 "attachment", "replay")
+                 "attachment", "replay", "wants_exit_status")
 
-    def __init__(self, peer, attachment_id, token, cols, rows, seq_ack):
+    def __init__(self, peer, attachment_id, token, cols, rows, seq_ack, wants_exit_status):
         self.peer = peer
         self.attachment_id = attachment_id
         self.token = token
         self.cols = cols
         self.rows = rows
         self.seq_ack = seq_ack
+        self.wants_exit_status = wants_exit_status
         self.abandoned = False
         self.attachment: Attachment | None = None
         self.replay = 0
@@ -225,6 +230,12 @@ class PtySession:
         self.script: str | None = None
         self.started: asyncio.Task | None = None
         self.exited: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.exit_status: dict | None = None
+        """`{"code": n}` or `{"signal": n}` once the process has been reaped."""
+        self.command = ""
+        """What the session runs, for pty.list's `ext_command`."""
+        self.active_at = time.monotonic()
+        """Last input or output, for pty.list's `ext_idle_s`."""
         self.eof = False
         self.ended = False
         self.reading = False
@@ -241,6 +252,7 @@ class PtySession:
         loop = asyncio.get_running_loop()
         shell = resolve_shell(self.hub.shell)
         command = command.strip()
+        self.command = command or shell
         if not command:
             argv = [shell]
         elif len(command.encode("utf-8", "surrogatepass")) <= INLINE_COMMAND_MAX:
@@ -270,6 +282,9 @@ class PtySession:
         self.pid = self.transport.get_pid()
 
     def _process_exited(self) -> None:
+        code = self.transport.get_returncode() if self.transport is not None else None
+        if code is not None and self.exit_status is None:
+            self.exit_status = {"signal": -code} if code < 0 else {"code": code}
         if not self.exited.done():
             self.exited.set_result(None)
         if self.eof:
@@ -306,7 +321,7 @@ class PtySession:
         # else the start in progress owns the descriptors and calls release() itself.
         for att in list(self.attachments.values()):
             att.attached = False
-            hub._deliver_exit(att)
+            hub._deliver_exit(att, self.exit_status)
         self.attachments.clear()
 
     def release(self) -> None:
@@ -393,6 +408,7 @@ class PtySession:
         return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), eof
 
     def _record(self, data: bytes) -> None:
+        self.active_at = time.monotonic()
         ring = self.scrollback
         ring += data
         excess = len(ring) - self.hub.scrollback
@@ -440,6 +456,8 @@ class PtySession:
             raise RPCError(PTY_INPUT_QUEUE_FULL, MSG_QUEUE_FULL)
         if seq is not None:
             att.next_seq = seq + 1
+        if chunks:
+            self.active_at = time.monotonic()
         for chunk in chunks:
             self.input.append([memoryview(chunk), []])
         if seq is not None and att.seq_ack:
@@ -499,7 +517,7 @@ class PtySession:
             self.idle_timer.cancel()
             self.idle_timer = None
         att = Attachment(self, want.attachment_id, want.token, want.peer, want.cols, want.rows,
-                         want.seq_ack)
+                         want.seq_ack, want.wants_exit_status)
         self.attachments[att.id] = att
         self.sizes.set(att.id, att.cols, att.rows, persistent=True)
         self.apply_size()
@@ -550,9 +568,14 @@ class PtySession:
         self.signal(signal.SIGKILL)
         self.finish()
 
-    def snapshot(self) -> dict:
+    def snapshot(self, command: bool = False, idle: bool = False) -> dict:
+        """The pty.list entry; the `ext_` keys only for a client that asked for them."""
         entry = self.sizes.snapshot(self.id, ("cols", "rows", "persistent"))
         entry["scrollback_bytes"] = len(self.scrollback)
+        if command:
+            entry["ext_command"] = self.command
+        if idle:
+            entry["ext_idle_s"] = round(time.monotonic() - self.active_at, 1)
         return entry
 
 
@@ -684,9 +707,14 @@ class Hub:
         self._deliver_exit(att)
         return False
 
-    def _deliver_exit(self, att: Attachment) -> None:
+    def _deliver_exit(self, att: Attachment, exit_status: dict | None = None) -> None:
+        """pty.exit; `exit_status` when the process ended, for a client that asked for it."""
         deliver = self.peers.get(att.peer)
-        if deliver is not None:
+        if deliver is None:
+            return
+        if exit_status is not None and att.wants_exit_status:
+            deliver(att.event("pty.exit", ext_exit_status=exit_status))
+        else:
             deliver(att.event("pty.exit"))
 
     def _ack(self, att: Attachment, seq: int) -> None:
@@ -705,7 +733,8 @@ class Hub:
 
     async def attach(self, peer: int, session_id: str, attachment_id: str, token: str,
                      cols: int, rows: int, command: str | None, require_existing: bool,
-                     input_seq_ack: bool, reserved: Callable[[], None] | None = None) -> dict:
+                     input_seq_ack: bool, wants_exit_status: bool = False,
+                     reserved: Callable[[], None] | None = None) -> dict:
         """Attach, starting the session's process first if needed.
 
         `reserved()` is called once the session exists in the hub (found, or created and
@@ -719,7 +748,8 @@ class Hub:
         if not self.supported():
             raise RPCError(UNAVAILABLE, MSG_NO_HUB)
         cols, rows = _clamp(cols), _clamp(rows)
-        want = _AttachRequest(peer, attachment_id, token, cols, rows, input_seq_ack)
+        want = _AttachRequest(peer, attachment_id, token, cols, rows, input_seq_ack,
+                              wants_exit_status)
         session = self.sessions.get(session_id)
         starter = session is None
         if starter:
@@ -846,9 +876,9 @@ class Hub:
         session.kill()
         return {"session_id": session_id, "closed": True}
 
-    def list(self) -> dict:
+    def list(self, command: bool = False, idle: bool = False) -> dict:
         sessions = sorted(self.sessions.values(), key=lambda s: s.id.encode("utf-8", "surrogatepass"))
-        return {"sessions": [s.snapshot() for s in sessions if s.pid is not None]}
+        return {"sessions": [s.snapshot(command, idle) for s in sessions if s.pid is not None]}
 
     async def shutdown(self) -> None:
         """Stop every session: SIGHUP, then SIGKILL whatever outlived the grace period."""

@@ -358,9 +358,11 @@ class RemoteHub:
                     "n": frames})
 
     async def attach(self, peer, session_id, attachment_id, token, cols, rows, command,
-                     require_existing, input_seq_ack, reserved=None) -> dict:
+                     require_existing, input_seq_ack, wants_exit_status=False,
+                     reserved=None) -> dict:
         return await self._call("attach", peer, session_id, attachment_id, token, cols, rows,
-                                command, require_existing, input_seq_ack, reserved=reserved)
+                                command, require_existing, input_seq_ack, wants_exit_status,
+                                reserved=reserved)
 
     async def cancel(self, peer, session_id, attachment_id, token) -> None:
         await self._call("cancel", peer, session_id, attachment_id, token)
@@ -385,8 +387,8 @@ class RemoteHub:
     def close(self, session_id):
         return self._call("close", session_id)
 
-    def list(self):
-        return self._call("list")
+    def list(self, command: bool = False, idle: bool = False):
+        return self._call("list", command, idle)
 
 
 async def _serve(config: dict, lifeline: int | None) -> None:

@@ -201,11 +201,12 @@ def pty_attach(ctx, req):
         raise RPCError(INVALID_REQUEST, MSG_DUPLICATE_ATTACH)
     conn.inflight.append(entry)
     return _attach(ctx, conn, entry, params.get("command"), param_bool(params, "require_existing"),
-                   param_bool(params, "input_seq_ack"), cols, rows)
+                   param_bool(params, "input_seq_ack"), param_bool(params, "ext_exit_status"),
+                   cols, rows)
 
 
 async def _attach(ctx, conn: PtyConnection, entry: _InflightAttach, command, require_existing,
-                  input_seq_ack, cols, rows):
+                  input_seq_ack, wants_exit_status, cols, rows):
     """Run the hub's attach beside the connection, so that the connection can read on as
     soon as the session is reserved, whichever task (or link) reports the reservation."""
     loop = asyncio.get_running_loop()
@@ -218,7 +219,7 @@ async def _attach(ctx, conn: PtyConnection, entry: _InflightAttach, command, req
     call = entry.call = loop.create_task(conn.hub.attach(
         conn.peer, entry.session_id, entry.attachment_id, entry.token, cols, rows,
         command if type(command) is str else "", require_existing, input_seq_ack,
-        reserved=on_reserved,
+        wants_exit_status, reserved=on_reserved,
     ))
     try:
         await asyncio.wait((reserved, call), return_when=asyncio.FIRST_COMPLETED)
@@ -373,9 +374,11 @@ def pty_close(ctx, req) -> dict:
 
 
 def pty_list(ctx, req) -> dict:
+    """A client that sends `ext_command: true` or `ext_idle_s: true` (spec §6.8) gets those
+    keys on each entry; an upstream client, which sends neither, gets the spec's entries."""
     if ctx.hub is None:
         return {"sessions": []}
-    return ctx.hub.list()
+    return ctx.hub.list(param_bool(req.params, "ext_command"), param_bool(req.params, "ext_idle_s"))
 
 
 METHODS = {
