@@ -396,7 +396,7 @@ def _with_progress(start):
         sys.stderr.flush()
 
 
-@argh.arg("hosts", nargs="*", metavar="HOST", help="addresses or hosts of cmux.json (default: every host of cmux.json)")
+@argh.arg("hosts", nargs="*", metavar="HOST", help="addresses or hosts of cmux.json; with none, every host of cmux.json")
 @argh.arg("--timeout", help="seconds each host gets to connect, authenticate and answer")
 @argh.arg("--json", help="print the sessions of each host as JSON")
 @argh.arg("--remote-command", help=REMOTE_COMMAND_HELP)
