@@ -29,13 +29,14 @@ from .config import DEFAULT_PORT, Config
 log = logging.getLogger("cmuxd")
 
 DESCRIPTION = """\
-The cmux remote daemon (serve) and its clients (ping, rpc, connect, attach, status, fleet).
+The cmux remote daemon (serve) and its clients (ping, rpc, connect, attach, sessions, kill,
+status, fleet).
 
 Exit codes of the client commands: 0 success, 1 the daemon answered with an error,
 2 usage, 3 unreachable (refused, unknown host, closed), 4 authentication, 5 timeout."""
 
 URI_HELP = ("cmux://HOST:PORT, HOST:PORT, [IPV6]:PORT (port 5555 when omitted), unix:///PATH, "
-            "or a host name from cmux.json")
+            "ssh://[USER@]HOST[:PORT], or a host name from cmux.json")
 
 
 def client_options(func):
@@ -150,8 +151,13 @@ def token_new(path: str | None, *, force: bool = False, if_missing: bool = False
         fail(str(exc))
 
 
-def _client_kwargs(token_file, relay_id, unix_auth):
-    return {"token_file": token_file, "relay_id": relay_id, "unix_auth": unix_auth}
+def _client_kwargs(token_file, relay_id, unix_auth, remote_command):
+    return {"token_file": token_file, "relay_id": relay_id, "unix_auth": unix_auth,
+            "remote_command": remote_command}
+
+
+REMOTE_COMMAND_HELP = ("ssh:// only: the far side's cmuxd-remote, when a non-interactive shell "
+                       "there does not find it on PATH (default: cmuxd-remote)")
 
 
 def _run_client(coro) -> int:
@@ -169,18 +175,21 @@ def _run_client(coro) -> int:
 
 @argh.arg("uri", help=URI_HELP)
 @client_options
+@argh.arg("--remote-command", help=REMOTE_COMMAND_HELP)
 @argh.arg("-c", "--count", help="pings to send")
 @argh.arg("-i", "--interval", help="seconds between pings")
 def ping(uri: str, *, count: int = 4, interval: float = 0.2, token_file: str | None = None,
-         relay_id: str | None = None, unix_auth: bool = False) -> None:
+         relay_id: str | None = None, unix_auth: bool = False,
+         remote_command: str | None = None) -> None:
     """Ping a daemon and print round-trip times like ping(8)."""
 
     def report(seq: int, rtt: float) -> None:
         print(f"pong from {uri}: seq={seq} time={rtt:.3f} ms", flush=True)
 
     async def go() -> int:
-        connect_ms, rtts = await ping_series(uri, count, interval, report,
-                                             **_client_kwargs(token_file, relay_id, unix_auth))
+        connect_ms, rtts = await ping_series(
+            uri, count, interval, report,
+            **_client_kwargs(token_file, relay_id, unix_auth, remote_command))
         print(f"--- {uri} ping statistics ---")
         print(f"connect+auth {connect_ms:.3f} ms, {count} sent, {len(rtts)} received")
         if rtts:
@@ -192,11 +201,13 @@ def ping(uri: str, *, count: int = 4, interval: float = 0.2, token_file: str | N
 
 @argh.arg("uri", help=URI_HELP)
 @client_options
+@argh.arg("--remote-command", help=REMOTE_COMMAND_HELP)
 @argh.arg("method", help="e.g. hello, ping, session.open")
 @argh.arg("params", nargs="?", default=None, help="JSON object of parameters (default: none)")
 @argh.arg("--timeout", help="seconds the whole call may take: connect, handshake and answer")
 def rpc(uri: str, method: str, params: str | None, *, token_file: str | None = None,
-        relay_id: str | None = None, unix_auth: bool = False, timeout: float = 30.0) -> None:
+        relay_id: str | None = None, unix_auth: bool = False, timeout: float = 30.0,
+        remote_command: str | None = None) -> None:
     """Call one method and print its result as JSON."""
     try:
         parsed = orjson.loads(params) if params else {}
@@ -211,7 +222,7 @@ def rpc(uri: str, method: str, params: str | None, *, token_file: str | None = N
         try:
             async with asyncio.timeout(timeout):
                 client = await AsyncClient.connect(
-                    uri, **_client_kwargs(token_file, relay_id, unix_auth))
+                    uri, **_client_kwargs(token_file, relay_id, unix_auth, remote_command))
                 try:
                     result = await client.rpc(method, parsed, timeout=None)
                 finally:
@@ -229,14 +240,17 @@ def rpc(uri: str, method: str, params: str | None, *, token_file: str | None = N
 
 @argh.arg("uri", help=URI_HELP)
 @client_options
+@argh.arg("--remote-command", help=REMOTE_COMMAND_HELP)
 @argh.arg("--stdio", help="bridge stdin/stdout to the daemon (the only mode)")
 def connect(uri: str, *, stdio: bool = False, token_file: str | None = None,
-            relay_id: str | None = None, unix_auth: bool = False) -> None:
+            relay_id: str | None = None, unix_auth: bool = False,
+            remote_command: str | None = None) -> None:
     """Authenticate, then carry stdin/stdout to the daemon: a drop-in for
     `ssh host cmuxd-remote serve --stdio`."""
     if not stdio:
         usage_error("connect needs --stdio (the stdin/stdout bridge)")
-    sys.exit(_run_client(bridge_stdio(uri, **_client_kwargs(token_file, relay_id, unix_auth))))
+    sys.exit(_run_client(bridge_stdio(
+        uri, **_client_kwargs(token_file, relay_id, unix_auth, remote_command))))
 
 
 @argh.arg("--json", help="print the raw status object")
@@ -319,10 +333,12 @@ def units_install(*, systemd: bool = False, launchd: bool = False, user: bool = 
 
 @argh.arg("uri", help=URI_HELP)
 @client_options
+@argh.arg("--remote-command", help=REMOTE_COMMAND_HELP)
 @argh.arg("session", help="the PTY session to join (started with the shell, or --command, if absent)")
 @argh.arg("--command", help="command for a new session (default: the login shell)")
 def attach(uri: str, session: str, *, command: str = "", token_file: str | None = None,
-           relay_id: str | None = None, unix_auth: bool = False) -> None:
+           relay_id: str | None = None, unix_auth: bool = False,
+           remote_command: str | None = None) -> None:
     """Attach this terminal to a PTY session interactively; Ctrl-] detaches and leaves the
     session running."""
     from .client import attach_terminal
@@ -331,7 +347,8 @@ def attach(uri: str, session: str, *, command: str = "", token_file: str | None 
         usage_error("attach needs a terminal on stdin (it puts it in raw mode); run it from "
                     "an interactive shell, or use `connect --stdio` or `rpc` from scripts")
     sys.exit(_run_client(attach_terminal(uri, session, command,
-                                         **_client_kwargs(token_file, relay_id, unix_auth))))
+                                         **_client_kwargs(token_file, relay_id, unix_auth,
+                                                         remote_command))))
 
 
 @argh.named("config")
@@ -381,7 +398,7 @@ def fleet_status(hosts: list[str], *, fleet: str | None = None,
     connections. Exits 3 when any host is not up."""
     from .client import EXIT_UNREACHABLE
     from .fleet import FleetError, load_fleet
-    from .fleet_status import check_fleet, format_table, progress_line
+    from .fleet_status import check_fleet, format_table
 
     try:
         loaded = load_fleet(fleet)
@@ -401,17 +418,7 @@ def fleet_status(hosts: list[str], *, fleet: str | None = None,
     if not chosen:
         print(f"cmuxd-remote: {loaded.path} lists no host", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    show_progress = sys.stderr.isatty()
-
-    def progress(done: int, total: int, waiting: list[str]) -> None:
-        width = max(20, (os.get_terminal_size(2).columns or 80) - 1)
-        sys.stderr.write("\r\x1b[K" + progress_line(done, total, waiting, width))
-        sys.stderr.flush()
-
-    reports = asyncio.run(check_fleet(chosen, timeout, progress if show_progress else None))
-    if show_progress:
-        sys.stderr.write("\r\x1b[K")
-        sys.stderr.flush()
+    reports = _with_progress(lambda progress: check_fleet(chosen, timeout, progress))
     if json:
         up = sum(r.up for r in reports)
         print(orjson.dumps({"hosts": [r.to_json() for r in reports], "up": up,
@@ -420,6 +427,118 @@ def fleet_status(hosts: list[str], *, fleet: str | None = None,
     else:
         print(format_table(reports))
     sys.exit(0 if all(r.up for r in reports) else EXIT_UNREACHABLE)
+
+
+def _with_progress(start):
+    """Run `start(progress)`, the coroutine of a check of many hosts, with a progress line on
+    stderr while it waits when stderr is a terminal; its result."""
+    from .fleet_status import progress_line
+
+    if not sys.stderr.isatty():
+        return asyncio.run(start(None))
+
+    def progress(done: int, total: int, waiting: list[str]) -> None:
+        width = max(20, (os.get_terminal_size(2).columns or 80) - 1)
+        sys.stderr.write("\r\x1b[K" + progress_line(done, total, waiting, width))
+        sys.stderr.flush()
+
+    try:
+        return asyncio.run(start(progress))
+    finally:
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+
+
+@argh.arg("hosts", nargs="*", metavar="HOST", help="addresses or hosts of cmux.json; with none, every host of cmux.json")
+@argh.arg("--timeout", help="seconds each host gets to connect, authenticate and answer")
+@argh.arg("--json", help="print the sessions of each host as JSON")
+@argh.arg("--remote-command", help=REMOTE_COMMAND_HELP)
+def sessions(hosts: list[str], *, timeout: float = 5.0, json: bool = False,
+             remote_command: str | None = None) -> None:
+    """List the PTY sessions of the hosts named, or of every host of cmux.json, all at once:
+    what each runs, its size, attachments, idle time and scrollback. Exits 3 when a host
+    did not answer."""
+    from functools import partial
+
+    from .client import EXIT_UNREACHABLE, fleet_address, parse_address
+    from .fleet import FleetError, load_fleet
+    from .fleet_sessions import Target, format_table, list_host
+    from .fleet_status import check_fleet
+
+    try:
+        if hosts:
+            targets = [Target(name, parse_address(name)) for name in hosts]
+        else:
+            loaded = load_fleet()
+            targets = [Target(h.name, fleet_address(h)) for h in loaded.hosts]
+            if not targets:
+                usage_error(f"{loaded.path} lists no host; name the hosts to ask")
+    except FleetError as exc:
+        usage_error(f"{exc}; or name the hosts to ask: `cmuxd-remote sessions HOST…`")
+    except ClientError as exc:
+        fail(str(exc), exc.exit_code)
+    check = partial(list_host, remote_command=remote_command)
+    reports = _with_progress(lambda progress: check_fleet(targets, timeout, progress, check))
+    if json:
+        print(orjson.dumps({"hosts": [r.to_json() for r in reports],
+                            "sessions": sum(len(r.sessions) for r in reports),
+                            "not_reached": sum(not r.up for r in reports)},
+                           option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_table(reports))
+    sys.exit(0 if all(r.up for r in reports) else EXIT_UNREACHABLE)
+
+
+@argh.arg("uri", help=URI_HELP)
+@client_options
+@argh.arg("session", help="the PTY session to end")
+@argh.arg("--yes", help="end it without asking")
+@argh.arg("--remote-command", help=REMOTE_COMMAND_HELP)
+def kill(uri: str, session: str, *, yes: bool = False, token_file: str | None = None,
+         relay_id: str | None = None, unix_auth: bool = False,
+         remote_command: str | None = None) -> None:
+    """End a PTY session: its processes are killed and every attachment ends. Asks first
+    (on a terminal) unless --yes."""
+    if not yes and not sys.stdin.isatty():
+        usage_error(f"not ending session {session!r} without asking, and there is no terminal "
+                    "to ask on; pass --yes to end it")
+
+    async def go() -> int:
+        client = await AsyncClient.connect(
+            uri, **_client_kwargs(token_file, relay_id, unix_auth, remote_command))
+        try:
+            if not yes and not await _confirm_kill(client, uri, session):
+                print(f"left session {session!r} on {uri} running", file=sys.stderr)
+                return EXIT_RPC_ERROR
+            await client.rpc("pty.close", {"session_id": session})
+        except RemoteError as exc:
+            if exc.code != "not_found":
+                raise
+            fail(f"there is no session {session!r} on {uri}; `cmuxd-remote sessions {uri}` "
+                 "lists them")
+        finally:
+            await client.close()
+        print(f"ended session {session!r} on {uri}", file=sys.stderr)
+        return 0
+
+    sys.exit(_run_client(go()))
+
+
+async def _confirm_kill(client, uri: str, session: str) -> bool:
+    """Say what is about to end and read y or n from the terminal."""
+    from .fleet_sessions import LIST_PARAMS, printable
+
+    listed = await client.rpc("pty.list", LIST_PARAMS)
+    entry = next((s for s in listed.get("sessions", []) if s.get("session_id") == session), None)
+    if entry is None:
+        raise RemoteError("not_found", "PTY session not found")
+    what = f"running {printable(entry['ext_command'])}, " if "ext_command" in entry else ""
+    attached = len(entry.get("attachments") or ())
+    sys.stderr.write(f"end session {printable(session)} on {printable(uri)} ({what}"
+                     f"{attached} attached)? [y/N] ")
+    sys.stderr.flush()
+    answer = await asyncio.to_thread(sys.stdin.readline)
+    return answer.strip().lower() in ("y", "yes")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -472,7 +591,8 @@ def build_parser() -> argh.ArghParser:
                              formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=__version__)
     own = {"func_kwargs": {"formatter_class": HelpFormatter}}
-    parser.add_commands([version, serve, status, ping, rpc, connect, attach], **own)
+    parser.add_commands([version, serve, status, ping, rpc, connect, attach, sessions, kill],
+                        **own)
     for name, functions, text in [
         ("token", [token_new], "manage the relay token"),
         ("units", [units_install], "install systemd or launchd service units"),

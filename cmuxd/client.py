@@ -1,9 +1,10 @@
 """The authenticated client: dial, handshake, then RPC; asyncio first, with a sync wrapper.
 
 Addresses: `cmux://host:port`, `host:port`, `[v6]:port`, `unix:///path` or a bare `/path`,
-or the name of a host in cmux.json (see cmuxd.fleet), which brings that host's credentials.
-Any other host name given without a port is looked up as a `_cmux._tcp` SRV record first
-(see cmuxd.srv), then dialed on port 5555.
+`ssh://[user@]host[:port]` (see cmuxd.ssh_transport), or the name of a host in cmux.json
+(see cmuxd.fleet), which brings that host's credentials. Any other host name given
+without a port is looked up as a `_cmux._tcp` SRV record first (see cmuxd.srv), then
+dialed on port 5555.
 TCP always runs the mutual relay handshake, so a server that cannot prove it holds the
 token is refused before any request is sent.
 """
@@ -34,6 +35,7 @@ from .auth import (
 from .config import DEFAULT_PORT
 from .peercred import peer_uid
 from .protocol import OVERSIZED, FrameDecoder
+from .ssh_transport import SshProcess
 
 DIAL_TIMEOUT = 2.0
 
@@ -64,10 +66,11 @@ class RemoteError(Exception):
 
 @dataclass(frozen=True)
 class Address:
-    kind: str  # "tcp" or "unix"
+    kind: str  # "tcp", "unix" or "ssh"
     host: str = ""
-    port: int = 0
+    port: int = 0  # for ssh, 0 leaves the port to the user's ssh config
     path: str = ""
+    user: str = ""  # ssh only
     # Set when the address came from cmux.json: the host's name there and its credentials.
     name: str = field(default="", compare=False)
     relay_id: str | None = field(default=None, compare=False)
@@ -79,6 +82,9 @@ class Address:
         if self.kind == "unix":
             return f"unix://{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.kind == "ssh":
+            user = f"{self.user}@" if self.user else ""
+            return f"ssh://{user}{host}" + (f":{self.port}" if self.port else "")
         return f"cmux://{host}:{self.port}"
 
     @property
@@ -100,8 +106,17 @@ def parse_address(text: str) -> Address:
         return Address("unix", path=path)
     if text.startswith("/") or text.startswith("~"):
         return Address("unix", path=os.path.expanduser(text))
+    ssh = text.startswith("ssh://")
     rest = text[len("cmux://"):] if text.startswith("cmux://") else text
-    rest = rest.rstrip("/")
+    rest = rest.removeprefix("ssh://").rstrip("/")
+    user = ""
+    if ssh:
+        user, at, rest = rest.rpartition("@")
+        if at and not user:
+            raise ClientError(f"{text!r}: no user before the @", EXIT_USAGE)
+        if "/" in rest:
+            raise ClientError(f"{text!r}: an ssh address is ssh://[user@]host[:port]",
+                              EXIT_USAGE)
     if rest.startswith("["):
         host, sep, tail = rest[1:].partition("]")
         if not sep:
@@ -115,16 +130,18 @@ def parse_address(text: str) -> Address:
         host, port_text = rest, ""
     if not host:
         raise ClientError(f"{text!r}: no host in the address", EXIT_USAGE)
-    if not port_text and ":" not in host:
+    if not port_text and ":" not in host and not ssh:
         entry = _fleet_entry(host)
         if entry is not None:
             return fleet_address(entry)
     try:
-        port = int(port_text) if port_text else DEFAULT_PORT
+        port = int(port_text) if port_text else (0 if ssh else DEFAULT_PORT)
     except ValueError:
         raise ClientError(f"{text!r}: the port must be a number", EXIT_USAGE) from None
-    if not 1 <= port <= 65535:
+    if not 1 <= port <= 65535 and not (ssh and not port_text):
         raise ClientError(f"{text!r}: the port must be between 1 and 65535", EXIT_USAGE)
+    if ssh:
+        return Address("ssh", host=host, port=port, user=user)
     return Address("tcp", host=host, port=port, srv=not port_text and _is_dns_name(host))
 
 
@@ -206,7 +223,7 @@ class AsyncClient:
     """One authenticated connection; requests are matched to responses by id, events queue."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 address: Address, leftover: bytes = b""):
+                 address: Address, leftover: bytes = b"", ssh: SshProcess | None = None):
         self.reader = reader
         self.writer = writer
         self.address = address
@@ -216,16 +233,22 @@ class AsyncClient:
         self._decoder = FrameDecoder()
         self._pump: asyncio.Task | None = None
         self._initial = leftover
+        self.ssh = ssh
         self.closed = False
 
     @classmethod
     async def connect(cls, target: str | Address, *, creds: Credentials | None = None,
                       token_file=None, relay_id=None, unix_auth: bool = False,
-                      first_request: bytes = b"", raw: bool = False) -> "AsyncClient":
+                      remote_command: str | None = None, first_request: bytes = b"",
+                      raw: bool = False) -> "AsyncClient":
         """Dial and authenticate. `first_request` may carry one request frame that is sent
         together with the auth line (it is only processed if the daemon accepts us). With
-        `raw`, no response pump starts: the caller reads `reader` itself."""
+        `raw`, no response pump starts: the caller reads `reader` itself. Over ssh,
+        `remote_command` is the far side's cmuxd-remote, and the connection is ready once the
+        far side answers `hello`, however long ssh takes to ask for a password."""
         address = target if isinstance(target, Address) else parse_address(target)
+        if address.kind == "ssh":
+            return await cls._connect_ssh(address, remote_command, first_request, raw)
         candidates = await _srv_candidates(address)
         needs_auth = address.kind == "tcp" or unix_auth
         if needs_auth and creds is None:
@@ -247,7 +270,30 @@ class AsyncClient:
             client._pump = asyncio.get_running_loop().create_task(client._read_loop())
         return client
 
+    @classmethod
+    async def _connect_ssh(cls, address: Address, remote_command: str | None,
+                           first_request: bytes, raw: bool) -> "AsyncClient":
+        try:
+            ssh = await SshProcess.start(address.host, address.user, address.port,
+                                         remote_command)
+        except FileNotFoundError:
+            raise ClientError(f"{address}: there is no ssh on PATH; install the OpenSSH "
+                              "client", EXIT_UNREACHABLE) from None
+        client = cls(ssh.process.stdout, ssh.process.stdin, address, ssh=ssh)
+        if first_request:
+            client.writer.write(first_request)
+        if raw:
+            return client
+        client._pump = asyncio.get_running_loop().create_task(client._read_loop())
+        try:
+            await client.rpc("hello", timeout=None)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
     async def _read_loop(self) -> None:
+        lost = f"{self.address}: the daemon closed the connection"
         try:
             if self._initial:
                 self._dispatch(self._decoder.feed(self._initial))
@@ -257,14 +303,20 @@ class AsyncClient:
                     self._dispatch(self._decoder.eof())
                     break
                 self._dispatch(self._decoder.feed(data))
+            if self.ssh is not None:
+                lost = f"{self.address}: {await self.ssh.why_closed()}"
         except OSError:
             pass
+        except orjson.JSONDecodeError:
+            lost = (f"{self.address}: the far side sent something that is not the cmux "
+                    "protocol; over ssh, make sure the remote shell's startup files print "
+                    "nothing")
+            self.writer.close()
         finally:
             self.closed = True
             for fut in self._waiting.values():
                 if not fut.done():
-                    fut.set_exception(ClientError(
-                        f"{self.address}: the daemon closed the connection", EXIT_UNREACHABLE))
+                    fut.set_exception(ClientError(lost, EXIT_UNREACHABLE))
             self._waiting.clear()
             self.events.put_nowait(None)
 
@@ -321,6 +373,8 @@ class AsyncClient:
             await self.writer.wait_closed()
         except OSError:
             pass
+        if self.ssh is not None:
+            await self.ssh.close()
 
 
 def _id_key(value: Any) -> Any:
@@ -519,7 +573,8 @@ async def attach_terminal(target: str | Address, session_id: str, command: str =
                           **kwargs) -> int:
     """Attach the local terminal to a PTY session: raw mode, keystrokes as id-less pty.write,
     window changes as pty.resize, output straight to stdout. Ctrl-] detaches (the session
-    keeps running); the session's end ends the command."""
+    keeps running) and returns 0; the session's end ends the command with the process's
+    exit code (128 + the signal for a process killed by one), as a shell would report it."""
     import base64
     import secrets
     import signal
@@ -532,11 +587,12 @@ async def attach_terminal(target: str | Address, session_id: str, command: str =
              "client_attachment_token": secrets.token_hex(16)}
     cols, rows = os.get_terminal_size(0) if os.isatty(0) else (0, 0)
     cols, rows = cols or 80, rows or 24  # a terminal with no size set reports 0x0
-    params = dict(ident, cols=cols, rows=rows)
+    params = dict(ident, cols=cols, rows=rows, ext_exit_status=True)
     if command:
         params["command"] = command
     saved = termios.tcgetattr(0) if os.isatty(0) else None
     done = loop.create_future()
+    ended_with: dict = {}
 
     def on_key() -> None:
         data = os.read(0, 65536)
@@ -568,6 +624,7 @@ async def attach_terminal(target: str | Address, session_id: str, command: str =
                 if name == "pty.data":
                     os.write(1, base64.b64decode(event["data_base64"]))
                 elif name == "pty.exit":
+                    ended_with.update(event.get("ext_exit_status") or {})
                     break
                 elif name == "pty.error":
                     os.write(2, f"\r\ncmuxd-remote: {event.get('message')}\r\n".encode())
@@ -584,5 +641,24 @@ async def attach_terminal(target: str | Address, session_id: str, command: str =
         if saved is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
         await client.close()
-    print(f"\r\n[{reason}: session {session_id}]", file=sys.stderr)
-    return 0
+    code, how = exit_code_of(ended_with) if reason == "ended" else (0, reason)
+    print(f"\r\n[{how}: session {session_id}]", file=sys.stderr)
+    return code
+
+
+def exit_code_of(status: dict) -> tuple[int, str]:
+    """A pty.exit's `ext_exit_status` as a shell reports it: the code, or 128 + the signal;
+    and the words for it. A session that ended with no status (closed, or the daemon's PTY
+    hub went away) counts as a success."""
+    import signal
+
+    number, code = status.get("signal"), status.get("code")
+    if type(number) is int and 0 < number < 128:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return 128 + number, f"killed by {name}"
+    if type(code) is int and 0 <= code <= 255:
+        return code, f"exited with {code}"
+    return 0, "ended"

@@ -10,7 +10,9 @@ where the daemon advertises it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from .client import EXIT_AUTH, EXIT_TIMEOUT, AsyncClient, ClientError, RemoteError, fleet_address
 from .fleet import FleetHost
@@ -61,33 +63,37 @@ async def check_host(host: FleetHost, timeout: float = DEFAULT_TIMEOUT) -> HostR
                 report.workers = figures.get("workers")
                 report.connections = figures.get("connections")
         report.state = "up"
-    except TimeoutError:
-        report.state = "timeout"
-        report.error = f"no answer within {timeout:g} s"
-    except ClientError as exc:
-        report.state = {EXIT_AUTH: "auth", EXIT_TIMEOUT: "timeout"}.get(exc.exit_code, "down")
-        report.error = str(exc).removeprefix(f"{address}: ")
-    except RemoteError as exc:
-        report.state = "error"
-        report.error = f"{exc.code}: {exc.message}"
-    except OSError as exc:
-        report.error = exc.strerror or str(exc)
+    except (TimeoutError, ClientError, RemoteError, OSError) as exc:
+        report.state, report.error = describe_failure(exc, address, timeout)
     finally:
         if client is not None:
             await client.close()
     return report
 
 
-async def check_fleet(hosts: list[FleetHost], timeout: float = DEFAULT_TIMEOUT,
-                      progress=None) -> list[HostReport]:
-    """Every host at once; `progress(done, total, waiting_names)` after each answer. Reports
-    come back in the order of `hosts`."""
+def describe_failure(exc: Exception, address, timeout: float) -> tuple[str, str]:
+    """The state (down, timeout, auth, error) and the reason of a host that did not answer."""
+    if isinstance(exc, TimeoutError):
+        return "timeout", f"no answer within {timeout:g} s"
+    if isinstance(exc, ClientError):
+        state = {EXIT_AUTH: "auth", EXIT_TIMEOUT: "timeout"}.get(exc.exit_code, "down")
+        return state, str(exc).removeprefix(f"{address}: ")
+    if isinstance(exc, RemoteError):
+        return "error", f"{exc.code}: {exc.message}"
+    return "down", exc.strerror or str(exc)
+
+
+async def check_fleet(hosts: list[Any], timeout: float = DEFAULT_TIMEOUT, progress=None,
+                      check: Callable[[Any, float], Awaitable[Any]] = check_host) -> list[Any]:
+    """`check(host, timeout)` for every host at once (anything with a `name`);
+    `progress(done, total, waiting_names)` after each answer. Reports come back in the order
+    of `hosts`."""
     waiting = {h.name for h in hosts}
     done = 0
 
-    async def one(host: FleetHost) -> HostReport:
+    async def one(host) -> Any:
         nonlocal done
-        report = await check_host(host, timeout)
+        report = await check(host, timeout)
         done += 1
         waiting.discard(host.name)
         if progress is not None:

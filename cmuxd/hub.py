@@ -286,6 +286,9 @@ class PtySession:
         self.pid = self.transport.get_pid()
 
     def _process_exited(self) -> None:
+        code = self.transport.get_returncode() if self.transport is not None else None
+        if code is not None and self.exit_status is None:
+            self.exit_status = {"signal": -code} if code < 0 else {"code": code}
         if not self.exited.done():
             self.exited.set_result(None)
         if self.eof:
@@ -327,7 +330,7 @@ class PtySession:
         # else the start in progress owns the descriptors and calls release() itself.
         for att in list(self.attachments.values()):
             att.attached = False
-            hub._deliver_exit(att)
+            hub._deliver_exit(att, self.exit_status)
         self.attachments.clear()
 
     def release(self) -> None:
@@ -457,6 +460,8 @@ class PtySession:
             raise RPCError(PTY_INPUT_QUEUE_FULL, MSG_QUEUE_FULL)
         if seq is not None:
             att.next_seq = seq + 1
+        if chunks:
+            self.ring.touch()
         ack = (att, seq) if seq is not None and att.seq_ack else None
         if not chunks and not self.input:
             self._written({ack[0]: ack[1]} if ack else {}, [fid] if fid else [])
@@ -783,9 +788,14 @@ class Hub:
         self._deliver_exit(att)
         return False
 
-    def _deliver_exit(self, att: Attachment) -> None:
+    def _deliver_exit(self, att: Attachment, exit_status: dict | None = None) -> None:
+        """pty.exit; `exit_status` when the process ended, for a client that asked for it."""
         deliver = self.peers.get(att.peer)
-        if deliver is not None:
+        if deliver is None:
+            return
+        if exit_status is not None and att.wants_exit_status:
+            deliver(att.event("pty.exit", ext_exit_status=exit_status))
+        else:
             deliver(att.event("pty.exit"))
 
     def _ack(self, att: Attachment, seq: int) -> None:

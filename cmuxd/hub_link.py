@@ -600,12 +600,14 @@ class RemoteHub:
                     "attachment_id": attachment_id, "token": token, "frames": frames})
 
     async def attach(self, peer, session_id, attachment_id, token, cols, rows, command,
-                     require_existing, input_seq_ack, reserved=None, resume_from=None) -> dict:
+                     require_existing, input_seq_ack, reserved=None, resume_from=None,
+                     wants_exit_status=False) -> dict:
         return await self._call("attach", {
             "peer": peer, "session_id": session_id, "attachment_id": attachment_id,
             "token": token, "cols": cols, "rows": rows, "command": command,
             "require_existing": require_existing, "input_seq_ack": input_seq_ack,
-            "resume_from": resume_from}, reserved=reserved)
+            "resume_from": resume_from, "wants_exit_status": wants_exit_status},
+            reserved=reserved)
 
     async def cancel(self, peer, session_id, attachment_id, token) -> None:
         await self._call("cancel", {"peer": peer, "session_id": session_id,
@@ -644,8 +646,8 @@ class RemoteHub:
     def close(self, session_id):
         return self._call("close", {"session_id": session_id})
 
-    def list(self, ext: bool = False):
-        return self._call("list", {"ext": ext})
+    def list(self, command: bool = False, idle: bool = False, offsets: bool = False):
+        return self._call("list", {"command": command, "idle": idle, "offsets": offsets})
 
 
 async def _serve(config: dict, lifeline: int | None) -> None:

@@ -130,6 +130,7 @@ class WorkerLease:
             except OSError as exc:
                 log.info("writing to PTY %s failed: %s", self.session_id, exc)
                 written = len(data)
+            self.ring.touch()
             if written == len(data):
                 if seq is not None:
                     att.next_seq = seq + 1

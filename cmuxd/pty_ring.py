@@ -7,7 +7,8 @@ absolute and 64-bit (byte N of a session's output is always byte N), and every r
 the id of its session's incarnation, so a client can resume exactly where it stopped and tell
 a session from a new one under the same name.
 
-Layout: a 64-byte header (magic, capacity, `start`, `head`, incarnation), then `capacity`
+Layout: a 64-byte header (magic, capacity, `start`, `head`, incarnation, the monotonic
+time of the last input or output), then `capacity`
 bytes of data; the byte at absolute offset N sits at N mod capacity. A writer publishes
 `start` (the oldest byte still valid once its write is done) before it copies and `head`
 after, so a writer killed half-way leaves a ring whose [start, head) is still intact: what it
@@ -20,11 +21,13 @@ import mmap
 import os
 import struct
 import tempfile
+import time
 
 MAGIC = b"CMUXRNG1"
 HEADER = 64
 _U64 = struct.Struct("<Q")
-_CAPACITY, _START, _HEAD, _INCARNATION = 8, 16, 24, 32
+_F64 = struct.Struct("<d")
+_CAPACITY, _START, _HEAD, _INCARNATION, _TOUCHED = 8, 16, 24, 32, 48
 INCARNATION_BYTES = 16
 
 
@@ -62,7 +65,9 @@ class Ring:
         mapping[0:8] = MAGIC
         _U64.pack_into(mapping, _CAPACITY, capacity)
         mapping[_INCARNATION:_INCARNATION + INCARNATION_BYTES] = incarnation
-        return cls(fd, mapping, capacity, incarnation.hex())
+        ring = cls(fd, mapping, capacity, incarnation.hex())
+        ring.touch()
+        return ring
 
     @classmethod
     def attach(cls, fd: int) -> "Ring":
@@ -95,9 +100,18 @@ class Ring:
     def __len__(self) -> int:
         return self.head - self.start
 
+    def touch(self) -> None:
+        """Input or output just now (whichever process saw it)."""
+        _F64.pack_into(self.map, _TOUCHED, time.monotonic())
+
+    @property
+    def touched(self) -> float:
+        return _F64.unpack_from(self.map, _TOUCHED)[0]
+
     def append(self, data: bytes) -> int:
         """Record output; returns the absolute offset of its first byte."""
         mapping, capacity = self.map, self.capacity
+        _F64.pack_into(mapping, _TOUCHED, time.monotonic())
         offset = _U64.unpack_from(mapping, _HEAD)[0]
         end = offset + len(data)
         if capacity == 0:

@@ -204,11 +204,12 @@ def pty_attach(ctx, req):
             raise RPCError(INVALID_PARAMS, "ext_resume_from must be a non-negative integer")
     conn.inflight.append(entry)
     return _attach(ctx, conn, entry, params.get("command"), param_bool(params, "require_existing"),
-                   param_bool(params, "input_seq_ack"), cols, rows, resume_from)
+                   param_bool(params, "input_seq_ack"), cols, rows, resume_from,
+                   param_bool(params, "ext_exit_status"))
 
 
 async def _attach(ctx, conn: PtyConnection, entry: _InflightAttach, command, require_existing,
-                  input_seq_ack, cols, rows, resume_from):
+                  input_seq_ack, cols, rows, resume_from, wants_exit_status):
     """Run the hub's attach beside the connection, so that the connection can read on as
     soon as the session is reserved, whichever task (or link) reports the reservation."""
     loop = asyncio.get_running_loop()
@@ -221,7 +222,7 @@ async def _attach(ctx, conn: PtyConnection, entry: _InflightAttach, command, req
     call = entry.call = loop.create_task(conn.hub.attach(
         conn.peer, entry.session_id, entry.attachment_id, entry.token, cols, rows,
         command if type(command) is str else "", require_existing, input_seq_ack,
-        reserved=on_reserved, resume_from=resume_from,
+        reserved=on_reserved, resume_from=resume_from, wants_exit_status=wants_exit_status,
     ))
     try:
         await asyncio.wait((reserved, call), return_when=asyncio.FIRST_COMPLETED)
@@ -371,9 +372,14 @@ def pty_close(ctx, req) -> dict:
 
 
 def pty_list(ctx, req) -> dict:
+    """A client that sends `ext_command`, `ext_idle_s` or `ext_incarnation` as true (spec
+    §6.8) gets those keys on each entry (`ext_incarnation` with `ext_offset`); an upstream
+    client, which sends none, gets the spec's entries."""
     if ctx.hub is None:
         return {"sessions": []}
-    return ctx.hub.list(ext=param_bool(req.params, "ext"))
+    params = req.params
+    return ctx.hub.list(param_bool(params, "ext_command"), param_bool(params, "ext_idle_s"),
+                        param_bool(params, "ext_incarnation"))
 
 
 METHODS = {

@@ -454,12 +454,15 @@ LogLevel INFO
         stderr = self.proc.stderr
 
         def drain() -> None:
-            for raw in stderr:
-                line = raw.decode(errors="replace").rstrip()
-                self.log.append(line)
-                del self.log[:-200]
-                if "Server listening" in line:
-                    listening.set()
+            try:
+                for raw in stderr:
+                    line = raw.decode(errors="replace").rstrip()
+                    self.log.append(line)
+                    del self.log[:-200]
+                    if "Server listening" in line:
+                        listening.set()
+            except (ValueError, OSError):
+                pass  # stop() closed the pipe under this read
 
         threading.Thread(target=drain, daemon=True).start()
         deadline = time.monotonic() + timeout
