@@ -32,6 +32,7 @@ import struct
 import subprocess
 import tempfile
 import termios
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -154,10 +155,11 @@ class _Exit(asyncio.SubprocessProtocol):
 class Attachment:
     __slots__ = (
         "session", "id", "token", "peer", "cols", "rows", "seq_ack", "next_seq",
-        "acked", "behind", "slow", "attached", "ext",
+        "acked", "behind", "slow", "attached", "ext", "wants_exit_status",
     )
 
-    def __init__(self, session, attachment_id, token, peer, cols, rows, seq_ack, ext):
+    def __init__(self, session, attachment_id, token, peer, cols, rows, seq_ack, ext,
+                 wants_exit_status=False):
         self.session: PtySession = session
         self.id: str = attachment_id
         self.token: str = token
@@ -174,6 +176,8 @@ class Attachment:
         self.attached = True
         self.ext: bool = ext
         """The client asked for absolute offsets (spec §6.8), so its events carry them."""
+        self.wants_exit_status = wants_exit_status
+        """The client sent `ext_exit_status` (spec §6.8): its pty.exit may carry the status."""
 
     def event(self, name: str, **extra) -> dict:
         return attachment_event(self.session.id, self.id, self.token, name, **extra)
@@ -186,9 +190,10 @@ class _AttachRequest:
     """One pty.attach on its way into a session."""
 
     __slots__ = ("peer", "attachment_id", "token", "cols", "rows", "seq_ack", "abandoned",
-                 "attachment", "replay", "resume_from")
+                 "attachment", "replay", "resume_from", "wants_exit_status")
 
-    def __init__(self, peer, attachment_id, token, cols, rows, seq_ack, resume_from):
+    def __init__(self, peer, attachment_id, token, cols, rows, seq_ack, resume_from,
+                 wants_exit_status):
         self.peer = peer
         self.attachment_id = attachment_id
         self.token = token
@@ -196,6 +201,7 @@ class _AttachRequest:
         self.rows = rows
         self.seq_ack = seq_ack
         self.resume_from: int | None = resume_from
+        self.wants_exit_status = wants_exit_status
         self.abandoned = False
         self.attachment: Attachment | None = None
         self.replay = 0
@@ -232,6 +238,9 @@ class PtySession:
         self.pins = 0
         """Calls that need the session back from a lease holder; none is lent meanwhile."""
         self.command = ""
+        """What the session runs, for pty.list's `ext_command`."""
+        self.exit_status: dict | None = None
+        """`{"code": n}` or `{"signal": n}` once the process has been reaped."""
         self.transport: asyncio.SubprocessTransport | None = None
         self.pid: int | None = None
         self.script: str | None = None
@@ -256,7 +265,7 @@ class PtySession:
         loop = asyncio.get_running_loop()
         shell = resolve_shell(self.hub.shell)
         command = command.strip()
-        self.command = command
+        self.command = command or shell
         if not command:
             argv = [shell]
         elif len(command.encode("utf-8", "surrogatepass")) <= INLINE_COMMAND_MAX:
@@ -541,7 +550,7 @@ class PtySession:
             self.idle_timer.cancel()
             self.idle_timer = None
         att = Attachment(self, want.attachment_id, want.token, want.peer, want.cols, want.rows,
-                         want.seq_ack, want.resume_from is not None)
+                         want.seq_ack, want.resume_from is not None, want.wants_exit_status)
         self.attachments[att.id] = att
         self.sizes.set(att.id, att.cols, att.rows, persistent=True)
         self.apply_size()
@@ -594,10 +603,16 @@ class PtySession:
         self.signal(signal.SIGKILL)
         self.finish()
 
-    def snapshot(self, ext: bool = False) -> dict:
+    def snapshot(self, command: bool = False, idle: bool = False,
+                 offsets: bool = False) -> dict:
+        """The pty.list entry; the `ext_` keys only for a client that asked for them."""
         entry = self.sizes.snapshot(self.id, ("cols", "rows", "persistent"))
         entry["scrollback_bytes"] = len(self.ring)
-        if ext:
+        if command:
+            entry["ext_command"] = self.command
+        if idle:
+            entry["ext_idle_s"] = round(time.monotonic() - self.ring.touched, 1)
+        if offsets:
             entry["ext_incarnation"] = self.incarnation
             entry["ext_offset"] = self.ring.head
         return entry
@@ -815,7 +830,7 @@ class Hub:
     async def attach(self, peer: int, session_id: str, attachment_id: str, token: str,
                      cols: int, rows: int, command: str | None, require_existing: bool,
                      input_seq_ack: bool, reserved: Callable[[], None] | None = None,
-                     resume_from: int | None = None) -> dict:
+                     resume_from: int | None = None, wants_exit_status: bool = False) -> dict:
         """Attach, starting the session's process first if needed.
 
         `reserved()` is called once the session exists in the hub (found, or created and
@@ -829,7 +844,8 @@ class Hub:
         if not self.supported():
             raise RPCError(UNAVAILABLE, MSG_NO_HUB)
         cols, rows = _clamp(cols), _clamp(rows)
-        want = _AttachRequest(peer, attachment_id, token, cols, rows, input_seq_ack, resume_from)
+        want = _AttachRequest(peer, attachment_id, token, cols, rows, input_seq_ack, resume_from,
+                              wants_exit_status)
         session = self.sessions.get(session_id)
         starter = session is None
         if starter:
@@ -962,9 +978,10 @@ class Hub:
         session.kill()
         return {"session_id": session_id, "closed": True}
 
-    def list(self, ext: bool = False) -> dict:
+    def list(self, command: bool = False, idle: bool = False, offsets: bool = False) -> dict:
         sessions = sorted(self.sessions.values(), key=lambda s: s.id.encode("utf-8", "surrogatepass"))
-        return {"sessions": [s.snapshot(ext) for s in sessions if s.pid is not None]}
+        return {"sessions": [s.snapshot(command, idle, offsets) for s in sessions
+                             if s.pid is not None]}
 
     async def shutdown(self) -> None:
         """Stop every session: SIGHUP, then SIGKILL whatever outlived the grace period."""
