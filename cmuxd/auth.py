@@ -38,6 +38,8 @@ VERSION = 1
 
 OK_REPLY = b'{"ok":true}\n'
 FAILURE_REPLY = b'{"ok":false}\n'
+BUSY_REPLY = b'{"ok":false,"ext_busy":true}\n'
+"""A capacity refusal, for an auth line that carries an `ext_` key of its own (§6.8)."""
 
 TOKEN_FILE_NAME = "relay-token"
 MIN_TOKEN_BYTES = 16
@@ -142,7 +144,7 @@ class ServerHandshake:
 
     __slots__ = (
         "_token", "relay_id", "nonce", "_expected", "_buf",
-        "state", "reply", "leftover", "mutual", "reason",
+        "state", "reply", "leftover", "mutual", "reason", "_busy",
     )
 
     def __init__(self, token: bytes, relay_id: str, nonce: str | None = None):
@@ -160,6 +162,7 @@ class ServerHandshake:
         self.leftover = b""
         self.mutual = False
         self.reason: str | None = None
+        self._busy = False
 
     def __repr__(self) -> str:
         return f"<ServerHandshake relay_id={self.relay_id!r} state={self.state}>"
@@ -201,8 +204,19 @@ class ServerHandshake:
         self.leftover = b""
         self._buf = bytearray()
 
+    def busy(self) -> None:
+        """The I/O layer has no room left for this handshake: its auth line, when it comes,
+        is refused for capacity without its MAC being checked, so the reply (`ext_busy` or
+        not) depends only on what the client announced and says nothing of its credentials."""
+        self._busy = True
+
     def _decide(self, line: bytes, rest: bytes) -> None:
         msg = _load_object(line)
+        if self._busy:
+            self.fail("capacity")
+            if msg is not None and any(type(k) is str and k.startswith("ext_") for k in msg):
+                self.reply = BUSY_REPLY
+            return
         if msg is None:
             return self.fail("bad_json")
         got_id = msg.get("relay_id")
@@ -233,8 +247,11 @@ _MISMATCH = "relay auth challenge mismatch: "
 _NOT_A_RELAY = "check that the address is a cmuxd TCP listener"
 ERROR_REFUSED = (
     "the relay refused the credentials; make sure the relay id and token are the ones the "
-    "daemon at this address was started with (if they are, it had too many handshakes in "
-    "flight: try again)"
+    "daemon at this address was started with"
+)
+ERROR_BUSY = (
+    "the daemon is busy: it has as many handshakes in flight as it takes (--max-handshakes), "
+    "perhaps because someone is flooding it; try again in a moment"
 )
 ERROR_NO_PROOF = (
     "the relay did not prove it holds the relay token; do not use this address until you "
@@ -339,6 +356,7 @@ class ClientHandshake:
         self.server_nonce = nonce
         self.to_send = orjson.dumps(
             {"client_nonce": self.client_nonce,
+             "ext_busy": True,  # §6.8: tell a capacity refusal from wrong credentials
              "mac": client_mac(self._token, self.relay_id, nonce),
              "relay_id": self.relay_id},
             option=orjson.OPT_APPEND_NEWLINE,
@@ -350,6 +368,10 @@ class ClientHandshake:
         if msg is None:
             return self._fail("the relay sent an unreadable reply to the auth line; " + _NOT_A_RELAY)
         if msg.get("ok") is not True:
+            if msg.get("ext_busy") is True:
+                self._fail(ERROR_BUSY)
+                self.state = "unavailable"
+                return
             return self._fail(ERROR_REFUSED)
         got = _decode_mac(msg.get("relay_mac"))
         want = bytes.fromhex(

@@ -57,6 +57,8 @@ class Config:
             self.state_dir = str(runtime_dir())
         if self.scrollback <= 0 or self.idle_ttl <= 0:
             raise ValueError("--scrollback and --idle-ttl must be positive")
+        if self.max_handshakes < 1:
+            raise ValueError("--max-handshakes must be at least 1")
         if self.unix_auth not in ("peer", "token"):
             raise ValueError("--unix-auth must be 'peer' or 'token'")
         if self.allow_from:

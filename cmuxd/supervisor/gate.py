@@ -2,14 +2,14 @@
 
 It is the only code that reads bytes from a connection before authentication, so every
 pre-auth limit lives here: the auth line size and deadline, the delayed failure reply,
-the cap on handshakes in flight, and the per-address back-off after repeated failures.
+the cap on handshakes in flight with each source's share of it, and the per-source
+back-off after repeated failures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import socket
@@ -19,7 +19,6 @@ from collections import Counter, OrderedDict
 
 from ..auth import (
     FAILURE_DELAY,
-    FAILURE_REPLY,
     MAX_AUTH_LINE,
     PREAUTH_TIMEOUT,
     Credentials,
@@ -28,6 +27,7 @@ from ..auth import (
 from ..peercred import peer_uid
 from .listeners import Listener, format_address
 from .pool import NoWorkerError
+from .sources import LOOPBACK, HandshakeTable, source_key
 
 log = logging.getLogger("cmuxd.supervisor")
 
@@ -41,26 +41,32 @@ NO_WORKER_REPLY = (
 
 
 class Backoff:
-    """Per-address failure counts; an address past the threshold is refused at accept for a
-    period that doubles on each further offence, so a flood from one host costs an accept
-    and a close, not a handshake. Loopback is never counted: every local user shares it, so
-    one of them could lock all the others out; the cap on handshakes in flight still bounds
-    what a local flood costs."""
+    """Failure counts per source (`sources.source_key`); a source past the threshold is
+    refused at accept for a period that doubles on each further offence, so a flood from one
+    host costs an accept and a close, not a handshake. Loopback is never counted: every
+    local user shares it, so one of them could lock all the others out; its share of the
+    handshake table still bounds what a local flood costs.
+
+    Sources that were blocked live in a table of their own, so a churn of sources that
+    merely failed (one failure each from many addresses) cannot push a blocked one out and
+    reset its period."""
 
     def __init__(self, threshold: int, window: float, ceiling: float):
         self.threshold = threshold
         self.window = window
         self.ceiling = ceiling
-        self.table: OrderedDict[str, list] = OrderedDict()  # addr -> [count, first, until, period]
+        # source -> [count, first, until, period], least recently failed first
+        self.counting: OrderedDict[str, list] = OrderedDict()  # never blocked
+        self.punished: OrderedDict[str, list] = OrderedDict()  # blocked at least once
 
-    def blocked(self, addr: str, now: float) -> bool:
-        entry = self.table.get(addr)
+    def blocked(self, key: str, now: float) -> bool:
+        entry = self.punished.get(key)
         return entry is not None and entry[2] > now
 
-    def failure(self, addr: str, now: float) -> None:
-        if _is_loopback(addr):
+    def failure(self, key: str, now: float) -> None:
+        if key == LOOPBACK:
             return
-        entry = self.table.get(addr)
+        entry = self.punished.get(key) or self.counting.get(key)
         if entry is None or now - entry[1] > max(self.window, entry[3] * 2):
             entry = [0, now, 0.0, entry[3] if entry else 0.0]
         entry[0] += 1
@@ -69,28 +75,36 @@ class Backoff:
             entry[2] = now + entry[3]
             entry[0] = 0
             entry[1] = now
-        self.table[addr] = entry
-        self.table.move_to_end(addr)
-        while len(self.table) > BACKOFF_TABLE_MAX:
-            self.table.popitem(last=False)
+        if entry[3]:
+            self.counting.pop(key, None)
+            table = self.punished
+        else:
+            table = self.counting
+        table[key] = entry
+        table.move_to_end(key)
+        if len(table) > BACKOFF_TABLE_MAX:
+            table.popitem(last=False)
 
-    def success(self, addr: str) -> None:
-        self.table.pop(addr, None)
+    def success(self, key: str) -> None:
+        self.counting.pop(key, None)
+        self.punished.pop(key, None)
 
 
 class _Pending:
     """One connection between accept and the handshake's end."""
 
-    __slots__ = ("conn", "fd", "hs", "peer", "host", "started", "timer")
+    __slots__ = ("conn", "fd", "hs", "peer", "host", "source", "started", "active", "timer")
 
     def __init__(self, conn: socket.socket, hs: ServerHandshake, peer: str, host: str | None,
-                 started: float):
+                 source: str, started: float):
         self.conn = conn
         self.fd = conn.fileno()
         self.hs = hs
         self.peer = peer
         self.host = host
+        self.source = source
         self.started = started
+        self.active = started
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -106,6 +120,10 @@ class Gate:
         self.backoff = Backoff(config.backoff_failures, config.backoff_window, config.backoff_max)
         self.backlog_drained: set[int] = set()  # listener fds accepted down to EAGAIN once
         self.pending: dict[int, _Pending] = {}  # fd -> handshake waiting for its auth line
+        self.table = HandshakeTable(config.max_handshakes)  # the pending that hold a slot
+        # fd -> pending that lost its slot to a newcomer, oldest first: it gets its capacity
+        # refusal when its auth line shows whether it understands `ext_busy`.
+        self.evicted: OrderedDict[int, _Pending] = OrderedDict()
         self._deadline: asyncio.TimerHandle | None = None  # for the oldest entry of `pending`
         self.failing: dict[int, _Pending] = {}  # fd -> refused, waiting out FAILURE_DELAY
         self.next_id = 0
@@ -135,6 +153,8 @@ class Gate:
             self._settle(pending)
             pending.conn.close()
         self.pending.clear()
+        self.table = HandshakeTable(self.config.max_handshakes)
+        self.evicted.clear()
         self.failing.clear()
         self.in_flight = 0
 
@@ -193,7 +213,7 @@ class Gate:
         peer = f"uid {uid}"
         if self.config.unix_auth == "token":
             if self._admit(conn):
-                self._start_handshake(conn, peer, None)
+                self._start_handshake(conn, peer, None, peer)
         elif uid in (self.uid, 0):
             if self._admit(conn):
                 self.counters["authenticated"] += 1
@@ -211,12 +231,13 @@ class Gate:
             self._refuse("not_allowed")
             conn.close()
             return
-        if self.backoff.blocked(host, time.monotonic()):
+        source = source_key(host)
+        if self.backoff.blocked(source, time.monotonic()):
             self._refuse("backoff")
             conn.close()
             return
         if self._admit(conn):
-            self._start_handshake(conn, peer, host)
+            self._start_handshake(conn, peer, host, source)
 
     def _admit(self, conn: socket.socket) -> bool:
         """Refuse, with a one-line reason, a connection there is no room for. Only peers that
@@ -234,9 +255,12 @@ class Gate:
             return False
         return True
 
-    def _start_handshake(self, conn: socket.socket, peer: str, host: str | None) -> None:
+    def _start_handshake(self, conn: socket.socket, peer: str, host: str | None,
+                         source: str) -> None:
         """Challenge now; the rest runs from the loop's callbacks (data, deadline), with no
-        task per connection: the gate's cost per connection is what bounds the accept rate."""
+        task per connection: the gate's cost per connection is what bounds the accept rate.
+        A full table never turns the newcomer away: an idle flood would then lock everyone
+        out. The table drops the handshake idle longest of the source holding the most."""
         if self.creds is None:
             self._refuse("no_token")
             conn.close()
@@ -244,20 +268,28 @@ class Gate:
         loop = asyncio.get_running_loop()
         self.in_flight += 1
         hs = ServerHandshake(self.creds.token, self.creds.relay_id)
-        pending = _Pending(conn, hs, peer, host, loop.time())
+        pending = _Pending(conn, hs, peer, host, source, loop.time())
         try:
             conn.send(hs.challenge())
         except OSError:
             self._fail(pending, "io")
             return
-        pending.started = loop.time()  # the failure delay counts from the challenge sent
-        if self.in_flight > self.config.max_handshakes:
-            self._fail(pending, "capacity")
-            return
+        pending.started = pending.active = loop.time()  # the failure delay counts from here
         loop.add_reader(pending.fd, self._readable, pending)
         self.pending[pending.fd] = pending
         if self._deadline is None:
             self._deadline = loop.call_at(pending.started + PREAUTH_TIMEOUT, self._expire)
+        dropped = self.table.add(pending)
+        if dropped is not None:
+            self._evict(dropped)
+
+    def _evict(self, pending: "_Pending") -> None:
+        """`pending` lost its slot: it stays only to learn from its auth line whether its
+        refusal may say `ext_busy`, and the evicted are capped too, oldest out first."""
+        pending.hs.busy()
+        self.evicted[pending.fd] = pending
+        if len(self.evicted) > self.config.max_handshakes:
+            self._fail(next(iter(self.evicted.values())), "capacity")
 
     def _expire(self) -> None:
         """Fail the handshakes past the pre-auth deadline. `pending` is in the order the
@@ -286,6 +318,8 @@ class Gate:
         else:
             hs.eof()
         if hs.state == "waiting":
+            if pending.fd not in self.evicted:
+                self.table.heard(pending, asyncio.get_running_loop().time())
             return
         if hs.state != "accepted":
             self._fail(pending, hs.reason or "refused")
@@ -301,7 +335,7 @@ class Gate:
             return
         self.counters["authenticated"] += 1
         if pending.host is not None:
-            self.backoff.success(pending.host)
+            self.backoff.success(pending.source)
         self._hand_off(conn, "unix" if pending.host is None else "tcp", pending.peer,
                        hs.leftover)
 
@@ -309,13 +343,19 @@ class Gate:
         """The handshake is decided: stop watching the socket (and a refusal's delay)."""
         if self.pending.pop(pending.fd, None) is not None:
             asyncio.get_running_loop().remove_reader(pending.fd)
+            if self.evicted.pop(pending.fd, None) is None:
+                self.table.remove(pending)
         if pending.timer is not None:
             pending.timer.cancel()
 
     def _fail(self, pending: "_Pending", reason: str) -> None:
+        if pending.fd in self.evicted:
+            reason = "capacity"
+        if pending.hs.state == "waiting":
+            pending.hs.fail(reason)
         self._settle(pending)
         if pending.host is not None and reason != "capacity":  # our limit, not the peer's
-            self.backoff.failure(pending.host, time.monotonic())
+            self.backoff.failure(pending.source, time.monotonic())
         self._refuse(reason)
         loop = asyncio.get_running_loop()
         pending.timer = loop.call_at(pending.started + FAILURE_DELAY, self._send_failure,
@@ -325,7 +365,7 @@ class Gate:
     def _send_failure(self, pending: "_Pending") -> None:
         self.failing.pop(pending.fd, None)
         self.in_flight -= 1
-        _send_and_close(pending.conn, FAILURE_REPLY)
+        _send_and_close(pending.conn, pending.hs.reply)
 
     def _hand_off(self, conn: socket.socket, kind: str, peer: str, leftover: bytes) -> None:
         self.next_id += 1
@@ -358,14 +398,6 @@ class Gate:
         log.warning("refused %d connection(s) in the last %.0f s (%s)", total,
                     REFUSAL_LOG_INTERVAL, detail)
         self._refusals.clear()
-
-
-def _is_loopback(addr: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    except ValueError:
-        return False
-    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 def _tune_tcp(conn: socket.socket) -> None:

@@ -1,7 +1,7 @@
 """Benchmarks of cmuxd-remote: scripts that print figures, never timed assertions.
 
     scripts/bench                       # every section (about a minute)
-    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty (comma separated)
+    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty, flood (comma separated)
     scripts/bench --only stdio --runs 15 --pings 50000
     scripts/bench --only ssh --connects 50
     scripts/bench --only tcp --auth-client python
@@ -31,7 +31,14 @@ Sections
   next to the same through `ssh -tt` to the private OpenSSH server, both echoed by `cat` on a
   raw terminal; and the output throughput of `cat` of a 64 MiB file to one attachment.
 
-The idle and pty sections always start their own daemon (they read its processes' memory
+* flood: the auth latency of good clients (connect + handshake, one after another) without
+  an attack, then while one source (loopback) holds 1,000 idle pre-auth connections and
+  opens a new one for each the daemon drops (tests/idle_flood.py): from loopback, and, as
+  root with `ip netns`, from a network namespace over a 200 ms round trip made by a
+  delaying forwarder in it (tests/delay_proxy.py; no tc netem needed). The namespace's
+  address is the one exception to loopback only: a veth pair of this host's own.
+
+The idle, pty and flood sections always start their own daemon (they read its processes' memory
 and CPU), also when --tcp-addr names one for the tcp section.
 
 Every process a section starts (daemons, sshd, ssh clients and what they spawned) is ended
@@ -1214,6 +1221,89 @@ def idle_section(args, procs: Processes, results: dict) -> None:
           f"ping p99 under 2 ms: {_met(pct(rtts, 99) < 2e-3)} ({ms(pct(rtts, 99))})")
 
 
+TESTS_DIR = Path(__file__).resolve().parent.parent
+
+
+def _good_clients(procs: Processes, prefix: list[str], host: str, port: int, count: int,
+                  ) -> list[float]:
+    with piped_process(procs, prefix + [sys.executable, str(TESTS_DIR / "auth_latency.py"),
+                                        host, str(port), str(count)]) as proc:
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError("a good client failed (its error is above)")
+    return orjson.loads(out)
+
+
+def flood_section(args, procs: Processes, results: dict) -> None:
+    """Good clients' auth latency without and under an idle pre-auth flood from one source."""
+    sys.path.insert(0, str(TESTS_DIR))
+    from netns import PeerNamespace, netns_permitted
+
+    count, held = args.flood_clients, args.flood_connections
+    raise_fd_limit(held + 4096)
+    tag = str(os.getpid() % 100000)
+    why = netns_permitted(f"cmuxd-peer-{tag}-probe")
+    ns = PeerNamespace(tag, subnet=215) if why is None else None
+    print(f"flood: {count} good clients one after another, without and while loopback holds "
+          f"{held:,} idle pre-auth connections")
+    try:
+        with section_dir(procs, "flood") as tmp:
+            if ns:
+                with socket.create_server((ns.root_address, 0)) as probe:
+                    peer_port = probe.getsockname()[1]
+            extra = ("--tcp", f"{ns.root_address}:{peer_port}") if ns else ()
+            target = start_tcp_daemon(Path(tmp), procs, args, extra)
+            # The good clients (children) read the credentials from the environment.
+            saved = dict(os.environ)
+            os.environ.update(CMUX_RELAY_ID=target.relay_id, CMUX_RELAY_TOKEN=target.token_hex,
+                              PYTHONPATH=str(TESTS_DIR.parent))
+            paths = [("loopback", [], "127.0.0.1", target.port)]
+            if ns:
+                with piped_process(procs, ["ip", "netns", "exec", ns.name, sys.executable,
+                                           str(TESTS_DIR / "delay_proxy.py"), ns.root_address,
+                                           str(peer_port), "100"]) as proxy:
+                    proxy_port = int(proxy.stdout.readline().split()[1])
+                    paths.append(("200 ms round trip", ["ip", "netns", "exec", ns.name],
+                                  "127.0.0.1", proxy_port))
+                    _flood_rows(procs, results, paths, count, held, target)
+            else:
+                print(f"  no 200 ms path: {why}")
+                _flood_rows(procs, results, paths, count, held, target)
+    finally:
+        if "saved" in locals():
+            os.environ.clear()
+            os.environ.update(saved)
+        if ns:
+            ns.close()
+
+
+def _flood_rows(procs, results, paths, count, held, target) -> None:
+    rows = []
+    calm = {name: _good_clients(procs, prefix, host, port, count)
+            for name, prefix, host, port in paths}
+    with piped_process(procs, [sys.executable, str(TESTS_DIR / "idle_flood.py"), "127.0.0.1",
+                               str(target.port), str(held)]) as flood:
+        flood.stdout.readline()
+        time.sleep(2.0)  # the table is full and churning
+        t0 = time.perf_counter()
+        attacked = {name: _good_clients(procs, prefix, host, port, count)
+                    for name, prefix, host, port in paths}
+        seconds = time.perf_counter() - t0
+        flood.terminate()
+        opened = int(flood.communicate(timeout=30)[0].split()[-1])
+    for name, _, _, _ in paths:
+        key = "flood_" + ("local" if name == "loopback" else "far")
+        results[key + "_p50"], results[key + "_p99"] = (pct(attacked[name], 50),
+                                                        pct(attacked[name], 99))
+        rows.append((name, ms(pct(calm[name], 50)), ms(pct(calm[name], 99)),
+                     ms(pct(attacked[name], 50)), ms(pct(attacked[name], 99))))
+    table(rows, ("good client's auth", "p50", "p99", f"p50, {held:,} held", f"p99, {held:,} held"))
+    print(f"  the flood opened {opened:,} connections in all (about "
+          f"{rate(opened / (seconds + 2.0))} while the good clients ran)")
+    worst = max(results[k] for k in results if k.startswith("flood_") and k.endswith("_p99"))
+    print(f"  goal: p99 under 1 s under the flood: {_met(worst < 1.0)} ({ms(worst)})")
+
+
 def _ping_rtts(target: TCPTarget, count: int) -> list[float]:
     sock, pipe = target.connect()
     try:
@@ -1555,7 +1645,7 @@ def summary(r: dict) -> None:
 
 
 SECTIONS = {"stdio": stdio_section, "ssh": ssh_section, "tcp": tcp_section,
-            "idle": idle_section, "pty": pty_section}
+            "idle": idle_section, "pty": pty_section, "flood": flood_section}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1602,6 +1692,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="handshakes in flight while opening them (default: %(default)s)")
     idle.add_argument("--idle-pings", type=int, default=2000,
                       help="sequential pings while they are held (default: %(default)s)")
+    flood = p.add_argument_group("flood")
+    flood.add_argument("--flood-connections", type=int, default=1000,
+                       help="idle pre-auth connections the attacker holds (default: %(default)s)")
+    flood.add_argument("--flood-clients", type=int, default=100,
+                       help="good clients timed per path and phase (default: %(default)s)")
     pty = p.add_argument_group("pty")
     pty.add_argument("--keystrokes", type=int, default=500,
                      help="keystrokes per echo figure (default: %(default)s)")

@@ -482,26 +482,6 @@ def test_a_state_dir_others_can_write_is_refused(tmp_path):
     assert not (tmp_path / "s.sock").exists()
 
 
-def test_capacity_refusals_do_not_count_against_an_address(peer):
-    d = ListeningDaemon("--max-handshakes", "1", "--backoff-failures", "2",
-                        tcp=[f"{peer.root_address}:{free_port()}"])
-    try:
-        d.wait_ready()
-        silent = peer_connect(peer, d)
-        d.challenge(silent)  # holds the only handshake slot
-        for _ in range(3):
-            sock = peer_connect(peer, d)
-            d.challenge(sock)  # the challenge comes first; the refusal follows at once
-            assert refused(sock) == b'{"ok":false}\n'
-        wait_for(lambda: d.status()["counters"].get("refused_capacity", 0) == 3)
-        silent.close()
-        wait_for(lambda: d.status()["handshakes_in_flight"] == 0, timeout=10)
-        ping_ok(d.authed(sock=peer_connect(peer, d)))  # not blocked at accept by the back-off
-        assert d.status()["counters"].get("refused_backoff", 0) == 0
-    finally:
-        d.close()
-
-
 def test_accepted_tcp_connections_carry_keepalives(shared):
     """A peer that vanishes while idle must not hold its connection forever."""
     stream = shared.authed()

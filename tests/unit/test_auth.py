@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import cmuxd.auth as auth
 from cmuxd.auth import (
+    BUSY_REPLY,
     FAILURE_REPLY,
     MAX_AUTH_LINE,
     AuthError,
@@ -390,10 +391,10 @@ def test_client_sends_the_scenario_28_line():
     assert client.state == "waiting_challenge" and client.to_send is None
     client.feed(v1_server().challenge())
     assert client.state == "sent"
-    assert client.to_send == (
-        b'{"client_nonce":"' + CLIENT_NONCE.encode() + b'","mac":"' + V1_MAC.encode()
-        + b'","relay_id":"relay-1"}\n'
-    )
+    # The scenario's line, plus the §6.8 key that lets our daemon say it is busy.
+    assert client.to_send.endswith(b"\n")
+    assert orjson.loads(client.to_send) == {
+        "client_nonce": CLIENT_NONCE, "ext_busy": True, "mac": V1_MAC, "relay_id": "relay-1"}
     client.to_send = None
     client.feed(b'{"ok":true,"relay_mac":"' + SCENARIO_28_RELAY_MAC.encode() + b'"}\n' + PING)
     assert client.state == "accepted"
@@ -483,6 +484,48 @@ def test_client_reports_refusal(reply):
     client.feed(line(reply))
     assert client.state == "failed"
     assert client.error == auth.ERROR_REFUSED
+
+
+@pytest.mark.parametrize("mac", [V1_MAC, "00" * 32, "not a mac"])
+@pytest.mark.parametrize("extra, reply", [
+    ({"ext_busy": True}, BUSY_REPLY),
+    ({"ext_device": "x"}, BUSY_REPLY),  # any ext_ key of its own announces our client (§6.8)
+    ({}, FAILURE_REPLY),  # an upstream client sees the ordinary failure
+    ({"busy": True}, FAILURE_REPLY),
+])
+def test_a_handshake_without_room_says_nothing_of_the_credentials(mac, extra, reply):
+    """Right, wrong and malformed MACs get the same bytes: `ext_busy` is no oracle."""
+    server = v1_server()
+    server.busy()
+    server.feed(line({"mac": mac, "relay_id": "relay-1", **extra}))
+    assert (server.state, server.reason, server.reply) == ("failed", "capacity", reply)
+
+
+def test_a_handshake_without_room_refuses_an_unreadable_line_plainly():
+    server = v1_server()
+    server.busy()
+    server.feed(b'{"ext_busy": tr\n')
+    assert (server.state, server.reply) == ("failed", FAILURE_REPLY)
+
+
+def test_our_client_tells_a_busy_daemon_from_refused_credentials():
+    client = ClientHandshake(V1_TOKEN, "relay-1")
+    server = v1_server()
+    server.busy()
+    run(client, server)
+    assert server.reply == BUSY_REPLY
+    assert client.state == "unavailable"
+    assert client.error == auth.ERROR_BUSY and "try again" in client.error
+
+
+@pytest.mark.parametrize("reply", [{"ok": False, "ext_busy": "true"}, {"ok": False, "ext_busy": 1},
+                                   {"ok": True, "ext_busy": True}])
+def test_client_takes_only_a_literal_ext_busy_failure_as_busy(reply):
+    client = ClientHandshake(V1_TOKEN, "relay-1", client_nonce=CLIENT_NONCE)
+    client.feed(v1_server().challenge())
+    client.feed(line(reply))
+    assert client.state == "failed"
+    assert client.error in (auth.ERROR_REFUSED, auth.ERROR_NO_PROOF)
 
 
 CHALLENGE = {"protocol": "cmux-relay-auth", "version": 1, "relay_id": "relay-1",
