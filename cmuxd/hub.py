@@ -11,11 +11,13 @@ Flow control. Each attachment's events wait in an outbound queue owned by its co
 (256 frames). `deliver` returning False means that queue overflowed, and the spec's rule is
 then to drop the attachment. So that a fast producer does not drop clients that are merely a
 little behind, the hub also counts the frames each attachment has not yet reported as
-written (`drained`), and stops reading a PTY while some attachment is far behind: the process
-then blocks on its terminal like it would on a slow real one. An attachment that stays that
-far behind for `stall_timeout` seconds while another one keeps up no longer holds the PTY
-back; it fills its queue and is dropped, so one client that stops reading cannot stall
-everyone else.
+written (`drained`); the pacing rule itself is `pty_output.OutputPump`'s.
+
+Read leases. A session whose attachments all come over one worker link (their peers' `home`)
+is lent to that worker (`PtySession.consider_lease`): it reads and writes the PTY itself,
+and the hub neither reads nor sends that session's events until the lease comes back. Every
+call that changes a session's attachments or input order runs inside `session.owned()`,
+which takes the lease back first and lends it again afterwards if it still can.
 
 Replay is queued at once, so a scrollback configured beyond about 12 MiB (256 replay
 chunks) overflows a new attachment's queue and drops it on attach.
