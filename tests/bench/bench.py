@@ -1109,7 +1109,7 @@ def daemon_processes(pid: int) -> list[tuple[str, psutil.Process]]:
             cmd = " ".join(child.cmdline())
         except psutil.Error:
             continue
-        name = ("worker" if "cmuxd.worker" in cmd else "PTY hub" if "cmuxd.hub_link" in cmd
+        name = ("worker" if "cmuxd.worker" in cmd else "PTY hub" if "cmuxd.hub_process" in cmd
                 else child.name())
         out.append((name, child))
     return out
