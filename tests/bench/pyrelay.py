@@ -16,7 +16,8 @@ import termios
 
 import orjson
 
-READ_MAX = 32768  # a live PTY read, as the spec bounds it (§6.6.1)
+READ_MAX = 32768  # the output of one pty.data at most, as the spec bounds it (§6.6.1)
+BULK = 1024  # a shorter read drained the PTY: no further read to hear EAGAIN
 
 
 class Relay(asyncio.Protocol):
@@ -42,6 +43,7 @@ class Relay(asyncio.Protocol):
         if pid == 0:
             os.execv("/bin/sh", ["sh", "-c", p["command"]])
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("4H", p["rows"], p["cols"], 0, 0))
+        os.set_blocking(self.master, False)
         self.ident = {"session_id": p["session_id"], "attachment_id": p["attachment_id"],
                       "attachment_token": p["client_attachment_token"]}
         self.transport.write(orjson.dumps({"id": rid, "ok": True, "result": dict(
@@ -49,16 +51,26 @@ class Relay(asyncio.Protocol):
         self.resume_writing()
 
     def on_output(self):
-        try:
-            data = os.read(self.master, READ_MAX)
-        except OSError:  # EIO: the process and the terminal are gone
-            data = b""
-        if not data:
+        """A Linux PTY hands out at most 4 KiB a read: gather what it has, up to READ_MAX, into
+        one event, as a daemon must to keep up with `cat`."""
+        data, ended = b"", False
+        while len(data) < READ_MAX:
+            try:
+                got = os.read(self.master, READ_MAX - len(data))
+            except BlockingIOError:
+                break
+            except OSError:  # EIO: the process and the terminal are gone
+                got = b""
+            ended = not got
+            data += got
+            if len(got) < BULK:
+                break
+        if data:
+            self.transport.write(orjson.dumps({"event": "pty.data", **self.ident, "data_base64":
+                                               binascii.b2a_base64(data, newline=False).decode()})
+                                 + b"\n")
+        if ended:
             self.transport.close()
-            return
-        self.transport.write(orjson.dumps({"event": "pty.data", **self.ident, "data_base64":
-                                           binascii.b2a_base64(data, newline=False).decode()})
-                             + b"\n")
 
     def pause_writing(self):  # the client is behind: leave the output in the PTY
         asyncio.get_running_loop().remove_reader(self.master)
