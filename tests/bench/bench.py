@@ -1651,6 +1651,9 @@ def pty_section(args, procs: Processes, results: dict) -> None:
         print("  (no figure with 2 attachments: the daemon put every connection on one worker)")
     if relay is None:
         print(f"  (no C relay: {no_relay})")
+    if cmuxd_side.cpu_per_key("PTY hub") >= 10e-6:
+        print("  (the PTY hub worked for every keystroke of the session with one attachment: "
+              "it read that PTY itself rather than lend the reading to the worker)")
     print(f"  cmuxd p50 / Python reference p50: {r['pty_echo_p50'] / r['pyref_echo_p50']:.2f} "
           f"(goal ≤ 1.1: {_met(r['pty_echo_p50'] <= 1.1 * r['pyref_echo_p50'])}); "
           f"cmuxd p50 / ssh p50: {r['pty_echo_p50'] / r['ssh_echo_p50']:.2f} "
