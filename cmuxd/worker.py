@@ -19,6 +19,7 @@ import orjson
 
 from .connection import Connection
 from .handlers.system import DaemonFigures
+from . import __version__
 from .handoff import HandoffDecoder, encode_report
 from .hub_link import RemoteHub, hub_socket_path
 from .logs import setup_logging
@@ -58,7 +59,7 @@ class WorkerProcess:
         loop.add_reader(self.chan.fileno(), self._on_channel)
         if self.hub is not None:
             self.hub.start()
-        self._send(encode_report(ready=True))  # our loop runs: READY=1 may be told
+        self._send(encode_report(ready=True, version=__version__))  # READY=1 may be told
         await self.stopped
         for conn in list(self.connections):
             conn.connection_lost(None)
@@ -111,10 +112,11 @@ class WorkerProcess:
                         "--max-connections", self.index, soft)
 
     async def retire(self, grace: float) -> None:
-        """Serve the open connections until they close or `grace` seconds pass, then close
-        what is left at a frame boundary and exit: a reload drops no request in flight."""
+        """Serve the open connections until they close or `grace` seconds pass (a negative
+        grace: until they close, as after an upgrade), then close what is left at a frame
+        boundary and exit: a reload drops no request in flight."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+        deadline = loop.time() + grace if grace >= 0 else float("inf")
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):

@@ -9,6 +9,8 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -97,6 +99,10 @@ class Supervisor:
         self.stop_requested.set()
 
     def reload(self) -> None:
+        if not self.pool.stopping:
+            asyncio.get_running_loop().create_task(self._reload())
+
+    async def _reload(self) -> None:
         """SIGHUP: re-read the token, start a new generation of workers (fresh interpreters:
         they run the code installed now); the old one keeps its open connections until they
         close or --graceful-timeout passes. The PTY hub re-executes itself into the code
@@ -105,6 +111,12 @@ class Supervisor:
             return
         log.info("reloading")
         self.notifier.reloading()
+        problem, installed = await preflight()
+        if problem:
+            self.counters["reloads_refused"] += 1
+            log.error("reload refused, nothing changed: the code now installed %s", problem)
+            self.notifier.ready()
+            return
         try:
             if self.creds is not None:
                 self.creds = server_credentials(self.config.token_file, self.config.relay_id,
@@ -112,9 +124,15 @@ class Supervisor:
                 self.gate.creds = self.creds
         except AuthError as exc:
             log.error("reload: keeping the old token: %s", exc)
-        self.pool.reload()
+        upgrade = installed != __version__
+        self.pool.reload(upgrade=upgrade)
         self.hub.upgrade()
-        log.info("reloaded: generation %d serves new connections", self.pool.generation)
+        if upgrade:
+            log.info("upgraded to %s: generation %d serves new connections; the old one keeps "
+                     "its open connections until they close (this supervisor goes on with %s "
+                     "until the next restart)", installed, self.pool.generation, __version__)
+        else:
+            log.info("reloaded: generation %d serves new connections", self.pool.generation)
         self.notifier.ready()
 
     async def shutdown(self) -> None:
@@ -164,3 +182,25 @@ def check_state_dir(path: str) -> None:
     if st.st_mode & 0o022:
         raise ListenerError(f"others can write to it (mode {st.st_mode & 0o777:o}); "
                             f"run chmod 700 {path}")
+
+
+PREFLIGHT_TIMEOUT = 30.0
+
+
+async def preflight() -> tuple[str | None, str]:
+    """Import what a reload starts (workers, the hub) in a fresh interpreter, from the code
+    installed now: the reason it cannot (or None), and its version. A broken upgrade is
+    refused before any process is replaced by it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-P", "-c",
+        "import cmuxd, cmuxd.worker, cmuxd.hub_process, cmuxd.cli; print(cmuxd.__version__)",
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), PREFLIGHT_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        return f"did not import within {PREFLIGHT_TIMEOUT:.0f} s", ""
+    if proc.returncode != 0:
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        return f"does not import: {lines[-1] if lines else f'status {proc.returncode}'}", ""
+    return None, out.decode().strip()

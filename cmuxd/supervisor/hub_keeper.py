@@ -24,6 +24,7 @@ from collections import Counter
 
 import orjson
 
+from .. import __version__
 from ..hub_link import LINK_VERSION, hub_socket_path
 from ..link_channel import MessageChannel
 from ..peercred import peer_uid
@@ -58,6 +59,11 @@ class HubKeeper:
         if await self._connect():
             log.info("adopted the PTY hub serving %s (pid %d, %s): its %d session(s) go on",
                      self.path, self.pid, self.version or "?", self.sessions)
+            if self.version != __version__:
+                # A restart is how new code at a new path (a Nix store path) arrives.
+                log.info("the PTY hub runs %s; asking it to upgrade in place to %s",
+                         self.version, __version__)
+                self.upgrade()
             return
         if self.adopt_only:
             log.warning("no PTY hub serves %s yet; PTY sessions are unavailable until its unit "

@@ -34,6 +34,8 @@ HEARTBEAT_INTERVAL = 1.0
 RECYCLE_CHECK_INTERVAL = 5.0
 RESPAWN_MAX = 10.0
 STOP_GRACE = 5.0
+UNTIL_CLOSED = -1
+"""A retirement grace that lasts until the worker's connections close."""
 FDS_PER_SEND = 64
 """Connections handed over in one message at most: what a worker takes per read
 (cmuxd.worker.MAX_FDS_PER_READ); fds past that would be lost with MSG_CTRUNC."""
@@ -57,6 +59,7 @@ class Worker:
         self.inbuf = b""
         self.last_pong = time.monotonic()
         self.ready = False  # set by the worker's first report
+        self.version = ""  # the code it runs, as it reported
         self.ping_seq = 0
         self.serve_limit = 0
 
@@ -111,14 +114,14 @@ class WorkerPool:
         worker = Worker(index, self.generation)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = [
-            sys.executable, "-m", "cmuxd.worker",
+            sys.executable, "-P", "-m", "cmuxd.worker",
             "--channel-fd", str(theirs.fileno()),
             "--index", str(index),
             "--config", orjson.dumps(dict(self.config.worker_json(),
                                           daemon=self.figures())).decode(),
         ]
         worker.proc = subprocess.Popen(
-            cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True
+            cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, cwd="/"
         )
         theirs.close()
         try:
@@ -135,14 +138,19 @@ class WorkerPool:
                  worker.generation)
         return worker
 
-    def reload(self) -> None:
-        """A new generation takes every new connection; the old one drains and exits."""
+    def reload(self, upgrade: bool = False) -> None:
+        """A new generation takes every new connection; the old one drains and exits. After
+        an upgrade the old generation serves its connections until they close, however long:
+        `status` shows which workers still run the old code."""
         self.generation += 1
         old = self.serving()
         for index in range(self.config.workers):
             self.workers.append(self._spawn(index))
         for worker in old:
-            self.retire(worker, "reload")
+            if upgrade:
+                self.retire(worker, "upgrade", grace=UNTIL_CLOSED)
+            else:
+                self.retire(worker, "reload")
         self.on_change()
 
     def scale(self, delta: int) -> None:
@@ -325,6 +333,8 @@ class WorkerPool:
         *lines, worker.inbuf = (worker.inbuf + data).split(b"\n")
         for line in lines:
             report = orjson.loads(line)
+            if "version" in report:
+                worker.version = str(report["version"])
             for conn_id in report.get("got", ()):
                 entry = worker.unacked.pop(conn_id, None)
                 if entry is not None:
@@ -473,6 +483,7 @@ class WorkerPool:
         for w in self.workers:
             row = {"index": w.index, "pid": w.pid, "generation": w.generation,
                    "state": w.state, "alive": w.proc.poll() is None and w.chan is not None,
+                   "version": w.version,
                    "connections": w.load, "served": w.served,
                    "age": round(time.time() - w.started, 1)}
             try:
