@@ -331,7 +331,7 @@ def test_the_hub_refuses_another_link_version_and_drops_garbage_alone():
         write(s, "a", "ta", b"alive\n")
         collect(s, b"alive\r\nalive\r\n")
         t = d.authed()
-        attach(t, "n", "tn", session="new", command="echo fresh-$((1+1))")
+        attach(t, "n", "tn", session="new", command="echo fresh-$((1+1)); exec cat")
         collect(t, b"fresh-2")
         assert sorted(session_names(t)) == ["lease", "new"]
         assert d.status()["workers"][0]["alive"]
