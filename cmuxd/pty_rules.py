@@ -38,17 +38,17 @@ def pty_error_event(sid: str, aid: str, token: str, code: str, message: str) -> 
 
 
 def attachment_event(sid: str, aid: str, token: str, name: str, **extra) -> dict:
-    return {"event": name, "session_id": sid, "attachment_id": aid, "attachment_token": token,
-            **extra}
+    return event(name, session_id=sid, attachment_id=aid, attachment_token=token, **extra)
 
 
 def data_event(sid: str, aid: str, token: str, encoded: str, offset: int, ext: bool) -> dict:
-    """pty.data; with the absolute offset of its first byte for a client that asked (§6.8)."""
-    if ext:
-        return {"event": "pty.data", "session_id": sid, "attachment_id": aid,
-                "attachment_token": token, "data_base64": encoded, "ext_offset": offset}
-    return {"event": "pty.data", "session_id": sid, "attachment_id": aid,
-            "attachment_token": token, "data_base64": encoded}
+    """pty.data; with the absolute offset of its first byte for a client that asked (§6.8),
+    omitted at offset 0 as every zero in an event is (§3.4)."""
+    msg = {"event": "pty.data", "session_id": sid, "attachment_id": aid,
+           "attachment_token": token, "data_base64": encoded}
+    if ext and offset:
+        msg["ext_offset"] = offset
+    return msg
 
 
 def tokens_equal(a: str, b: str) -> bool:
