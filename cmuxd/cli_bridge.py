@@ -99,6 +99,9 @@ class CliBridge:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.dir, 0o700)
             self.owns_dir = False
+            # A hub that died left its sockets behind; their sessions died with it.
+            for stale in self.dir.glob("*.sock"):
+                stale.unlink(missing_ok=True)
         self.listeners: dict[str, socket.socket] = {}  # by path
         self.subscribers: dict[int, Callable[[dict], bool]] = {}
         self.offers: dict[str, _Request] = {}

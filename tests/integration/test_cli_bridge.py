@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
 
 from cmuxd.client import MSG_NOT_THE_APP
 
-from helpers import DEFAULT_TIMEOUT
+from helpers import DEFAULT_TIMEOUT, wait_for
 from terminal import Terminal
 
 PROBE = Path(__file__).resolve().parent.parent / "cli_probe.py"
@@ -193,6 +194,23 @@ def test_no_answer_times_out_and_a_late_answer_is_not_found(daemon):
     assert session.reply("r2") == b"{}\n"
 
 
+def test_a_subscription_outlives_a_new_pty_hub(daemon):
+    app = daemon.authed()
+    ProbeSession(app, "old")
+    subscribe(app)
+    hubs = [p for p in psutil.Process(daemon.proc.pid).children()
+            if "cmuxd.hub_link" in " ".join(p.cmdline())]
+    assert len(hubs) == 1
+    hubs[0].kill()
+    assert app.next_event("pty.exit", timeout=10)["session_id"] == "old"
+    # The supervisor starts a new hub at once, and the worker links up with it again.
+    wait_for(lambda: app.call("pty.list").get("ok"), timeout=15)
+    session = ProbeSession(app, "new")
+    session.cli("r1", NOTIFY)  # no second ext.cli.subscribe
+    assert respond(app, request_of(app)["request_id"], b"{}")["ok"]
+    assert session.reply("r1") == b"{}\n"
+
+
 # --- several candidates --------------------------------------------------------------------
 
 
@@ -278,6 +296,15 @@ def test_cli_response_errors(daemon):
     assert respond(app, rid, b"{}")["error"]["code"] == "not_found"
     assert session.error_of("r1") == {"code": "cloud_cli_unavailable",
                                       "message": "workspace is locked"}
+    # An error without words, and an error object, reach the CLI too.
+    for tag, error, expected in (
+            ("r2", None, {"code": "cloud_cli_unavailable",
+                          "message": "cmux app rejected cloud CLI request"}),
+            ("r3", {"code": "app_busy", "message": "try later"},
+             {"code": "app_busy", "message": "try later"})):
+        session.cli(tag, NOTIFY)
+        assert respond(app, request_of(app)["request_id"], ok=False, error=error)["ok"]
+        assert session.error_of(tag) == expected
     assert app.call("ping")["ok"]
 
 
