@@ -41,6 +41,8 @@ from collections.abc import Callable
 
 import orjson
 
+from .cli_bridge import CAPABILITY as CLI_CAPABILITY
+from .cli_bridge import MSG_BRIDGE_OFF, CliBridge
 from .protocol import (
     NOT_FOUND,
     PTY_INPUT_QUEUE_FULL,
@@ -52,8 +54,6 @@ from .protocol import (
     RPCError,
     b64,
 )
-from .cli_bridge import CAPABILITY as CLI_CAPABILITY
-from .cli_bridge import MSG_BRIDGE_OFF, CliBridge
 from .pty_output import OutputPump
 from .pty_ring import Ring
 from .pty_rules import (
@@ -244,9 +244,9 @@ class PtySession:
         self.command = ""
         """What the session runs, for pty.list's `ext_command`."""
         self.exit_status: dict | None = None
+        """`{"code": n}` or `{"signal": n}` once the process has been reaped."""
         self.cli_path: str | None = None
         """This session's CLI bridge socket, if it has one."""
-        """`{"code": n}` or `{"signal": n}` once the process has been reaped."""
         self.transport: asyncio.SubprocessTransport | None = None
         self.pid: int | None = None
         self.script: str | None = None
