@@ -184,6 +184,14 @@ def test_no_answer_times_out_and_a_late_answer_is_not_found(daemon):
     subscribe(app)
     session.cli("r1", NOTIFY)
     req = request_of(app)
+    # A reply too large for a 4 MiB frame cannot be read, so it answers nothing: the frame
+    # gets the spec's error, the connection goes on, and the CLI is told when time is up.
+    huge = b64(b"x" * (3 * 1024 * 1024 + 4))
+    app.send_raw(orjson.dumps({"id": 1, "method": "cli.response", "params": {
+        "request_id": req["request_id"], "data_base64": huge}}) + b"\n")
+    assert app.next_response()["error"] == {"code": "invalid_request",
+                                            "message": "request frame exceeds maximum size"}
+    assert app.call("ping")["ok"]
     error = session.error_of("r1", timeout=30)
     assert error == {"code": "cloud_cli_unavailable", "message": TIMED_OUT}
     late = respond(app, req["request_id"], b'{"ok":true}')
