@@ -184,7 +184,9 @@ class CliBridge:
             else:
                 reply = await self._forward(session_id, line, loop, conn)
             if reply is not None:
-                await loop.sock_sendall(conn, reply if reply.endswith(b"\n") else reply + b"\n")
+                # A CLI that does not read its reply is not waited for any longer than an app.
+                await asyncio.wait_for(loop.sock_sendall(
+                    conn, reply if reply.endswith(b"\n") else reply + b"\n"), REPLY_TIMEOUT)
         except (TimeoutError, OSError):
             pass
         finally:
