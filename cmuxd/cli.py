@@ -74,6 +74,7 @@ def version() -> None:
 @argh.arg("--shell", help="the shell of PTY sessions started without a command (default: $SHELL, then bash, then sh)")
 @argh.arg("--scrollback", help="bytes of output each PTY session keeps for replay")
 @argh.arg("--idle-ttl", help="seconds a PTY session with no attachment lives on")
+@argh.arg("--no-cli-bridge", help="give PTY sessions no CMUX_SOCKET_PATH bridge: the cmux CLI inside them cannot reach the app over this connection")
 @argh.arg("--max-connections", help="open connections at most; past it new ones are refused with a reason")
 @argh.arg("--max-connections-served", help="recycle a worker after about this many connections (0: never)")
 @argh.arg("--max-worker-rss", help="recycle a worker whose RSS exceeds this many MiB (0: never)")
@@ -88,7 +89,8 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
           max_worker_rss: int = 0, worker_timeout: float = 10.0,
           graceful_timeout: float = 30.0, allow_from: list[str] | None = None,
           shell: str | None = None, scrollback: int = 1 << 20,
-          idle_ttl: float = 86400.0, external_hub: bool = False) -> None:
+          idle_ttl: float = 86400.0, external_hub: bool = False,
+          no_cli_bridge: bool = False) -> None:
     """Serve the cmux remote protocol. Without --stdio, --tcp or --socket it listens on
     127.0.0.1:5555 and the Unix socket $XDG_RUNTIME_DIR/cmuxd/cmuxd.sock (without
     XDG_RUNTIME_DIR: ~/.local/state/cmux/cmuxd.sock)."""
@@ -97,7 +99,7 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
             usage_error("--stdio serves one pipe; it cannot be combined with --tcp or --socket")
         if scrollback <= 0 or idle_ttl <= 0:
             usage_error("--scrollback and --idle-ttl must be positive")
-        sys.exit(asyncio.run(_serve_stdio(shell, scrollback, idle_ttl)))
+        sys.exit(asyncio.run(_serve_stdio(shell, scrollback, idle_ttl, not no_cli_bridge)))
     from .supervisor import run_daemon
     from .supervisor.listeners import ListenerError, default_socket_path, parse_tcp
 
@@ -118,7 +120,7 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
                         max_worker_rss=max_worker_rss, worker_timeout=worker_timeout,
                         graceful_timeout=graceful_timeout, allow_from=allow_from or [],
                         shell=shell, scrollback=scrollback, idle_ttl=idle_ttl,
-                        external_hub=external_hub)
+                        external_hub=external_hub, cli_bridge=not no_cli_bridge)
     except ValueError as exc:
         usage_error(str(exc))
     sys.exit(run_daemon(config))
@@ -129,8 +131,9 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
 @argh.arg("--shell", help="the shell of PTY sessions started without a command (default: $SHELL, then bash, then sh)")
 @argh.arg("--scrollback", help="bytes of output each PTY session keeps for replay")
 @argh.arg("--idle-ttl", help="seconds a PTY session with no attachment lives on")
+@argh.arg("--no-cli-bridge", help="no CLI bridge socket in sessions (CMUX_SOCKET_PATH)")
 def hub_run(*, state_dir: str = "", shell: str | None = None, scrollback: int = 1 << 20,
-            idle_ttl: float = 86400.0) -> None:
+            idle_ttl: float = 86400.0, no_cli_bridge: bool = False) -> None:
     """Run the PTY hub, the owner of every PTY session, in the foreground: what the
     cmuxd-hub unit runs, so that users' shells live outside the daemon's sandbox and outlive
     its restarts. The daemon (serve --external-hub) adopts it."""
@@ -139,7 +142,7 @@ def hub_run(*, state_dir: str = "", shell: str | None = None, scrollback: int = 
     if scrollback <= 0 or idle_ttl <= 0:
         usage_error("--scrollback and --idle-ttl must be positive")
     config = {"state_dir": state_dir or str(runtime_dir()), "shell": shell,
-              "scrollback": scrollback, "idle_ttl": idle_ttl}
+              "scrollback": scrollback, "idle_ttl": idle_ttl, "cli_bridge": not no_cli_bridge}
     hub_main(["--config", orjson.dumps(config).decode()])
 
 
@@ -187,13 +190,15 @@ def _hub_order(state_dir: str, order: str, done: str) -> None:
     print(done, file=sys.stderr)
 
 
-async def _serve_stdio(shell: str | None, scrollback: int, idle_ttl: float) -> int:
-    # The one connection owns the hub: its PTY sessions die with stdin (spec §1.2).
+async def _serve_stdio(shell: str | None, scrollback: int, idle_ttl: float,
+                       cli_bridge: bool) -> int:
+    # The one connection owns the hub: its PTY sessions die with stdin (spec §1.2). Its
+    # bridge sockets live in a private temporary directory, removed at the end.
     from .connection import serve_stdio
     from .hub import Hub, watch_children_without_threads
 
     watch_children_without_threads()
-    hub = Hub(scrollback=scrollback, idle_ttl=idle_ttl, shell=shell)
+    hub = Hub(scrollback=scrollback, idle_ttl=idle_ttl, shell=shell, cli_bridge=cli_bridge)
     try:
         return await serve_stdio(hub)
     finally:

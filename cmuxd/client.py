@@ -613,6 +613,7 @@ async def attach_terminal(target: str | Address, session_id: str, command: str =
 
     try:
         await client.rpc("pty.attach", params)
+        subscribe_cli_requests(client)
         if saved is not None:
             tty.setraw(0)
             loop.add_signal_handler(signal.SIGWINCH, on_winch)
@@ -628,6 +629,8 @@ async def attach_terminal(target: str | Address, session_id: str, command: str =
                     break
                 elif name == "pty.error":
                     os.write(2, f"\r\ncmuxd-remote: {event.get('message')}\r\n".encode())
+                elif name == "cli.request":
+                    answer_cli_request(client, event)
             if not done.done():
                 done.set_result("ended")
 
@@ -644,6 +647,57 @@ async def attach_terminal(target: str | Address, session_id: str, command: str =
     code, how = exit_code_of(ended_with) if reason == "ended" else (0, reason)
     print(f"\r\n[{how}: session {session_id}]", file=sys.stderr)
     return code
+
+
+MSG_NOT_THE_APP = ("this terminal is attached with cmuxd-remote attach, which is not the cmux "
+                   "app: it shows notifications and nothing else; run the command in a "
+                   "terminal of the cmux app")
+
+
+def subscribe_cli_requests(client: AsyncClient) -> None:
+    """Ask for cli.request events (spec §6.7); a daemon without the bridge says no, and
+    that answer is not worth waiting for."""
+    client.send("ext.cli.subscribe").add_done_callback(_unawaited)
+
+
+def answer_cli_request(client: AsyncClient, event: dict) -> None:
+    """A `cmux` CLI inside the session asked the app for something: a notification shows as
+    one line on the terminal and is answered as delivered; anything else is refused."""
+    import base64
+    import binascii
+
+    try:
+        request = orjson.loads(base64.b64decode(event.get("data_base64") or ""))
+    except (binascii.Error, ValueError):
+        request = None
+    if type(request) is not dict:
+        request = {}
+    method = request.get("method")
+    params = request.get("params") if type(request.get("params")) is dict else {}
+    reply: dict = {"id": request.get("id")}
+    if type(method) is str and method.startswith("notification.create"):
+        words = [_one_line(params.get(k)) for k in ("title", "subtitle", "body")]
+        os.write(2, f"\r\n[notification] {' - '.join(w for w in words if w)}\r\n".encode())
+        reply.update(ok=True, result={"delivered": True})
+    else:
+        reply.update(ok=False, error={"code": "method_not_found", "message": MSG_NOT_THE_APP})
+    client.send("cli.response", {
+        "request_id": event.get("request_id"),
+        "data_base64": base64.b64encode(orjson.dumps(reply)).decode()}).add_done_callback(
+            _unawaited)
+
+
+def _unawaited(fut: asyncio.Future) -> None:
+    """A reply nobody waits for: only take its exception (a closed connection) off it."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _one_line(value) -> str:
+    """Text from the session, made safe to print: no escape sequences, no line breaks."""
+    if type(value) is not str:
+        return ""
+    return "".join(c if c.isprintable() else " " for c in value).strip()
 
 
 def exit_code_of(status: dict) -> tuple[int, str]:

@@ -43,6 +43,7 @@ class Config:
     shell: str | None = None
     scrollback: int = 1 << 20
     idle_ttl: float = 86400.0
+    cli_bridge: bool = True  # a CLI bridge socket per PTY session (spec §6.7)
     state_dir: str = ""
     external_hub: bool = False
     """PTY sessions are owned by a hub another unit runs: adopt it, never start one."""
@@ -71,6 +72,6 @@ class Config:
         return Path(self.state_dir) / "control.sock"
 
     def worker_json(self) -> dict:
-        keys = ("shell", "scrollback", "idle_ttl", "state_dir")
+        keys = ("shell", "scrollback", "idle_ttl", "state_dir", "cli_bridge")
         data = asdict(self)
         return {k: data[k] for k in keys}

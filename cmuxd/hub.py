@@ -42,6 +42,8 @@ from collections.abc import Callable
 
 import orjson
 
+from .cli_bridge import CAPABILITY as CLI_CAPABILITY
+from .cli_bridge import MSG_BRIDGE_OFF, CliBridge
 from .protocol import (
     NOT_FOUND,
     PTY_INPUT_QUEUE_FULL,
@@ -245,6 +247,8 @@ class PtySession:
         """What the session runs, for pty.list's `ext_command`."""
         self.exit_status: dict | None = None
         """`{"code": n}` or `{"signal": n}` once the process has been reaped."""
+        self.cli_path: str | None = None
+        """This session's CLI bridge socket, if it has one."""
         self.transport: asyncio.SubprocessTransport | None = None
         self.pid: int | None = None
         self.script: str | None = None
@@ -281,6 +285,14 @@ class PtySession:
         # A terminal opens in the home directory, whatever directory the daemon runs in.
         cwd = home if home and os.path.isdir(home) else None
         _set_winsize(self.master, cols, rows)
+        env = child_environment(shell)
+        bridge = self.hub.cli
+        if bridge is not None:
+            try:
+                self.cli_path = env["CMUX_SOCKET_PATH"] = bridge.open(self.id)
+            except OSError as exc:
+                log.warning("PTY %s starts without a CLI bridge: could not listen in %s: %s",
+                            self.id, bridge.dir, _os_text(exc))
         try:
             self.transport, _ = await loop.subprocess_exec(
                 lambda: _Exit(self),
@@ -288,7 +300,7 @@ class PtySession:
                 stdin=self.slave,
                 stdout=self.slave,
                 stderr=self.slave,
-                env=child_environment(shell),
+                env=env,
                 cwd=cwd,
                 start_new_session=True,
                 preexec_fn=_take_controlling_tty,
@@ -333,6 +345,8 @@ class PtySession:
             del hub.sessions[self.id]
             if hub.on_session_end is not None:
                 hub.on_session_end()
+        if self.cli_path is not None:
+            hub.cli.close_socket(self.cli_path)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         if self.lease is not None:
@@ -695,7 +709,10 @@ class Hub:
     """Every PTY session of the daemon. See the module docstring for the shape of the API."""
 
     def __init__(self, *, scrollback: int = 1 << 20, idle_ttl: float = 86400.0,
-                 shell: str | None = None):
+                 shell: str | None = None, cli_bridge: bool = False,
+                 cli_dir: str | None = None):
+        """`cli_bridge` gives each session a CLI bridge socket in `cli_dir` (a private
+        temporary directory when None); see cli_bridge.py."""
         self.scrollback = scrollback
         self.idle_ttl = idle_ttl
         self.shell = shell
@@ -709,6 +726,7 @@ class Hub:
         self.on_session_end: Callable[[], None] | None = None
         self._supported: bool | None = None
         self.closing = False
+        self.cli = CliBridge(self._cli_candidates, cli_dir) if cli_bridge else None
 
     # capabilities and peers
 
@@ -730,6 +748,8 @@ class Hub:
         caps = list(PTY_CAPABILITIES)
         if persistent:
             caps.append(PERSISTENT_CAPABILITY)
+        if self.cli is not None:
+            caps.append(CLI_CAPABILITY)
         return caps
 
     def add_peer(self, deliver: Callable[[dict], bool], home=None) -> int:
@@ -745,12 +765,39 @@ class Hub:
     async def remove_peer(self, peer: int) -> None:
         self.peers.pop(peer, None)
         self.homes.pop(peer, None)
+        if self.cli is not None:
+            self.cli.peer_gone(peer)
         for session in list(self.sessions.values()):
             if any(att.peer == peer for att in session.attachments.values()):
                 async with session.owned():
                     for att in list(session.attachments.values()):
                         if att.peer == peer:
                             session._remove(att)
+
+    # the CLI bridge
+
+    def _cli_candidates(self, session_id: str) -> list[int]:
+        """Peers attached to the session, most recently attached first (attachments keep
+        the order they were made in; a re-attach moves to the end)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return []
+        return list(dict.fromkeys(att.peer for att in reversed(session.attachments.values())))
+
+    def _bridge(self) -> CliBridge:
+        if self.cli is None:
+            raise RPCError(UNAVAILABLE, MSG_BRIDGE_OFF)
+        return self.cli
+
+    def cli_subscribe(self, peer: int, push: Callable[[dict], bool]) -> dict:
+        """The peer handles cli.request: `push(event) -> bool` sends it one."""
+        if peer not in self.peers:
+            raise RPCError(REMOTE_CONNECTION_INACTIVE, MSG_INACTIVE)
+        return self._bridge().subscribe(peer, push)
+
+    def cli_response(self, peer: int, request_id: str, ok: bool, data: bytes | None,
+                     error=None) -> dict:
+        return self._bridge().respond(peer, request_id, ok, data, error)
 
     # read leases (see PtySession.consider_lease)
 
@@ -1012,6 +1059,8 @@ class Hub:
             await asyncio.wait(waiting, timeout=SHUTDOWN_GRACE * 5)
         for session in list(self.sessions.values()):
             session.finish()
+        if self.cli is not None:
+            self.cli.close()
 
 
     # handing the sessions to the next image of this process (an upgrade)
@@ -1044,7 +1093,7 @@ class Hub:
                 "session_id": s.id, "pid": s.pid, "command": s.command, "script": s.script,
                 "master": len(fds), "ring": len(fds) + 1, "cols": s.sizes.last_cols,
                 "rows": s.sizes.last_rows, "eof": s.eof, "exit_status": s.exit_status,
-                "exited": s.exited.done(),
+                "exited": s.exited.done(), "cli_path": s.cli_path,
                 "input": [b64(bytes(entry[0])) for entry in s.input if entry[0]],
             })
             fds += [s.master, s.ring.fd]
@@ -1064,6 +1113,12 @@ class Hub:
             session.exit_status = entry["exit_status"]
             session.sizes.last_cols, session.sizes.last_rows = entry["cols"], entry["rows"]
             session.eof = entry["eof"]
+            if entry.get("cli_path") and self.cli is not None:
+                try:
+                    session.cli_path = self.cli.open(session.id, entry["cli_path"])
+                except (OSError, ValueError) as exc:
+                    log.warning("PTY %s: its CLI bridge socket could not be opened again: %s",
+                                session.id, exc)
             session.started = loop.create_future()
             session.started.set_result(None)
             self.sessions[session.id] = session

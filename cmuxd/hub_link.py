@@ -7,11 +7,13 @@ A worker opens with `hello` and the link version it speaks; the hub refuses any 
 version, and each end checks that the other runs as its own uid.
 
 Worker → hub: `hello`, `add_peer`, `remove_peer`, `drained`, `call` (a Hub method by name,
-`params` by name; `quiet` for a pty.write notification, answered only if it fails),
+`params` by name; `quiet` for a pty.write notification, answered only if it fails; the
+CLI bridge's `cli_subscribe` and `cli_response` are calls too),
 `input` (a lease holder's input for the hub's queue), `released` (a lease given back).
 Hub → worker: `hello`/`refused`, `reply` (by `rid`; an attach also gets `reserved` once its
 session exists), `event` (for one peer), `lease` (+ the PTY master and the ring),
-`revoke`, `end_lease`, `input_done`, `input_refused`.
+`revoke`, `end_lease`, `input_done`, `input_refused`, `cli_request` (a `cli.request` event
+for one subscribed peer: not PTY output, so it never goes through a lease holder).
 
 Flow control crosses the link as counts: the hub lets at most OUTBOUND_FRAMES events of one
 attachment be unconfirmed, and the worker confirms them with `drained` as its client reads
@@ -31,6 +33,7 @@ import socket
 from pathlib import Path
 
 from . import __version__
+from .cli_bridge import CAPABILITY as CLI_CAPABILITY
 from .hub import Hub
 from .link_channel import MessageChannel
 from .peercred import peer_uid
@@ -47,7 +50,8 @@ LINK_MAX_FRAME = 64 * 1024 * 1024
 """Link frames carry a whole pty.write (up to the 4 MiB request frame, base64 once more)."""
 LINK_HIGH_WATER = 8 * 1024 * 1024
 """Unsent link bytes past which a worker refuses more input rather than buffer it."""
-CALLS = ("attach", "cancel", "write", "resize", "detach", "close", "list")
+CALLS = ("attach", "cancel", "write", "resize", "detach", "close", "list", "cli_subscribe",
+         "cli_response")
 ASYNC_CALLS = ("attach", "cancel")
 OWNED_CALLS = ("write", "detach")
 """Calls that change a session's input or attachments: a lent session is taken back first."""
@@ -187,9 +191,17 @@ class _Link:
             if hub_peer is None:
                 raise RPCError(UNAVAILABLE, MSG_NO_HUB)
             params["peer"] = hub_peer
-        if method == "write":
-            params["data"] = binascii.a2b_base64(params.pop("data_base64"))
+        if "data_base64" in params:
+            data = params.pop("data_base64")
+            params["data"] = None if data is None else binascii.a2b_base64(data)
+        if method == "cli_subscribe":
+            remote_id = msg["params"]["peer"]
+            params["push"] = lambda event: self._push_cli_request(remote_id, event)
         return getattr(self.hub, method), params
+
+    def _push_cli_request(self, remote_id: int, event: dict) -> bool:
+        self.send({"type": "cli_request", "peer": remote_id, "event": event})
+        return True
 
     def _call_now(self, msg: dict) -> None:
         """Calls the hub answers at once run here, not in a task of their own. A quiet call
@@ -338,14 +350,20 @@ class RemoteHub:
     """A worker's handle on the hub process. While the link is down, calls fail with
     `unavailable` and the worker keeps reconnecting."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, cli_bridge: bool = False):
         self.path = path
         self.channel: MessageChannel | None = None
         # PTY support is a property of this host, so it is known before the link is up:
         # a connection that arrives first (the one that socket-activated us) sees it too.
         probe = Hub()
         self.caps = {"persistent": probe.capabilities(True), "local": probe.capabilities(False)}
+        if cli_bridge:
+            for caps in self.caps.values():
+                if caps:
+                    caps.append(CLI_CAPABILITY)
         self.peers: dict[int, object] = {}
+        self.cli_pushers: dict[int, object] = {}
+        """Subscribed peers' way to send a cli.request to their connection."""
         self.attachments: dict[int, set] = {}  # peer -> attachments seen live
         self.behind: dict[tuple, int] = {}
         """Frames of each attachment given to its connection and not yet written out."""
@@ -382,6 +400,8 @@ class RemoteHub:
             self.channel.send({"type": "hello", "version": LINK_VERSION})
             for peer in self.peers:
                 self.channel.send({"type": "add_peer", "peer": peer})
+            for peer in self.cli_pushers:
+                self._call("cli_subscribe", {"peer": peer}).add_done_callback(_logged)
             await self._lost
             self.channel = None
             self.connected.clear()
@@ -444,6 +464,10 @@ class RemoteHub:
                 lease.input_done(msg)
         elif kind in ("input_accepted", "input_refused"):
             self._input_answered(msg)
+        elif kind == "cli_request":
+            push = self.cli_pushers.get(msg["peer"])
+            if push is not None:
+                push(msg["event"])
         elif kind == "hello":
             self.caps = msg["caps"]
             self.connected.set()
@@ -614,6 +638,7 @@ class RemoteHub:
 
     async def remove_peer(self, peer: int) -> None:
         self.peers.pop(peer, None)
+        self.cli_pushers.pop(peer, None)
         for key in self.attachments.pop(peer, ()):
             self.behind.pop(key, None)
         self._send({"type": "remove_peer", "peer": peer})
@@ -679,3 +704,19 @@ class RemoteHub:
 
     def list(self, command: bool = False, idle: bool = False, offsets: bool = False):
         return self._call("list", {"command": command, "idle": idle, "offsets": offsets})
+
+    def cli_subscribe(self, peer, push):
+        """Kept here too, so a new hub learns it again when the link comes back."""
+        self.cli_pushers[peer] = push
+        return self._call("cli_subscribe", {"peer": peer})
+
+    def cli_response(self, peer, request_id, ok, data, error=None):
+        return self._call("cli_response", {
+            "peer": peer, "request_id": request_id, "ok": ok,
+            "data_base64": None if data is None else b64(data), "error": error})
+
+
+def _logged(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("could not subscribe a connection to the CLI bridge again: %s",
+                    fut.exception())

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import orjson
 
@@ -44,7 +45,9 @@ class HubProcess:
     def __init__(self, config: dict):
         self.config = config
         self.hub = Hub(scrollback=config.get("scrollback", 1 << 20),
-                       idle_ttl=config.get("idle_ttl", 86400.0), shell=config.get("shell"))
+                       idle_ttl=config.get("idle_ttl", 86400.0), shell=config.get("shell"),
+                       cli_bridge=config.get("cli_bridge", True),
+                       cli_dir=str(Path(config["state_dir"]) / "cli"))
         self.server = HubServer(self.hub, hub_socket_path(config["state_dir"]))
         self.server.on_upgrade = self.request_upgrade
         self.server.on_stop = self.request_stop

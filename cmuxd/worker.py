@@ -44,8 +44,9 @@ class WorkerProcess:
         self.report_pending = False
         self._out = bytearray()
         self._flushing = False
-        self.hub = RemoteHub(hub_socket_path(config["state_dir"])) if config.get("state_dir") \
-            else None
+        self.hub = RemoteHub(hub_socket_path(config["state_dir"]),
+                             cli_bridge=config.get("cli_bridge", True)) \
+            if config.get("state_dir") else None
         self.stopped: asyncio.Future | None = None
         self.figures = DaemonFigures(self.connections)
         self.figures.update(config.get("daemon"))

@@ -7,8 +7,8 @@ only through `ctx` (see connection.ConnectionContext).
 
 from __future__ import annotations
 
-from . import proxy, pty, session, system
+from . import cli, proxy, pty, session, system
 
 METHODS: dict = {}
-for _family in (system, proxy, session, pty):
+for _family in (system, proxy, session, pty, cli):
     METHODS.update(_family.METHODS)

@@ -139,7 +139,8 @@ def test_02_hello(daemon):
     assert len(caps) == len(set(caps)), caps
     assert {"session.basic", "session.resize.min", "proxy.http_connect", "proxy.socks5",
             "proxy.stream", "proxy.stream.push"} <= set(caps)
-    assert "cli.bridge" not in caps
+    # The CLI bridge is on by default and lives in PTY sessions (§6.7).
+    assert ("cli.bridge" in caps) == ("pty.session" in caps)
     assert "pty.session.persistent_daemon" not in caps
     for cap in caps:
         assert cap in UPSTREAM_CAPABILITIES or cap.startswith("ext."), cap
@@ -179,7 +180,7 @@ def test_03_unknown_method_name_is_quoted_and_escaped(daemon):
 
 
 @pytest.mark.parametrize("method", [
-    "daemon.shutdown", "daemon.auth", "cli.response", "cli.bridge", "system.ping",
+    "daemon.shutdown", "daemon.auth", "cli.bridge", "system.ping",
 ])
 def test_04_out_of_scope_methods_are_unknown(daemon, method):
     daemon.expect({"id": 5, "method": method},
