@@ -207,7 +207,7 @@ def test_a_subscription_outlives_a_new_pty_hub(daemon):
     ProbeSession(app, "old")
     subscribe(app)
     hubs = [p for p in psutil.Process(daemon.proc.pid).children()
-            if "cmuxd.hub_link" in " ".join(p.cmdline())]
+            if "cmuxd.hub_process" in " ".join(p.cmdline())]
     assert len(hubs) == 1
     hubs[0].kill()
     assert app.next_event("pty.exit", timeout=10)["session_id"] == "old"

@@ -166,6 +166,8 @@ def test_stop_and_start_on_the_same_state_dir_keeps_sessions(installed):
                                       stdout=d.stderr_file, stderr=d.stderr_file, env=d.env,
                                       cwd="/")
             d.wait_ready()
+            # The new daemon asks the hub it adopted to upgrade to its own code.
+            wait_for(lambda: d.status()["hub"]["version"] == f"9.9.{n}", timeout=20)
             wait_for(lambda: d.status()["hub"]["sessions"] == 1, timeout=15)
         again = attach(d, "b", require_existing=True)
         out = replay_of(again, b"tick") + replay_of(again, b"tick")
