@@ -48,7 +48,7 @@ LINK_VERSION = 2
 CONNECT_WAIT = 5.0
 LINK_MAX_FRAME = 64 * 1024 * 1024
 """Link frames carry a whole pty.write (up to the 4 MiB request frame, base64 once more)."""
-LINK_HIGH_WATER = 8 * 1024 * 1024
+LINK_HIGH_WATER = 1024 * 1024
 """Unsent link bytes past which a worker refuses more input rather than buffer it."""
 CALLS = ("attach", "cancel", "write", "resize", "detach", "close", "list", "cli_subscribe",
          "cli_response")

@@ -31,6 +31,7 @@ import orjson
 
 from .hub import Hub, check_state, watch_children_without_threads
 from .hub_link import HubServer, hub_socket_path
+from .memory import return_large_blocks
 
 log = logging.getLogger("cmuxd.hub")
 
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     setup_logging(f"cmuxd hub [{os.getpid()}]")
     faulthandler.enable()
+    return_large_blocks()
     adopted = None
     if args.state_fd is not None:
         with os.fdopen(args.state_fd, "rb") as f:

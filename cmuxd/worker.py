@@ -23,6 +23,7 @@ from . import __version__
 from .handoff import HandoffDecoder, encode_report
 from .hub_link import RemoteHub, hub_socket_path
 from .logs import setup_logging
+from .memory import return_large_blocks
 
 log = logging.getLogger("cmuxd.worker")
 
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(f"cmuxd worker {args.index} [{os.getpid()}]")
     raise_fd_limit()
+    return_large_blocks()
     worker = WorkerProcess(args.channel_fd, args.index, orjson.loads(args.config))
     asyncio.run(worker.run())
 

@@ -257,10 +257,6 @@ def flood_writes(sock: socket.socket, frame: bytes, seconds: float) -> dict:
     return stats
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the worker taking the writes keeps ~100 MiB after 8 s of 3 MB notifications (glibc's "
-    "dynamic mmap threshold keeps freed frames; with MALLOC_MMAP_THRESHOLD_=131072 it peaks at "
-    "+28 MiB and falls back), the hub +11 MiB: input is not yet bounded to 16 MiB"))
 @pytest.mark.parametrize("spanning", [False, True], ids=["leased", "two-workers"])
 def test_streamed_input_at_a_session_that_reads_nothing_keeps_memory_flat(spanning):
     d = ListeningDaemon(workers=2).wait_ready()
