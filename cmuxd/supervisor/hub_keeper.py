@@ -107,7 +107,7 @@ class HubKeeper:
             return False
         hello: asyncio.Future = loop.create_future()
 
-        def on_message(msg: dict, fds: list[int]) -> None:
+        def on_message(msg: dict, fds: list[int], payload) -> None:
             for fd in fds:
                 os.close(fd)
             if not hello.done():
