@@ -142,7 +142,8 @@ def hub_run(*, state_dir: str = "", shell: str | None = None, scrollback: int = 
     if scrollback <= 0 or idle_ttl <= 0:
         usage_error("--scrollback and --idle-ttl must be positive")
     config = {"state_dir": state_dir or str(runtime_dir()), "shell": shell,
-              "scrollback": scrollback, "idle_ttl": idle_ttl, "cli_bridge": not no_cli_bridge}
+              "scrollback": scrollback, "idle_ttl": idle_ttl, "cli_bridge": not no_cli_bridge,
+              "until_stopped": True}
     hub_main(["--config", orjson.dumps(config).decode()])
 
 
@@ -354,7 +355,7 @@ def status(*, json: bool = False, prometheus: bool = False, state_dir: str = "")
 @argh.arg("--launchd", help="a launchd LaunchAgent plist (macOS)")
 @argh.arg("--user", help="systemd: your own instance (~/.config/systemd/user)")
 @argh.arg("--system", help="systemd: the system instance (/etc/systemd/system; needs root)")
-@argh.arg("--as", dest="as_user", metavar="USER", help="--system: the User= the daemon runs as (default: you, or SUDO_USER under sudo)")
+@argh.arg("--as", dest="as_user", metavar="USER", help="--system: the account (User=) the daemon and the shells it serves run as (default: SUDO_USER under sudo; --as root only on purpose)")
 @argh.arg("--print", dest="print_only", help="write the units to stdout; install nothing, create no token")
 @argh.arg("--token-file", help="the relay token the units load (default: ~/.config/cmuxd/relay-token, /etc/cmuxd/relay-token for --system; created when missing)")
 @argh.arg("--port", help="the TCP port on loopback (and on the tailnet addresses)")
