@@ -143,19 +143,23 @@ class ServerHandshake:
     """
 
     __slots__ = (
-        "_token", "relay_id", "nonce", "_expected", "_buf",
+        "_tokens", "relay_id", "nonce", "_expected", "_buf",
         "state", "reply", "leftover", "mutual", "reason", "_busy",
     )
 
-    def __init__(self, token: bytes, relay_id: str, nonce: str | None = None):
+    def __init__(self, token: bytes, relay_id: str, nonce: str | None = None,
+                 previous: bytes | None = None):
+        """`previous` is a token replaced by `token rotate` and still in its grace period:
+        it is accepted too, and the relay proves itself with whichever token the client used."""
         _check_relay_id(relay_id)
         if not token:
             raise ValueError("the relay token must not be empty")
-        self._token = bytes(token)
+        self._tokens = (bytes(token),) if not previous else (bytes(token), bytes(previous))
         self.relay_id = relay_id
         # Fixing the nonce is for the spec's vectors only; the daemon always passes None.
         self.nonce = new_nonce() if nonce is None else nonce
-        self._expected = bytes.fromhex(client_mac(self._token, relay_id, self.nonce))
+        self._expected = [bytes.fromhex(client_mac(t, relay_id, self.nonce))
+                          for t in self._tokens]
         self._buf = bytearray()
         self.state = "waiting"
         self.reply: bytes | None = None
@@ -229,13 +233,16 @@ class ServerHandshake:
         client_nonce = msg.get("client_nonce")
         if mutual and not _valid_client_nonce(client_nonce):
             return self.fail("client_nonce")
-        if not hmac.compare_digest(mac, self._expected):
+        # Every token is compared, so the time taken does not say which one matched.
+        matched = [hmac.compare_digest(mac, expected) for expected in self._expected]
+        if not any(matched):
             return self.fail("mac")
         self.state = "accepted"
         self.mutual = mutual
         self.leftover = rest
         if mutual:
-            proof = relay_mac(self._token, self.relay_id, client_nonce, self.nonce)
+            token = self._tokens[matched.index(True)]
+            proof = relay_mac(token, self.relay_id, client_nonce, self.nonce)
             self.reply = orjson.dumps(
                 {"ok": True, "relay_mac": proof}, option=orjson.OPT_APPEND_NEWLINE
             )
@@ -394,6 +401,10 @@ class Credentials:
     relay_id: str
     token: bytes = field(repr=False)
     source: str = ""
+    # Where the token was read from, for `token rotate`: a file it can replace, or the kind
+    # of place it cannot ("systemd credential", "CMUX_RELAY_TOKEN").
+    path: str | None = None
+    origin: str = "file"
 
     def __repr__(self) -> str:
         return (f"Credentials(relay_id={self.relay_id!r}, token=<{len(self.token)} bytes>, "
@@ -513,28 +524,55 @@ def default_token_path(env: Mapping[str, str] = os.environ) -> Path:
 
 def write_new_token(path: os.PathLike | str | None = None, *, force: bool = False,
                     env: Mapping[str, str] = os.environ) -> Path:
-    """Create a 32-byte token file readable only by its owner, and return its path.
-
-    The file is created with its final mode rather than chmod-ed later, so the token is never
-    readable by others, not even for a moment; replacing goes through a private temporary file
-    and a rename so a crash cannot leave a half-written token behind.
-    """
+    """Create a 32-byte token file readable only by its owner, and return its path."""
     path = Path(path) if path is not None else default_token_path(env)
     if path.exists() and not force:
         raise AuthError(f"token file {path} already exists; keep using it, or replace it with "
-                        "`cmuxd-remote token new --force` (clients holding the old token will "
+                        "`cmuxd-remote token new --force` (clients holding the old one will "
                         "then be refused)")
+    _write_private_file(path, (secrets.token_hex(32) + "\n").encode("ascii"), replace=force)
+    return path
+
+
+def rotate_token_file(path: os.PathLike | str) -> bytes:
+    """Replace the token in an existing token file with a fresh one and return it.
+
+    The file's form (hex line, or JSON with its relay id) and its owner are kept, so a daemon
+    that reads it again, and clients that share it, see only the token change.
+    """
+    path = Path(path)
+    relay_id, _ = _load_token_file(path)
+    owner = os.stat(path)
+    token = secrets.token_bytes(32)
+    if relay_id is None:
+        data = (token.hex() + "\n").encode("ascii")
+    else:
+        data = orjson.dumps({"relay_id": relay_id, "relay_token": token.hex()},
+                            option=orjson.OPT_APPEND_NEWLINE)
+    _write_private_file(path, data, replace=True, owner=(owner.st_uid, owner.st_gid))
+    return token
+
+
+def _write_private_file(path: Path, data: bytes, *, replace: bool,
+                        owner: tuple[int, int] | None = None) -> None:
+    """Write a secret file created 0600 (never chmod-ed later, so it is never readable by
+    others, not even for a moment). Replacing goes through a private temporary file and a
+    rename, so a crash cannot leave a half-written token behind."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    data = (secrets.token_hex(32) + "\n").encode("ascii")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if force else path
+    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if replace else path
     try:
         fd = os.open(target, flags, 0o600)
     except FileExistsError:
         raise AuthError(f"token file {path} was created by someone else just now; check it, "
                         "then run the command again") from None
+    except PermissionError:
+        raise AuthError(f"cannot write in {path.parent} as this user; run the command as the "
+                        "owner of the token file") from None
     try:
         os.fchmod(fd, 0o600)  # the umask can only remove bits, but make the mode exact anyway
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            os.fchown(fd, *owner)  # root rotating a user's file leaves it that user's
         os.write(fd, data)
         os.fsync(fd)
     except BaseException:
@@ -544,7 +582,6 @@ def write_new_token(path: os.PathLike | str | None = None, *, force: bool = Fals
     os.close(fd)
     if target != path:
         os.replace(target, path)
-    return path
 
 
 def _env_value(env: Mapping[str, str], name: str) -> str:
@@ -567,18 +604,23 @@ def server_credentials(token_file: os.PathLike | str | None = None, relay_id: st
     of hosts on one mesh would use anyway.
     """
     file_id: str | None = None
+    path: str | None = None
+    origin = "file"
     cred_dir = _env_value(env, "CREDENTIALS_DIRECTORY")
     env_token = _env_value(env, "CMUX_RELAY_TOKEN")
     if token_file is not None:
         file_id, token = _load_token_file(token_file)
         token_from = f"--token-file {token_file}"
+        path = os.path.abspath(token_file)
     elif cred_dir and os.path.exists(os.path.join(cred_dir, TOKEN_FILE_NAME)):
         cred_path = os.path.join(cred_dir, TOKEN_FILE_NAME)
         file_id, token = _load_token_file(cred_path, "systemd credential", check_mode=False)
         token_from = f"systemd credential {cred_path}"
+        origin = "systemd credential"
     elif env_token:
         token = parse_token(env_token, source="CMUX_RELAY_TOKEN")
         token_from = "CMUX_RELAY_TOKEN"
+        origin = "CMUX_RELAY_TOKEN"
     else:
         default = default_token_path(env)
         if not default.exists():
@@ -587,6 +629,7 @@ def server_credentials(token_file: os.PathLike | str | None = None, relay_id: st
                             "CMUX_RELAY_TOKEN")
         file_id, token = _load_token_file(default)
         token_from = str(default)
+        path = str(default)
 
     if relay_id is not None:
         rid, id_from = relay_id.strip(), "--relay-id"
@@ -599,7 +642,8 @@ def server_credentials(token_file: os.PathLike | str | None = None, relay_id: st
     if not rid or "\n" in rid:
         raise AuthError(f"the relay id from {id_from} is empty or spans lines; pass a one-line "
                         "--relay-id")
-    return Credentials(rid, token, f"token from {token_from}, relay id from {id_from}")
+    return Credentials(rid, token, f"token from {token_from}, relay id from {id_from}", path,
+                       origin)
 
 
 def client_credentials(port: int | None, token_file: os.PathLike | str | None = None,

@@ -151,6 +151,32 @@ def token_new(path: str | None, *, force: bool = False, if_missing: bool = False
         fail(str(exc))
 
 
+@argh.named("rotate")
+@argh.arg("path", nargs="?", default=None, help="the token file to rewrite (default: the one the running daemon reads; under systemd, the file its unit loads, e.g. /etc/cmuxd/relay-token)")
+@argh.arg("--grace", help="seconds the old token is still accepted for new connections (0: refused at once)")
+@argh.arg("--state-dir", help="the daemon's --state-dir (default: $XDG_RUNTIME_DIR/cmuxd, or ~/.local/state/cmux without XDG_RUNTIME_DIR)")
+def token_rotate(path: str | None, *, grace: float = 600.0, state_dir: str = "") -> None:
+    """Write a new relay token and make the running daemon use it at once, with no restart;
+    open connections and sessions are untouched."""
+    import time
+
+    from .token_rotation import RotationError, rotate
+
+    if not 0 <= grace <= 7 * 86400:
+        usage_error("--grace must be 0 to 604800 seconds (a week)")
+    try:
+        done = rotate(Config(state_dir=state_dir).control_path, path, grace)
+    except RotationError as exc:
+        fail(str(exc), exc.exit_code)
+    if done.previous_until:
+        until = time.strftime("%H:%M:%S", time.localtime(done.previous_until))
+        after = f"the old token is still accepted for new connections until {until}"
+    else:
+        after = "the old token is refused from now on"
+    print(f"rotated the token in {done.path}; the daemon uses the new one now and {after}. "
+          "Copy the file to the devices that connect with it.")
+
+
 def _client_kwargs(token_file, relay_id, unix_auth, remote_command):
     return {"token_file": token_file, "relay_id": relay_id, "unix_auth": unix_auth,
             "remote_command": remote_command}
@@ -594,7 +620,7 @@ def build_parser() -> argh.ArghParser:
     parser.add_commands([version, serve, status, ping, rpc, connect, attach, sessions, kill],
                         **own)
     for name, functions, text in [
-        ("token", [token_new], "manage the relay token"),
+        ("token", [token_new, token_rotate], "manage the relay token"),
         ("units", [units_install], "install systemd or launchd service units"),
         ("fleet", [fleet_config, fleet_status], "cmux.json from your tailnet; check every host"),
     ]:

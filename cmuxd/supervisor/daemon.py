@@ -13,8 +13,8 @@ import time
 from collections import Counter
 
 from .. import __version__
-from ..auth import AuthError, Credentials, server_credentials
-from .control import ControlServer
+from ..auth import AuthError, Credentials, parse_token, server_credentials
+from .control import ControlError, ControlServer
 from .gate import Gate
 from .listeners import Listener, ListenerError
 from .notify import Notifier, pool_healthy, status_line
@@ -23,6 +23,7 @@ from .pool import WorkerPool
 log = logging.getLogger("cmuxd.supervisor")
 
 STOP_DRAIN = 1.0  # seconds accepted connections get to finish before a stop closes them
+MAX_GRACE = 7 * 86400.0  # a rotated-out token is accepted for a week at most
 
 
 class Supervisor:
@@ -37,7 +38,12 @@ class Supervisor:
         self.pool = WorkerPool(config, counters=self.counters)
         self.immediate = False
         self.gate = Gate(listeners, creds, self.pool, config, self.counters)
-        self.control = ControlServer(config.control_path, self.status)
+        self.control = ControlServer(config.control_path, {
+            "status": lambda request: self.status(),
+            "rotate_token": self.rotate_token,
+        })
+        self.replaced_token: bytes | None = None  # the token `token rotate` last replaced
+        self.previous_until: float | None = None  # wall clock, for status
         self.stop_requested: asyncio.Event | None = None
         self.notifier = Notifier()  # sd_notify; does nothing without NOTIFY_SOCKET
 
@@ -93,14 +99,52 @@ class Supervisor:
         self.notifier.reloading()
         try:
             if self.creds is not None:
-                self.creds = server_credentials(self.config.token_file, self.config.relay_id,
-                                                env={**os.environ, **self.secret_env})
-                self.gate.creds = self.creds
+                creds = server_credentials(self.config.token_file, self.config.relay_id,
+                                           env={**os.environ, **self.secret_env})
+                if creds.token == self.replaced_token:
+                    # A systemd credential is copied only at start: it still holds the token
+                    # `token rotate` replaced, and going back to it would undo the rotation.
+                    log.info("reload: %s still holds the token replaced by `token rotate`; "
+                             "keeping the rotated one", creds.source)
+                else:
+                    self.creds = self.gate.creds = creds
         except AuthError as exc:
             log.error("reload: keeping the old token: %s", exc)
         self.pool.reload()
         log.info("reloaded: generation %d serves new connections", self.pool.generation)
         self.notifier.ready()
+
+    def rotate_token(self, request: dict) -> dict:
+        """`token rotate`: take the new token sent over the control socket (the token file
+        is rewritten already; under systemd the service only ever sees a snapshot of it)."""
+        if self.creds is None:
+            raise ControlError("this daemon runs without a relay token (it serves only Unix "
+                               "sockets with the peer uid check); there is nothing to rotate")
+        grace = request.get("grace")
+        if type(grace) not in (int, float) or not 0 <= grace <= MAX_GRACE:
+            raise ControlError(f"the grace period must be 0 to {MAX_GRACE:.0f} seconds")
+        text = request.get("token")
+        try:
+            token = parse_token(text if type(text) is str else "", source="the new token")
+        except AuthError as exc:
+            raise ControlError(str(exc)) from None
+        if token == self.creds.token:
+            raise ControlError("the new token is the one the daemon uses already")
+        self.replaced_token = self.creds.token
+        self.creds = Credentials(self.creds.relay_id, token,
+                                 "token from `token rotate`, relay id as before",
+                                 self.creds.path, self.creds.origin)
+        self.gate.rotate(self.creds, grace)
+        self.previous_until = time.time() + grace if grace else None
+        if grace:
+            log.info("relay token rotated; the previous one is accepted for new connections "
+                     "for %.0f s more", grace)
+        else:
+            log.info("relay token rotated; the previous one is no longer accepted")
+        return {"previous_token_until": self.previous_until}
+
+    def _previous_token_until(self) -> float | None:
+        return self.previous_until if self.gate.previous is not None else None
 
     async def shutdown(self) -> None:
         self.notifier.stopping()
@@ -120,6 +164,9 @@ class Supervisor:
             "version": __version__,
             "uptime": round(time.time() - self.started, 3),
             "relay_id": self.creds.relay_id if self.creds else None,
+            "token_origin": self.creds.origin if self.creds else None,
+            "token_file": self.creds.path if self.creds else None,
+            "previous_token_until": self._previous_token_until(),
             "listeners": [
                 {"kind": l.kind, "address": l.address, "origin": l.origin} for l in self.listeners
             ],

@@ -127,6 +127,11 @@ class Gate:
         self._deadline: asyncio.TimerHandle | None = None  # for the oldest entry of `pending`
         self.failing: dict[int, _Pending] = {}  # fd -> refused, waiting out FAILURE_DELAY
         self.next_id = 0
+        # A token replaced by `token rotate`, accepted for new handshakes until `previous_until`
+        # (loop time): devices not yet given the new one keep connecting meanwhile.
+        self.previous: bytes | None = None
+        self.previous_until = 0.0
+        self._previous_timer: asyncio.TimerHandle | None = None
         self._refusals: Counter = Counter()
         self._refusal_logger: asyncio.TimerHandle | None = None
         self.uid = os.geteuid()
@@ -143,6 +148,25 @@ class Gate:
                 # Linux copies these to every accepted socket: set once, not per connection.
                 _tune_tcp(listener.sock)
             loop.add_reader(listener.sock.fileno(), self._accept, listener)
+
+    def rotate(self, creds: Credentials, grace: float) -> None:
+        """Use `creds` for every new handshake from now on; the token they replace is still
+        accepted for `grace` seconds (not at all for 0). Connections already authenticated
+        are not touched: a token is checked once, at the handshake."""
+        loop = asyncio.get_running_loop()
+        if self._previous_timer is not None:
+            self._previous_timer.cancel()
+            self._previous_timer = None
+        old, self.creds = self.creds, creds
+        self.previous = old.token if grace > 0 and old is not None else None
+        self.previous_until = loop.time() + grace if self.previous else 0.0
+        if self.previous:
+            self._previous_timer = loop.call_at(self.previous_until, self._previous_expired)
+
+    def _previous_expired(self) -> None:
+        self._previous_timer = None
+        self.previous = None
+        log.info("the previous relay token is no longer accepted")
 
     def stop(self) -> None:
         self.stop_accepting()
@@ -267,7 +291,7 @@ class Gate:
             return
         loop = asyncio.get_running_loop()
         self.in_flight += 1
-        hs = ServerHandshake(self.creds.token, self.creds.relay_id)
+        hs = ServerHandshake(self.creds.token, self.creds.relay_id, previous=self.previous)
         pending = _Pending(conn, hs, peer, host, source, loop.time())
         try:
             conn.send(hs.challenge())
