@@ -12,7 +12,7 @@ import signal
 import time
 from collections import Counter
 
-from .. import __version__
+from .. import __version__, devices
 from ..auth import AuthError, Credentials, parse_token, server_credentials
 from .control import ControlError, ControlServer
 from .gate import Gate
@@ -24,6 +24,7 @@ log = logging.getLogger("cmuxd.supervisor")
 
 STOP_DRAIN = 1.0  # seconds accepted connections get to finish before a stop closes them
 MAX_GRACE = 7 * 86400.0  # a rotated-out token is accepted for a week at most
+LAST_USED_WRITE_INTERVAL = 60.0  # "last used" of devices reaches the disk at most this often
 
 
 class Supervisor:
@@ -41,7 +42,12 @@ class Supervisor:
         self.control = ControlServer(config.control_path, {
             "status": lambda request: self.status(),
             "rotate_token": self.rotate_token,
+            "devices_changed": lambda request: self.load_devices(),
+            "devices": lambda request: self.device_status(),
         })
+        self.last_used: dict[str, dict] = devices.read_last_used()  # name -> {"at", "from"}
+        self._last_used_timer: asyncio.TimerHandle | None = None
+        self.gate.on_device = self._device_used
         self.replaced_token: bytes | None = None  # the token `token rotate` last replaced
         self.previous_until: float | None = None  # wall clock, for status
         self.stop_requested: asyncio.Event | None = None
@@ -64,6 +70,14 @@ class Supervisor:
         except ListenerError as exc:
             log.error("state directory %s: %s; pass another --state-dir", self.config.state_dir,
                       exc)
+            for listener in self.listeners:
+                listener.close()
+            return 1
+        try:
+            self.load_devices()
+        except devices.DeviceError as exc:
+            log.error("%s", exc)
+            self.control.close()
             for listener in self.listeners:
                 listener.close()
             return 1
@@ -110,6 +124,10 @@ class Supervisor:
                     self.creds = self.gate.creds = creds
         except AuthError as exc:
             log.error("reload: keeping the old token: %s", exc)
+        try:
+            self.load_devices()
+        except devices.DeviceError as exc:
+            log.error("reload: keeping the device keys as they were: %s", exc)
         self.pool.reload()
         log.info("reloaded: generation %d serves new connections", self.pool.generation)
         self.notifier.ready()
@@ -143,6 +161,42 @@ class Supervisor:
             log.info("relay token rotated; the previous one is no longer accepted")
         return {"previous_token_until": self.previous_until}
 
+    def load_devices(self) -> dict:
+        """Read the host key and the authorized devices (at start, on reload, and when
+        `device add` or `device revoke` says they changed); the connections of a device no
+        longer authorized are closed at once."""
+        loaded = devices.load_host_devices()
+        before = set(self.gate.devices.devices) if self.gate.devices else set()
+        self.gate.devices = loaded
+        now = set(loaded.devices) if loaded else set()
+        for name in sorted(before - now):
+            log.info("device %s revoked: closing its connections", name,
+                     extra={"DEVICE": name})
+            self.pool.close_device(name)
+        if loaded is not None and not before:
+            log.info("device keys taken (host key %s, %d device(s))", loaded.host_fp,
+                     len(now))
+        return {"devices": len(now), "revoked": sorted(before - now)}
+
+    def _device_used(self, name: str, peer: str) -> None:
+        self.last_used[name] = {"at": round(time.time()), "from": peer}
+        if self._last_used_timer is None:
+            self._last_used_timer = asyncio.get_running_loop().call_later(
+                LAST_USED_WRITE_INTERVAL, self._write_last_used)
+
+    def _write_last_used(self) -> None:
+        self._last_used_timer = None
+        try:
+            devices.write_last_used(self.last_used)
+        except OSError as exc:
+            log.warning("could not record when devices were last used: %s", exc)
+
+    def device_status(self) -> dict:
+        live: Counter = Counter()
+        for worker in self.pool.workers:
+            live.update(worker.devices)
+        return {"connections": dict(live), "last_used": self.last_used}
+
     def _previous_token_until(self) -> float | None:
         return self.previous_until if self.gate.previous is not None else None
 
@@ -154,6 +208,9 @@ class Supervisor:
         for listener in self.listeners:
             listener.close()
         await self.pool.stop(graceful=not self.immediate)
+        if self._last_used_timer is not None:
+            self._last_used_timer.cancel()
+            self._write_last_used()
         self.control.close()
         self.notifier.close()
         log.info("stopped")
@@ -176,6 +233,8 @@ class Supervisor:
             "connections": self.pool.total_load(),
             "pty_sessions": self.pool.pty_sessions,
             "handshakes_in_flight": self.gate.in_flight,
+            "devices_only": self.config.devices_only,
+            "device_connections": self.device_status()["connections"],
         }
 
 
