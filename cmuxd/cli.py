@@ -209,14 +209,14 @@ def device_key(*, name: str | None = None) -> None:
     """On a device: make its key pair once (the private half stays in
     ~/.config/cmuxd/device-key, 0600) and print its public line for `device add` on a host."""
     from .auth import short_hostname
-    from .devices import DEVICE_LINE_TYPE, NAME, DeviceError, device_key_path, key_pair, public_line
+    from .devices import DEVICE_LINE_TYPE, NAME, device_key_path, key_pair, public_line
 
     label = name or short_hostname()
     if not NAME.fullmatch(label):
         usage_error("--name must be 1 to 64 letters, digits, dots, dashes or underscores")
     try:
         key = key_pair(device_key_path(), "device key")
-    except DeviceError as exc:
+    except AuthError as exc:
         fail(str(exc))
     print(public_line(DEVICE_LINE_TYPE, key.public_key(), label))
 
@@ -231,13 +231,13 @@ def device_add(name: str, line: str | None, *, relay_id: str | None = None,
     """On a host: authorize a device's public key, and print this host's public line for
     `device trust` on the device. The running daemon takes it at once."""
     from .auth import short_hostname
-    from .devices import (HOST_LINE_TYPE, DeviceError, add_device, authorized_devices_path,
+    from .devices import (HOST_LINE_TYPE, add_device, authorized_devices_path,
                           host_key_path, key_pair, public_line)
 
     try:
         device = add_device(authorized_devices_path(), name, _public_line(line, "device's public"))
         host = key_pair(host_key_path(), "host key")
-    except DeviceError as exc:
+    except AuthError as exc:
         fail(str(exc))
     told = _tell_daemon(state_dir)
     if relay_id is None:
@@ -261,11 +261,11 @@ def device_trust(host: str, line: str | None) -> None:
     """On a device: pin a host's public key, so that `ping HOST` (and every client command)
     signs in with this device's key and refuses a daemon that cannot prove it holds that key."""
     from .auth import fingerprint
-    from .devices import DeviceError, known_hosts_path, pin_host
+    from .devices import known_hosts_path, pin_host
 
     try:
         pin = pin_host(known_hosts_path(), host, _public_line(line, "host's public"))
-    except DeviceError as exc:
+    except AuthError as exc:
         fail(str(exc))
     print(f"pinned host key {fingerprint(pin.key)} (relay {pin.relay_id}) for {pin.host}")
 
@@ -276,13 +276,13 @@ def device_trust(host: str, line: str | None) -> None:
 def device_list(*, json: bool = False, state_dir: str = "") -> None:
     """On a host: the authorized devices, when each was added and last used, and their
     live connections (from the running daemon)."""
-    from .devices import DeviceError, authorized_devices_path, read_authorized, read_last_used
+    from .devices import authorized_devices_path, read_authorized, read_last_used
     from .status import control_request, duration
     import time
 
     try:
         devices = read_authorized(authorized_devices_path())
-    except DeviceError as exc:
+    except AuthError as exc:
         fail(str(exc))
     try:
         live = control_request(Config(state_dir=state_dir).control_path, {"method": "devices"})
@@ -311,11 +311,11 @@ def device_list(*, json: bool = False, state_dir: str = "") -> None:
 def device_revoke(name: str, *, state_dir: str = "") -> None:
     """On a host: remove a device; the running daemon closes its connections at once and
     refuses its next handshake. Its PTY sessions keep running."""
-    from .devices import DeviceError, authorized_devices_path, revoke_device
+    from .devices import authorized_devices_path, revoke_device
 
     try:
         device = revoke_device(authorized_devices_path(), name)
-    except DeviceError as exc:
+    except AuthError as exc:
         fail(str(exc))
     told = _tell_daemon(state_dir)
     note = "its connections are closed" if told is not None else \

@@ -219,7 +219,7 @@ def device_credentials(address: Address, relay_id=None) -> Credentials | None:
     """This device's key, when a host key is pinned (`device trust`) for the address: as the
     cmux.json name, HOST:PORT or HOST; None when none is."""
     from .auth import DeviceCredential
-    from .devices import DeviceError, device_key_path, known_hosts_path, load_key, read_pins
+    from .devices import device_key_path, known_hosts_path, load_key, read_pins
 
     try:
         pins = read_pins(known_hosts_path())
@@ -228,7 +228,7 @@ def device_credentials(address: Address, relay_id=None) -> Credentials | None:
         if pin is None:
             return None
         key = load_key(device_key_path(), "device key", "cmuxd-remote device key")
-    except DeviceError as exc:
+    except AuthError as exc:  # a device file that is unsafe or damaged, as for a token
         raise ClientError(str(exc), EXIT_AUTH) from None
     return Credentials(relay_id or pin.relay_id, b"",
                        f"device key {device_key_path()}, host key pinned for {pin.host} in "

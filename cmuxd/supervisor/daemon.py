@@ -75,7 +75,7 @@ class Supervisor:
             return 1
         try:
             self.load_devices()
-        except devices.DeviceError as exc:
+        except AuthError as exc:
             log.error("%s", exc)
             self.control.close()
             for listener in self.listeners:
@@ -126,7 +126,7 @@ class Supervisor:
             log.error("reload: keeping the old token: %s", exc)
         try:
             self.load_devices()
-        except devices.DeviceError as exc:
+        except AuthError as exc:
             log.error("reload: keeping the device keys as they were: %s", exc)
         self.pool.reload()
         log.info("reloaded: generation %d serves new connections", self.pool.generation)
