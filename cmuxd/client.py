@@ -178,6 +178,10 @@ def credentials_for(address: Address, token_file=None, relay_id=None) -> Credent
     """Find credentials as cmux clients do; flags win over what cmux.json says of the host,
     and for a daemon on this host the relay id defaults to the short host name, which is the
     daemon's own default."""
+    if token_file is None and address.token_file is None and address.kind == "tcp":
+        device = device_credentials(address, relay_id)
+        if device is not None:
+            return device
     from_fleet = []
     if token_file is None and address.token_file is not None:
         token_file = address.token_file
@@ -209,6 +213,26 @@ def credentials_for(address: Address, token_file=None, relay_id=None) -> Credent
                 "id its daemon announces; add it there (`cmuxd-remote fleet config`), or pass "
                 "--relay-id (a daemon's default is its short host name)", EXIT_AUTH) from None
         raise ClientError(str(exc), EXIT_AUTH) from None
+
+
+def device_credentials(address: Address, relay_id=None) -> Credentials | None:
+    """This device's key, when a host key is pinned (`device trust`) for the address: as the
+    cmux.json name, HOST:PORT or HOST; None when none is."""
+    from .auth import DeviceCredential
+    from .devices import device_key_path, known_hosts_path, load_key, read_pins
+
+    try:
+        pins = read_pins(known_hosts_path())
+        pin = next((pins[k] for k in (address.name, f"{address.host}:{address.port}",
+                                      address.host) if k in pins), None)
+        if pin is None:
+            return None
+        key = load_key(device_key_path(), "device key", "cmuxd-remote device key")
+    except AuthError as exc:  # a device file that is unsafe or damaged, as for a token
+        raise ClientError(str(exc), EXIT_AUTH) from None
+    return Credentials(relay_id or pin.relay_id, b"",
+                       f"device key {device_key_path()}, host key pinned for {pin.host} in "
+                       f"{known_hosts_path()}", device=DeviceCredential(key, pin.key))
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -428,7 +452,7 @@ async def _dial(address: Address):
 
 async def _handshake(reader, writer, creds: Credentials, address: Address,
                      first_request: bytes) -> bytes:
-    hs = ClientHandshake(creds.token, creds.relay_id)
+    hs = ClientHandshake(creds.token, creds.relay_id, device=creds.device)
     try:
         async with asyncio.timeout(PREAUTH_TIMEOUT):
             while hs.state in ("waiting_challenge", "sent"):

@@ -41,13 +41,16 @@ log = logging.getLogger("cmuxd.connection")
 class ConnectionContext:
     """All a handler knows of its connection: its kind, its state, how to push events."""
 
-    __slots__ = ("_conn", "transport", "hub", "daemon", "_state")
+    __slots__ = ("_conn", "transport", "hub", "daemon", "_state", "caller", "device")
 
-    def __init__(self, conn: "Connection", transport: str, hub: Any, daemon: Any = None):
+    def __init__(self, conn: "Connection", transport: str, hub: Any, daemon: Any = None,
+                 caller: str | None = None, device: str | None = None):
         self._conn = conn
         self.transport = transport
         self.hub = hub
         self.daemon = daemon  # handlers.system.DaemonFigures in a worker; None under stdio
+        self.caller = caller  # "device NAME", "shared token" or "uid N"; None under stdio
+        self.device = device  # the device key that authenticated it, if one did
         self._state: dict[type, Any] = {}
 
     def state(self, cls):
@@ -83,8 +86,8 @@ class Connection(asyncio.Protocol):
     stdio, where they are the stdin and stdout pipes."""
 
     def __init__(self, transport: str, hub: Any = None, initial: bytes = b"",
-                 daemon: Any = None):
-        self.ctx = ConnectionContext(self, transport, hub, daemon)
+                 daemon: Any = None, caller: str | None = None, device: str | None = None):
+        self.ctx = ConnectionContext(self, transport, hub, daemon, caller, device)
         self.decoder = FrameDecoder()
         self.pending: deque = deque()
         self.reader = None
@@ -295,6 +298,11 @@ class Connection(asyncio.Protocol):
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("connection task failed", exc_info=task.exception())
+
+    def abort(self) -> None:
+        """Drop the connection now, unanswered requests and unsent replies with it."""
+        if self.reader is not None:
+            self.reader.abort()
 
     def finish(self) -> None:
         """Close at a frame boundary: answer every request already read, read no more."""

@@ -62,6 +62,7 @@ class Worker:
         self.version = ""  # the code it runs, as it reported
         self.ping_seq = 0
         self.serve_limit = 0
+        self.devices: dict[str, int] = {}  # device name -> open connections, as last reported
 
     @property
     def pid(self) -> int:
@@ -209,11 +210,16 @@ class WorkerPool:
     # dispatch
 
     def dispatch(self, conn: socket.socket, kind: str, peer: str, leftover: bytes,
-                 conn_id: int) -> Worker:
+                 conn_id: int, device: str | None = None) -> Worker:
         """Hand the connection to the least-loaded serving worker; a worker found dead on the
         way is skipped, so a crash never costs a connection that was not yet its own."""
-        return self._dispatch(conn_id, encode_handoff(conn_id, kind, peer, leftover),
+        return self._dispatch(conn_id, encode_handoff(conn_id, kind, peer, leftover, device),
                               conn.fileno())
+
+    def close_device(self, name: str) -> None:
+        """A revoked device: every worker closes the connections it authenticated."""
+        for worker in self.workers:
+            self._queue(worker, encode_control("close_device", device=name), None)
 
     def _dispatch(self, conn_id: int, data: bytes, fd: int) -> Worker:
         """Until the worker confirms it took the fd, we keep a copy: if it dies first (also
@@ -350,6 +356,8 @@ class WorkerPool:
             closed = report.get("closed")
             if closed:
                 worker.load = max(0, worker.load - closed)
+            if "devices" in report:
+                worker.devices = report["devices"]
         return True
 
     def _drop_channel(self, worker: Worker) -> None:

@@ -365,6 +365,48 @@ def test_a_new_token_takes_a_restart_under_the_unit(systemd):
         systemd.authed(token=old)
 
 
+def test_token_rotate_reaches_the_service_without_a_restart(systemd):
+    """`token rotate` under the --system unit: the credential is a snapshot taken at start,
+    so the new token reaches the running service over its control socket; no restart, the
+    old token works for the grace period only, and a reload does not bring it back."""
+    ping_ok(systemd.authed())
+    wait_serving(systemd)
+    main_pid = systemd.main_pid()
+    old = systemd.token
+    opened = systemd.authed(token=old)
+    rotated = systemd.nsenter(*units.installed_command(), "token", "rotate",
+                              str(systemd.token_file), "--grace", "3", "--state-dir",
+                              "/run/cmuxd", check=True)
+    assert "the daemon uses the new one now" in rotated.stdout
+    new = systemd.path(str(systemd.token_file)).read_text().strip()
+    assert new != old
+    assert systemd.path(str(systemd.token_file)).stat().st_mode & 0o777 == 0o600
+    ping_ok(systemd.authed(token=new))
+    ping_ok(systemd.authed(token=old))  # within the grace period
+    assert systemd.control_status()["previous_token_until"] is not None
+
+    def old_refused():
+        try:
+            systemd.authed(token=old).close()
+            return False
+        except AssertionError:
+            return True
+    wait_for(old_refused, timeout=15, interval=0.2, message="the old token's grace to end")
+    systemd.token = new
+    generation = systemd.control_status()["generation"]
+    systemd.systemctl("reload", "cmuxd.service")
+    wait_for(lambda: systemd.control_status()["generation"] == generation + 1, timeout=15,
+             message="the new worker generation")
+    ping_ok(systemd.authed())
+    assert old_refused()
+    assert systemd.main_pid() == main_pid
+    ping_ok(opened, id=7)  # authenticated with the old token before the rotation
+    opened.close()
+    journal = systemd.journal()
+    assert "relay token rotated" in journal and "keeping the rotated one" in journal
+    assert old not in journal and new not in journal
+
+
 def test_a_pty_shell_runs_in_the_hub_unit_outside_the_daemons_sandbox(systemd):
     """cmuxd.service has a private /tmp; the shells, children of cmuxd-hub.service, see the
     host's."""
