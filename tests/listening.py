@@ -61,7 +61,8 @@ class ListeningDaemon:
 
     def __init__(self, *extra: str, tcp: list[str] | None = None, v6: bool = False,
                  unix: bool = True, workers: int = 2, env: dict | None = None,
-                 token_mode: int = 0o600, fd_limit: tuple[int, int] | None = None):
+                 token_mode: int = 0o600, fd_limit: tuple[int, int] | None = None,
+                 cwd: os.PathLike | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="cmuxd-test-"))
         self.token_file = self.dir / "relay-token"
         self.token = write_token_file(self.token_file, token_mode)
@@ -88,7 +89,7 @@ class ListeningDaemon:
             lambda: resource.setrlimit(resource.RLIMIT_NOFILE, fd_limit))
         self.proc = subprocess.Popen(daemon_command(*args), stdin=subprocess.DEVNULL,
                                      stdout=self.stderr_file, stderr=self.stderr_file,
-                                     env=full_env, preexec_fn=limit)
+                                     env=full_env, preexec_fn=limit, cwd=cwd)
 
     def wait_ready(self) -> "ListeningDaemon":
         """Ready once the control socket answers with every worker alive."""
