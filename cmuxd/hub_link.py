@@ -25,6 +25,8 @@ import orjson
 
 from .handlers.pty import MSG_NO_HUB, OUTBOUND_FRAMES, pty_error_event
 from .hub import Hub, watch_children_without_threads
+from .local_sockets import LocalSocketError, make_state_dir, open_trusted_unix, trusted_peer
+from .peercred import peer_uid
 from .protocol import OVERSIZED, UNAVAILABLE, FrameDecoder, RPCError, b64, encode
 
 log = logging.getLogger("cmuxd.hub")
@@ -74,6 +76,11 @@ class _Link(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if not trusted_peer(transport.get_extra_info("socket")):
+            log.warning("refused a PTY hub link from uid %d: only this daemon's workers may "
+                        "connect", peer_uid(transport.get_extra_info("socket")))
+            transport.close()
+            return
         self.send({"hello": {"persistent": self.hub.capabilities(True),
                              "local": self.hub.capabilities(False)}})
 
@@ -191,7 +198,7 @@ class HubServer:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_state_dir(self.path.parent)
         if self.path.exists():
             self.path.unlink()
         old = os.umask(0o177)
@@ -234,14 +241,19 @@ class RemoteHub:
 
     async def _run(self) -> None:
         delay = 0.05
+        refusal = ""
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(str(self.path))
-            except OSError:
+                reader, writer = await open_trusted_unix(self.path)
+            except OSError as exc:
+                if isinstance(exc, LocalSocketError) and str(exc) != refusal:
+                    refusal = str(exc)
+                    log.error("not connecting to the PTY hub: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
             delay = 0.05
+            refusal = ""
             self.writer = writer
             for peer in self.peers:
                 self._send({"op": "add_peer", "peer": peer})
@@ -435,7 +447,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lifeline-fd", type=int, default=None)
     args = parser.parse_args(argv)
     setup_logging(f"cmuxd hub [{os.getpid()}]")
-    asyncio.run(_serve(orjson.loads(args.config), args.lifeline_fd))
+    try:
+        asyncio.run(_serve(orjson.loads(args.config), args.lifeline_fd))
+    except LocalSocketError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import orjson
 
+from .local_sockets import connect_trusted
+
 
 def query_status(path: Path, timeout: float = 5.0) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise OSError(f"no daemon answers on {path}; is it running (or is its "
-                          "--state-dir elsewhere)?") from None
+    try:
+        sock = connect_trusted(path, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise OSError(f"no daemon answers on {path}; is it running (or is its "
+                      "--state-dir elsewhere)?") from None
+    with sock:
         sock.sendall(b'{"method":"status"}\n')
         data = b""
         while not data.endswith(b"\n"):
