@@ -1,7 +1,7 @@
 """Benchmarks of cmuxd-remote: scripts that print figures, never timed assertions.
 
     scripts/bench                       # every section (about a minute)
-    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty (comma separated)
+    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty, flood (comma separated)
     scripts/bench --only stdio --runs 15 --pings 50000
     scripts/bench --only ssh --connects 50
     scripts/bench --only tcp --auth-client python
@@ -30,6 +30,9 @@ Sections
 * pty: keystroke echo over TCP (one byte in an id-less pty.write, timed until its pty.data)
   next to the same through `ssh -tt` to the private OpenSSH server, both echoed by `cat` on a
   raw terminal; and the output throughput of `cat` of a 64 MiB file to one attachment.
+* flood: the ping round trip of one connection to a one-worker daemon, alone and while
+  another connection (a child process) streams 1 MiB writes of LFs, then of invalid frames,
+  as fast as it can.
 
 The idle and pty sections always start their own daemon (they read its processes' memory
 and CPU), also when --tcp-addr names one for the tcp section.
@@ -1229,6 +1232,67 @@ def _met(ok: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# section: flood (one client streaming junk, another pinging on the same worker)
+
+FLOODS = {"LFs": b"\n" * (1 << 20), "invalid frames": b"{x}\n" * (1 << 18)}
+
+
+@contextmanager
+def flooding(sock: socket.socket, chunk: bytes) -> Iterator[None]:
+    """A child process writes `chunk` on the authenticated `sock` as fast as it goes and
+    reads whatever comes back, until the block ends. A process of its own, so that it shares
+    no interpreter lock with the pings measured meanwhile."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            threading.Thread(target=lambda: [None for _ in iter(lambda: sock.recv(1 << 20), b"")],
+                             daemon=True).start()
+            while True:
+                sock.sendall(chunk)
+        finally:
+            os._exit(0)
+    try:
+        time.sleep(0.2)  # the flood is under way
+        yield
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def flood_section(args, procs: Processes, results: dict) -> None:
+    """Ping round trips on a one-worker daemon, alone and while another connection streams
+    1 MiB writes of LFs or of invalid frames as fast as it can."""
+    print(f"flood: {args.flood_pings:,} sequential pings on a one-worker daemon, alone and "
+          "while another connection streams junk")
+    with section_dir(procs, "flood") as tmp:
+        args.workers, workers = 1, args.workers
+        try:
+            target = start_tcp_daemon(Path(tmp), procs, args)
+        finally:
+            args.workers = workers
+        rows = [("no flood", *_ping_percentiles(target, args.flood_pings, results, "none"))]
+        for name, chunk in FLOODS.items():
+            flood_sock, _ = target.connect()
+            with flooding(flood_sock, chunk):
+                rows.append((f"while a client streams {name}",
+                             *_ping_percentiles(target, args.flood_pings, results, name)))
+            flood_sock.close()
+    table([(label, ms(p50), ms(p99)) for label, p50, p99 in rows], ("", "p50", "p99"))
+    rise = max(results[f"flood_p99_{name}"] for name in FLOODS) - results["flood_p99_none"]
+    results["flood_p99_rise"] = rise
+    print(f"  goal: a flood raises another client's ping p99 by under 10 ms: {_met(rise < 0.01)} "
+          f"({ms(rise)})")
+
+
+def _ping_percentiles(target: TCPTarget, count: int, results: dict, name: str
+                      ) -> tuple[float, float]:
+    rtts = _ping_rtts(target, count)
+    results[f"flood_p50_{name}"], results[f"flood_p99_{name}"] = pct(rtts, 50), pct(rtts, 99)
+    return pct(rtts, 50), pct(rtts, 99)
+
+
+# ---------------------------------------------------------------------------------------------
 # section: pty (keystroke echo and output throughput of a PTY session)
 
 ECHO_COMMAND = "stty raw -echo && printf READY && exec cat"
@@ -1552,7 +1616,7 @@ def summary(r: dict) -> None:
 
 
 SECTIONS = {"stdio": stdio_section, "ssh": ssh_section, "tcp": tcp_section,
-            "idle": idle_section, "pty": pty_section}
+            "idle": idle_section, "pty": pty_section, "flood": flood_section}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1599,6 +1663,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="handshakes in flight while opening them (default: %(default)s)")
     idle.add_argument("--idle-pings", type=int, default=2000,
                       help="sequential pings while they are held (default: %(default)s)")
+    flood = p.add_argument_group("flood")
+    flood.add_argument("--flood-pings", type=int, default=2000,
+                       help="sequential pings per flood figure (default: %(default)s)")
     pty = p.add_argument_group("pty")
     pty.add_argument("--keystrokes", type=int, default=500,
                      help="keystrokes per echo figure (default: %(default)s)")
