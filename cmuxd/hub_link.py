@@ -76,9 +76,10 @@ class _Link(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        if not trusted_peer(transport.get_extra_info("socket")):
+        sock = transport.get_extra_info("socket")
+        if not trusted_peer(sock):
             log.warning("refused a PTY hub link from uid %d: only this daemon's workers may "
-                        "connect", peer_uid(transport.get_extra_info("socket")))
+                        "connect", peer_uid(sock))
             transport.close()
             return
         self.send({"hello": {"persistent": self.hub.capabilities(True),

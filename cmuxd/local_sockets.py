@@ -56,11 +56,10 @@ def make_state_dir(path: os.PathLike | str) -> None:
 
 
 def _check_server(sock, path: Path) -> None:
-    uid = peer_uid(sock)
-    if uid not in (os.geteuid(), 0):
-        raise LocalSocketError(f"{path} is served by uid {uid}, not by this daemon's user: "
-                               "someone else took over its state directory; stop the daemon, "
-                               "remove the directory and start the daemon again")
+    if not trusted_peer(sock):
+        raise LocalSocketError(f"{path} is served by uid {peer_uid(sock)}, not by this "
+                               "daemon's user: someone else took over its state directory; stop "
+                               "the daemon, remove the directory and start the daemon again")
 
 
 async def open_trusted_unix(path: Path):
