@@ -603,6 +603,8 @@ def read_private_file(path: Path, what: str, check_mode: bool = True) -> str:
         st = os.fstat(fd)  # the file we opened, not whatever the path names a moment later
         if not stat.S_ISREG(st.st_mode):
             raise AuthError(f"{what} {path} is not a regular file; point to the token file")
+        if check_mode:
+            _check_owner(path, st, what)
         loose = st.st_mode & 0o066 if check_mode else 0
         if loose:
             how = []
@@ -612,6 +614,8 @@ def read_private_file(path: Path, what: str, check_mode: bool = True) -> str:
                 how.append("changed")
             raise AuthError(f"{what} {path} can be {' and '.join(how)} by other users "
                             f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod 600 {path}")
+        if check_mode:
+            _check_directories(path, what)
         raw = os.read(fd, _MAX_TOKEN_FILE + 1)
     finally:
         os.close(fd)
@@ -622,6 +626,38 @@ def read_private_file(path: Path, what: str, check_mode: bool = True) -> str:
     except UnicodeDecodeError:
         raise AuthError(f"{what} {path} is not text; point to the right file, or create a new "
                         "one with `cmuxd-remote token new`") from None
+
+
+def _check_owner(path: Path, st: os.stat_result, what: str) -> None:
+    """Whoever owns the token file can rewrite it, and with it hold our shell."""
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        raise AuthError(f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid {uid}) "
+                        f"or root, so its owner could change the token; run chown {uid} {path} "
+                        "or point to a token file of your own")
+
+
+def _check_directories(path: Path, what: str) -> None:
+    """ssh's StrictModes for the directories above the token: each must belong to this user
+    or root and be writable by nobody else, or whoever can write there could put a token of
+    their own in its place. Unlike ssh, a sticky directory such as /tmp passes when it belongs
+    to this user or root: the sticky bit lets nobody but its owner rename or remove our
+    entry in it."""
+    uid = os.geteuid()
+    directory = Path(os.path.realpath(path)).parent
+    while True:
+        st = os.stat(directory)
+        if st.st_uid not in (uid, 0):
+            raise AuthError(f"{what} {path} lies in {directory}, which belongs to uid "
+                            f"{st.st_uid}, so that user could replace the token; keep the "
+                            "token in a directory of your own")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise AuthError(f"{what} {path} lies in {directory}, which other users can write "
+                            f"to (mode {stat.S_IMODE(st.st_mode):04o}), so they could replace "
+                            f"the token; run chmod go-w {directory} or keep the token elsewhere")
+        if directory.parent == directory:
+            return
+        directory = directory.parent
 
 
 def _load_token_file(path: os.PathLike | str, what: str = "token file",
@@ -707,6 +743,7 @@ def _write_private_file(path: Path, data: bytes, *, replace: bool,
     others, not even for a moment). Replacing goes through a private temporary file and a
     rename, so a crash cannot leave a half-written token behind."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_directories(path, "token file")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if replace else path
     try:

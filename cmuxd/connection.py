@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections import deque
 from typing import Any
 
@@ -29,6 +30,7 @@ from .protocol import (
     FrameDecoder,
     Request,
     RPCError,
+    drop_empty_frames,
     encode,
     error_response,
     ok_response,
@@ -122,7 +124,7 @@ class Connection(asyncio.Protocol):
             self.data_received(initial)
 
     def data_received(self, data: bytes) -> None:
-        frames = self.decoder.feed(data)
+        frames = self.decoder.feed(drop_empty_frames(data))
         if frames:
             self.pending.extend(frames)
             if not self.busy:
@@ -162,8 +164,17 @@ class Connection(asyncio.Protocol):
         pending = self.pending
         dispatch = self.dispatch
         self.batching = True
+        handled = 0
+        deadline = time.monotonic() + PASS_BUDGET
         try:
             while pending and not self._replies_held():
+                handled += 1
+                if not handled % 32 and time.monotonic() > deadline:
+                    # Let the other connections of this worker have the loop; reading
+                    # pauses until the rest of this read is handled.
+                    self.busy = True
+                    asyncio.get_running_loop().call_soon(self._next_pass)
+                    break
                 reply = dispatch(pending.popleft())
                 if reply is None:
                     continue
@@ -242,6 +253,10 @@ class Connection(asyncio.Protocol):
         self._blocking = None
         self.busy = False
         asyncio.get_running_loop().call_soon(self._resume)
+
+    def _next_pass(self) -> None:
+        self.busy = False
+        self._resume()
 
     def _resume(self) -> None:
         if not self.busy and not self.closing:
@@ -337,6 +352,10 @@ class Connection(asyncio.Protocol):
 
 
 INTERNAL_ERROR = "internal error in the daemon; see its log"
+
+PASS_BUDGET = 0.001
+"""Seconds one connection may spend on the frames it has read before the worker's other
+connections get the event loop (checked every 32 frames)."""
 
 REPLY_ALLOWANCE = 64 * 1024
 """Reply bytes a connection may add past the write buffer's high-water mark before it stops

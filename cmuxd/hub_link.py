@@ -36,6 +36,7 @@ from . import __version__
 from .cli_bridge import CAPABILITY as CLI_CAPABILITY
 from .hub import Hub
 from .link_channel import MessageChannel
+from .local_sockets import LocalSocketError, check_server, check_state_dir, make_state_dir, trusted_peer
 from .peercred import peer_uid
 from .protocol import PTY_INPUT_QUEUE_FULL, PTY_INPUT_SEQ_GAP, UNAVAILABLE, RPCError, b64
 from .pty_lease import WorkerLease
@@ -309,7 +310,7 @@ class HubServer:
         if inherited is not None:
             sock = socket.socket(fileno=inherited)
         else:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_state_dir(self.path.parent)
             if self.path.exists():
                 self.path.unlink()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -332,10 +333,9 @@ class HubServer:
             except OSError as exc:
                 log.warning("accepting a worker's link failed: %s", exc)
                 return
-            uid = peer_uid(conn)
-            if uid != os.getuid():
-                log.error("refused a hub link from uid %d: only uid %d's workers may connect",
-                          uid, os.getuid())
+            if not trusted_peer(conn):
+                log.warning("refused a PTY hub link from uid %d: only this daemon's user (or "
+                            "root) may connect", peer_uid(conn))
                 conn.close()
                 continue
             self.links.add(_Link(self, conn))
@@ -389,16 +389,19 @@ class RemoteHub:
 
     async def _run(self) -> None:
         delay = 0.05
+        refusal = ""
         while True:
             try:
                 sock = await self._connect()
             except OSError as exc:
-                if delay >= 1.0:
-                    log.debug("the PTY hub is not reachable yet: %s", exc)
+                if isinstance(exc, LocalSocketError) and str(exc) != refusal:
+                    refusal = str(exc)
+                    log.error("not connecting to the PTY hub: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
             delay = 0.05
+            refusal = ""
             self._lost = self.loop.create_future()
             self.channel = MessageChannel(sock, self._handle, self._channel_closed,
                                           LINK_MAX_FRAME)
@@ -425,14 +428,12 @@ class RemoteHub:
             await asyncio.sleep(delay)
 
     async def _connect(self) -> socket.socket:
+        check_state_dir(self.path.parent)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             await self.loop.sock_connect(sock, str(self.path))
-            uid = peer_uid(sock)
-            if uid != os.getuid():
-                raise OSError(f"the PTY hub socket {self.path} is served by uid {uid}, "
-                              f"not ours ({os.getuid()})")
+            check_server(sock, self.path)
         except BaseException:
             sock.close()
             raise

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import orjson
+
+from .local_sockets import connect_trusted
 
 
 def query_status(path: Path, timeout: float = 5.0) -> dict:
@@ -17,16 +18,15 @@ def control_request(path: Path, request: dict, timeout: float = 5.0) -> dict:
     """One request to the running supervisor's control socket; its result. OSError says, in
     a sentence, why there is none. The request may hold a secret: it goes over the socket
     only, and is never part of an error."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise OSError(f"no daemon answers on {path}; is it running (or is its "
-                          "--state-dir elsewhere)?") from None
-        except PermissionError:
-            raise OSError(f"{path} belongs to another user; run this as the daemon's user "
-                          "(or root)") from None
+    try:
+        sock = connect_trusted(path, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise OSError(f"no daemon answers on {path}; is it running (or is its "
+                      "--state-dir elsewhere)?") from None
+    except PermissionError:
+        raise OSError(f"{path} belongs to another user; run this as the daemon's user "
+                      "(or root)") from None
+    with sock:
         sock.sendall(orjson.dumps(request) + b"\n")
         data = b""
         while not data.endswith(b"\n"):

@@ -297,7 +297,7 @@ def write_fleet_files(directory: str) -> None:
 
 def installed_command() -> list[str]:
     """The absolute cmuxd-remote of this installation: the script beside the interpreter (a
-    venv or pipx install), else the one on PATH, else `python -m cmuxd`. The interpreter path
+    venv or pipx install), else the one on PATH, else `python -P -m cmuxd`. The interpreter path
     is kept as is, not resolved: a venv's python symlink is what makes it the venv."""
     beside = Path(os.path.abspath(sys.executable)).parent / "cmuxd-remote"
     if beside.is_file() and os.access(beside, os.X_OK):
@@ -305,7 +305,8 @@ def installed_command() -> list[str]:
     found = shutil.which("cmuxd-remote")
     if found:
         return [os.path.abspath(found)]
-    return [os.path.abspath(sys.executable), "-m", "cmuxd"]
+    # -P: nothing is imported from the unit's WorkingDirectory.
+    return [os.path.abspath(sys.executable), "-P", "-m", "cmuxd"]
 
 
 def _installation_paths(command: list[str]) -> list[str]:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from typing import Callable
+from collections.abc import Callable
 
 import orjson
 
-from ..peercred import peer_uid
+from ..local_sockets import trusted_peer
 from .listeners import Listener, bind_unix
 
 log = logging.getLogger("cmuxd.supervisor")
@@ -41,8 +40,7 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            sock = writer.get_extra_info("socket")
-            if peer_uid(sock) not in (os.geteuid(), 0):
+            if not trusted_peer(writer.get_extra_info("socket")):
                 return
             line = await asyncio.wait_for(reader.readline(), 5)
             request = orjson.loads(line) if line.strip() else {}

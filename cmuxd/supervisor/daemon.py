@@ -16,6 +16,7 @@ from collections import Counter
 
 from .. import __version__, devices
 from ..auth import AuthError, Credentials, parse_token, server_credentials
+from ..local_sockets import LocalSocketError, make_state_dir
 from .control import ControlError, ControlServer
 from .gate import Gate
 from .hub_keeper import HubKeeper
@@ -70,11 +71,11 @@ class Supervisor:
         # The state directory holds the control and PTY hub sockets: it must be ours alone,
         # and used by no other daemon, or keystrokes could reach someone else's hub.
         try:
-            check_state_dir(self.config.state_dir)
+            make_state_dir(self.config.state_dir)
             await self.control.start()
-        except ListenerError as exc:
-            log.error("state directory %s: %s; pass another --state-dir", self.config.state_dir,
-                      exc)
+        except (LocalSocketError, ListenerError) as exc:
+            log.error("%s", exc if isinstance(exc, LocalSocketError) else
+                      f"state directory {self.config.state_dir}: {exc}; pass another --state-dir")
             for listener in self.listeners:
                 listener.close()
             return 1
@@ -273,22 +274,6 @@ class Supervisor:
             "devices_only": self.config.devices_only,
             "device_connections": self.device_status()["connections"],
         }
-
-
-def check_state_dir(path: str) -> None:
-    """Refuse a state directory another user owns or can write to."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return  # created 0700 by the first socket bound in it
-    except OSError as exc:
-        raise ListenerError(exc.strerror or str(exc)) from None
-    if st.st_uid != os.geteuid():
-        raise ListenerError(f"it belongs to uid {st.st_uid}, not to this daemon's user")
-    if st.st_mode & 0o022:
-        raise ListenerError(f"others can write to it (mode {st.st_mode & 0o777:o}); "
-                            f"run chmod 700 {path}")
-
 
 PREFLIGHT_TIMEOUT = 30.0
 

@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -27,7 +26,8 @@ import orjson
 from .. import __version__
 from ..hub_link import LINK_VERSION, hub_socket_path
 from ..link_channel import MessageChannel
-from ..peercred import peer_uid
+from .pool import CHILD_CWD, child_command
+from ..local_sockets import LocalSocketError, check_server, check_state_dir
 
 log = logging.getLogger("cmuxd.supervisor")
 
@@ -80,11 +80,11 @@ class HubKeeper:
         log.error("the PTY hub did not start; PTY sessions are unavailable (see above)")
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-P", "-m", "cmuxd.hub_process",
-               "--config", orjson.dumps(self.config.worker_json()).decode()]
+        cmd = child_command("cmuxd.hub_process",
+                            "--config", orjson.dumps(self.config.worker_json()).decode())
         # Its own session: a stop of this daemon (or of its process group) leaves it running.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
-                                     start_new_session=True, cwd="/")
+                                     start_new_session=True, cwd=CHILD_CWD)
         self.lost_at = time.monotonic()
         log.info("PTY hub started (pid %d)", self.proc.pid)
 
@@ -95,13 +95,13 @@ class HubKeeper:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
+            check_state_dir(self.path.parent)
             await asyncio.wait_for(loop.sock_connect(sock, str(self.path)), 2.0)
-            uid = peer_uid(sock)
-            if uid != os.getuid():
-                log.error("the PTY hub socket %s is served by uid %d, not by this daemon's "
-                          "user; not using it", self.path, uid)
-                sock.close()
-                return False
+            check_server(sock, self.path)
+        except LocalSocketError as exc:
+            log.error("not using the PTY hub: %s", exc)
+            sock.close()
+            return False
         except (OSError, TimeoutError):
             sock.close()
             return False

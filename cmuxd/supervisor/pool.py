@@ -41,6 +41,18 @@ FDS_PER_SEND = 64
 (cmuxd.worker.MAX_FDS_PER_READ); fds past that would be lost with MSG_CTRUNC."""
 
 
+CHILD_CWD = "/"
+"""Children run from the root directory, never from wherever the daemon was started."""
+
+
+def child_command(module: str, *args: str) -> list[str]:
+    """`python -P -m module`: -P keeps the current directory off sys.path, so a module
+    planted where the daemon was started (or a stale checkout there) is never imported.
+    Not -I, which would also drop user site-packages and the PYTHON* variables that some
+    installations need."""
+    return [sys.executable, "-P", "-m", module, *args]
+
+
 class Worker:
     def __init__(self, index: int, generation: int):
         self.index = index
@@ -114,15 +126,16 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         worker = Worker(index, self.generation)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        cmd = [
-            sys.executable, "-P", "-m", "cmuxd.worker",
+        cmd = child_command(
+            "cmuxd.worker",
             "--channel-fd", str(theirs.fileno()),
             "--index", str(index),
             "--config", orjson.dumps(dict(self.config.worker_json(),
                                           daemon=self.figures())).decode(),
-        ]
+        )
         worker.proc = subprocess.Popen(
-            cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, cwd="/"
+            cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
+            cwd=CHILD_CWD,
         )
         theirs.close()
         try:
