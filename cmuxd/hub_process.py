@@ -32,6 +32,7 @@ import orjson
 
 from .hub import Hub, check_state, watch_children_without_threads
 from .hub_link import HubServer, hub_socket_path
+from .local_sockets import LocalSocketError
 from .memory import return_large_blocks
 
 log = logging.getLogger("cmuxd.hub")
@@ -201,7 +202,11 @@ def main(argv: list[str] | None = None) -> None:
         for fd in fds + [args.listen_fd]:
             os.set_inheritable(fd, False)
         adopted = (state, fds)
-    asyncio.run(HubProcess(orjson.loads(args.config)).run(adopted, args.listen_fd))
+    try:
+        asyncio.run(HubProcess(orjson.loads(args.config)).run(adopted, args.listen_fd))
+    except LocalSocketError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import orjson
 from .. import __version__
 from ..hub_link import LINK_VERSION, hub_socket_path
 from ..link_channel import MessageChannel
-from .pool import CHILD_CWD, child_command
+from .pool import CHILD_CWD, child_command, respawn_delay
 from ..local_sockets import LocalSocketError, check_server, check_state_dir
 
 log = logging.getLogger("cmuxd.supervisor")
@@ -53,6 +53,10 @@ class HubKeeper:
         self.last_pong = 0.0
         self.lost_at: float | None = time.monotonic()
         self.stopping = False
+        self.spawned_at = 0.0
+        self.streak = 0
+        """Quick deaths in a row of hubs we started: each doubles the wait for the next."""
+        self.respawn_at = 0.0
         self._connecting: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -85,7 +89,7 @@ class HubKeeper:
         # Its own session: a stop of this daemon (or of its process group) leaves it running.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
                                      start_new_session=True, cwd=CHILD_CWD)
-        self.lost_at = time.monotonic()
+        self.lost_at = self.spawned_at = time.monotonic()
         log.info("PTY hub started (pid %d)", self.proc.pid)
 
     async def _connect(self) -> bool:
@@ -157,6 +161,9 @@ class HubKeeper:
         if self.proc is not None and self.proc.poll() is not None:
             log.error("the PTY hub (pid %d) exited with status %s; its sessions are lost",
                       self.proc.pid, self.proc.returncode)
+            quick = now - self.spawned_at < 5
+            self.streak = self.streak + 1 if quick else 0
+            self.respawn_at = now + respawn_delay(self.streak)
             self.proc = None
             self.counters["hub_restarts"] += 1
             self.sessions = 0
@@ -197,7 +204,8 @@ class HubKeeper:
             asyncio.get_running_loop().call_later(1.0, _signal, self.proc.pid, signal.SIGKILL)
             self.lost_at = time.monotonic()
             return
-        if not self.adopt_only and not hub_alive and gone_for > 1.0 and not self.stopping:
+        if (not self.adopt_only and not hub_alive and gone_for > 1.0 and not self.stopping
+                and time.monotonic() >= self.respawn_at):
             self.sessions = 0
             self._spawn()
             self.lost_at = time.monotonic()

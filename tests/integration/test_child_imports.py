@@ -72,9 +72,9 @@ def test_planted_module_is_never_imported_by_a_child(planted):
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: all(w["alive"] and w["pid"] != victim
                              for w in daemon.status()["workers"]), timeout=15)
-        [(hub, _)] = children(daemon, "cmuxd.hub_link")
+        [(hub, _)] = children(daemon, "cmuxd.hub_process")
         hub.kill()
-        wait_for(lambda: any(p.pid != hub.pid for p, _ in children(daemon, "cmuxd.hub_link")),
+        wait_for(lambda: any(p.pid != hub.pid for p, _ in children(daemon, "cmuxd.hub_process")),
                  timeout=15)
         wait_for(lambda: daemon.authed().call("pty.list", id=1)["ok"] is True, timeout=15)
         ping_ok(daemon)

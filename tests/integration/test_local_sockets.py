@@ -88,7 +88,7 @@ def test_a_state_dir_recreated_by_another_user_is_refused(other_user):
         impostor = as_user(other_user, IMPOSTOR, str(d.state_dir / "hub.sock"), "6")
         assert impostor.stdout.readline().strip() == "listening"
         # A respawned worker dials the hub, and a respawned hub binds its socket.
-        [hub] = children(d, "cmuxd.hub_link")
+        [hub] = children(d, "cmuxd.hub_process")
         hub.kill()
         [victim] = [w for w in children(d, "cmuxd.worker")
                     if not any(c.laddr and c.laddr.port == d.port and c.raddr
