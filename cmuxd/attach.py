@@ -340,7 +340,9 @@ class TerminalAttach:
         finally:
             for attempt in attempts:
                 attempt.cancel()
-            await asyncio.gather(*attempts, return_exceptions=True)
+            for spare in await asyncio.gather(*attempts, return_exceptions=True):
+                if isinstance(spare, AsyncClient):  # connected alongside the one used
+                    await spare.close()
             status.cancel()
             _write_out(_STATUS_CLEAR)
 
