@@ -133,15 +133,15 @@ class InputLedger:
         held, self.held = bytes(self.held), bytearray()
         said = []
         if self.in_doubt:
-            said.append(f"{_bytes(self.in_doubt)} typed just before the link dropped may or "
-                        "may not have reached the session and were not sent again")
+            said.append(f"input typed just before the link dropped ({_bytes(self.in_doubt)}) "
+                        "may or may not have reached the session and was not sent again")
             if held:
-                said.append(f"{_bytes(len(held) + self.overflow)} typed while reconnecting "
-                            "were dropped; check the screen and type them again")
+                said.append(f"input typed while reconnecting ({_bytes(len(held) + self.overflow)})"
+                            " was dropped; check the screen and type it again")
             held = b""
         elif self.overflow:
-            said.append(f"{_bytes(self.overflow)} typed while reconnecting were dropped "
-                        f"(only {self.limit} are kept); type them again")
+            said.append(f"input typed while reconnecting beyond {_bytes(self.limit)} "
+                        f"({_bytes(self.overflow)}) was dropped; type it again")
         self.in_doubt = self.overflow = 0
         return held, "; ".join(said)
 

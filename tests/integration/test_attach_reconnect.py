@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 
 import psutil
@@ -219,6 +220,14 @@ def test_a_session_ended_or_replaced_while_away_is_reported_not_joined(spawn_lis
 # --- the path cut: a daemon in a network namespace, reached over a veth -------------------------
 
 
+def reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture
 def far_daemon():
     """A daemon in a namespace of its own, listening on the far end of a veth."""
@@ -233,7 +242,10 @@ def far_daemon():
         d = ListeningDaemon(workers=1, tcp=[f"{ns.peer_address}:{port}"],
                             wrap=["ip", "netns", "exec", ns.name])
         d.port = port
-        yield ns, d.wait_ready()
+        d.wait_ready()
+        wait_for(lambda: reachable(ns.peer_address, port),
+                 message=f"the daemon to answer on {ns.peer_address}:{port}:\n{d.log()}")
+        yield ns, d
     finally:
         if d is not None:
             d.close()
@@ -273,9 +285,11 @@ def test_an_enter_sent_as_the_path_drops_runs_at_most_once(far_daemon, tmp_path)
         term.read_until(reconnecting(1), timeout=15)
         term.write(f"echo blind >> {ran}\r".encode())  # typed on top of input in doubt
         ip("link", "set", ns.link, "up")
-        term.read_until(b"were dropped; check the screen and type them again]")
-        assert (b"bytes typed just before the link dropped may or may not have reached the "
-                b"session and were not sent again") in term.out
+        term.read_until(b"was dropped; check the screen and type it again]")
+        assert re.search(rb"\[10\.216\.\d+\.2: input typed just before the link dropped "
+                         rb"\(\d+ bytes\) may or may not have reached the session and was not "
+                         rb"sent again; input typed while reconnecting \(\d+ bytes\) was "
+                         rb"dropped; check the screen and type it again\]", term.out)
         term.write(f"echo again >> {ran}\r".encode())
         wait_for(ran.exists, message="the command typed after the reattach to run")
         detach(term)
