@@ -1,5 +1,5 @@
 """`attach` across a dropped connection, on a real terminal: the worker holding it killed, the
-daemon stopped, the path cut in a network namespace. The session counts lines, so the screen
+daemon stopped, the path cut in a network namespace, the ssh carrying it killed. The session counts lines, so the screen
 can be compared byte for byte with what the session wrote: nothing twice, nothing missing
 but a gap that is reported."""
 
@@ -14,10 +14,11 @@ import time
 import psutil
 import pytest
 
-from helpers import wait_for
+from helpers import daemon_command, wait_for
 from listening import ListeningDaemon, free_port
 from netns import PeerNamespace, ip, netns_permitted
 from terminal import Terminal
+from test_ssh_transport import REMOTE, sshd  # noqa: F401 (a fixture)
 
 DETACH = b"\x1d"
 STATUS = re.compile(rb"\x1b7\x1b\[999;1H\x1b\[2K(.*?)\x1b8", re.S)
@@ -294,5 +295,31 @@ def test_an_enter_sent_as_the_path_drops_runs_at_most_once(far_daemon, tmp_path)
         wait_for(ran.exists, message="the command typed after the reattach to run")
         detach(term)
         assert ran.read_text() == "again\n"
+    finally:
+        term.close()
+
+
+# --- over ssh: every reconnect is a new ssh --------------------------------------------------------
+
+
+def test_attach_over_ssh_reconnects_with_a_new_ssh(sshd, spawn_listening):
+    server, env = sshd
+    d = spawn_listening(workers=1)
+    # The far side's sessions live in its daemon; ssh reaches them through `connect --stdio`
+    # (the `#` makes the `serve --stdio` the client appends a comment).
+    bridge = f"{REMOTE} connect unix://{d.socket_path} --stdio #"
+    term = Terminal(daemon_command("attach", f"ssh://127.0.0.1:{server.port}", "s",
+                                   "--remote-command", bridge, "--command", COUNTER), env)
+    try:
+        term.read_until(b"line-20\r\n")
+        [first] = psutil.Process(term.pid).children()
+        first.kill()
+        second = wait_for(lambda: next((p for p in psutil.Process(term.pid).children()
+                                        if p.pid != first.pid), None))
+        assert "BatchMode=yes" in second.cmdline()  # the terminal is raw: ssh must not ask
+        term.read_until(b"line-%d\r\n" % (last_line(term.out) + 100))
+        detach(term)
+        shown = screen(term.out)
+        assert shown == EVERY_LINE[:len(shown)]
     finally:
         term.close()
