@@ -1,40 +1,36 @@
 """`attach` across a dropped connection, on a real terminal: the worker holding it killed, the
-daemon stopped, the path cut in a network namespace, the ssh carrying it killed. The session counts lines, so the screen
-can be compared byte for byte with what the session wrote: nothing twice, nothing missing
-but a gap that is reported."""
+daemon stopped, the path cut in a network namespace, the ssh carrying it killed. The session
+counts lines, so the screen can be compared byte for byte with what the session wrote:
+nothing twice, nothing missing but a gap that is reported."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import socket
 import time
 
 import psutil
 import pytest
 
+from attach_terminal import (
+    CLEARED,
+    COUNTER,
+    DETACH,
+    EVERY_LINE,
+    SHELL,
+    STATUS,
+    attach,
+    last_line,
+    reachable,
+    reconnecting,
+    worker_of,
+)
 from helpers import daemon_command, wait_for
 from listening import ListeningDaemon, free_port
 from netns import PeerNamespace, ip, netns_permitted
 from terminal import Terminal
 from test_ssh_transport import REMOTE, sshd  # noqa: F401 (a fixture)
-
-DETACH = b"\x1d"
-STATUS = re.compile(rb"\x1b7\x1b\[999;1H\x1b\[2K(.*?)\x1b8", re.S)
-CLEARED = b"\x1b7\x1b[999;1H\x1b[2K\x1b8"
-SHELL = "PS1='sh> ' exec /bin/sh"
-COUNTER = "i=0; while :; do i=$((i+1)); echo line-$i; sleep 0.01; done"
-EVERY_LINE = b"".join(b"line-%d\r\n" % i for i in range(1, 200_001))
-
-
-def reconnecting(seconds: int) -> bytes:
-    return f"reconnecting… {seconds} s]".encode()
-
-
-def attach(d: ListeningDaemon, host: str, command: str) -> Terminal:
-    return Terminal(d.cli_command() + ["attach", f"cmux://{host}:{d.port}", "s",
-                                       "--command", command], d.client_env())
 
 
 def screen(out: bytes) -> bytes:
@@ -44,23 +40,6 @@ def screen(out: bytes) -> bytes:
     if b"\r\n[detached: " in shown:
         shown = shown[:shown.rindex(b"\r\n[detached: ")].rstrip(b"\r")
     return shown
-
-
-def last_line(out: bytes) -> int:
-    return int(re.findall(rb"line-(\d+)\r\n", out)[-1])
-
-
-def worker_of(d: ListeningDaemon, pid: int) -> int:
-    """The worker serving the TCP connection of process `pid`."""
-    def find():
-        ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")
-                 if c.status == psutil.CONN_ESTABLISHED}
-        for w in d.status()["workers"]:
-            conns = psutil.Process(w["pid"]).net_connections("tcp")
-            if any(c.raddr and c.raddr.port in ports for c in conns):
-                return w["pid"]
-        return None
-    return wait_for(find)
 
 
 def daemon_pids(d: ListeningDaemon) -> list[int]:
@@ -219,14 +198,6 @@ def test_a_session_ended_or_replaced_while_away_is_reported_not_joined(spawn_lis
 
 
 # --- the path cut: a daemon in a network namespace, reached over a veth -------------------------
-
-
-def reachable(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture
