@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket as pysocket
 import sys
 from typing import NoReturn
 
@@ -17,6 +18,7 @@ from .auth import AuthError, write_new_token
 from .client import (
     EXIT_RPC_ERROR,
     EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
     EXIT_USAGE,
     AsyncClient,
     ClientError,
@@ -24,7 +26,7 @@ from .client import (
     bridge_stdio,
     ping_series,
 )
-from .config import DEFAULT_PORT, Config
+from .config import DEFAULT_PORT, Config, runtime_dir
 
 log = logging.getLogger("cmuxd")
 
@@ -78,6 +80,7 @@ def version() -> None:
 @argh.arg("--worker-timeout", help="seconds a worker may miss heartbeats before it is killed and replaced")
 @argh.arg("--graceful-timeout", help="seconds old workers keep serving open connections after a reload")
 @argh.arg("--allow-from", action="append", metavar="NET", help="serve TCP peers only from these networks: tailnet, loopback, an address or a CIDR; repeatable; others are closed before the handshake")
+@argh.arg("--external-hub", help="PTY sessions belong to a hub another service runs (`cmuxd-remote hub run`, the cmuxd-hub unit): adopt it, never start one")
 def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str] | None = None,
           workers: int = 0, token_file: str | None = None, relay_id: str | None = None,
           unix_auth: str = "peer", max_handshakes: int = 256, backoff_failures: int = 20,
@@ -85,7 +88,7 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
           max_worker_rss: int = 0, worker_timeout: float = 10.0,
           graceful_timeout: float = 30.0, allow_from: list[str] | None = None,
           shell: str | None = None, scrollback: int = 1 << 20,
-          idle_ttl: float = 86400.0) -> None:
+          idle_ttl: float = 86400.0, external_hub: bool = False) -> None:
     """Serve the cmux remote protocol. Without --stdio, --tcp or --socket it listens on
     127.0.0.1:5555 and the Unix socket $XDG_RUNTIME_DIR/cmuxd/cmuxd.sock (without
     XDG_RUNTIME_DIR: ~/.local/state/cmux/cmuxd.sock)."""
@@ -114,10 +117,74 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
                         max_connections_served=max_connections_served,
                         max_worker_rss=max_worker_rss, worker_timeout=worker_timeout,
                         graceful_timeout=graceful_timeout, allow_from=allow_from or [],
-                        shell=shell, scrollback=scrollback, idle_ttl=idle_ttl)
+                        shell=shell, scrollback=scrollback, idle_ttl=idle_ttl,
+                        external_hub=external_hub)
     except ValueError as exc:
         usage_error(str(exc))
     sys.exit(run_daemon(config))
+
+
+@argh.named("run")
+@argh.arg("--state-dir", help="the daemon's --state-dir, where the hub's socket goes (default: $XDG_RUNTIME_DIR/cmuxd, or ~/.local/state/cmux without XDG_RUNTIME_DIR)")
+@argh.arg("--shell", help="the shell of PTY sessions started without a command (default: $SHELL, then bash, then sh)")
+@argh.arg("--scrollback", help="bytes of output each PTY session keeps for replay")
+@argh.arg("--idle-ttl", help="seconds a PTY session with no attachment lives on")
+def hub_run(*, state_dir: str = "", shell: str | None = None, scrollback: int = 1 << 20,
+            idle_ttl: float = 86400.0) -> None:
+    """Run the PTY hub, the owner of every PTY session, in the foreground: what the
+    cmuxd-hub unit runs, so that users' shells live outside the daemon's sandbox and outlive
+    its restarts. The daemon (serve --external-hub) adopts it."""
+    from .hub_process import main as hub_main
+
+    if scrollback <= 0 or idle_ttl <= 0:
+        usage_error("--scrollback and --idle-ttl must be positive")
+    config = {"state_dir": state_dir or str(runtime_dir()), "shell": shell,
+              "scrollback": scrollback, "idle_ttl": idle_ttl}
+    hub_main(["--config", orjson.dumps(config).decode()])
+
+
+@argh.named("stop")
+@argh.arg("--state-dir", help="the daemon's --state-dir (default: $XDG_RUNTIME_DIR/cmuxd, or ~/.local/state/cmux without XDG_RUNTIME_DIR)")
+def hub_stop(*, state_dir: str = "") -> None:
+    """End every PTY session on purpose: the hub hangs up each session's processes (SIGHUP,
+    then SIGKILL) and exits. Stopping or restarting the daemon leaves them running."""
+    _hub_order(state_dir, "stop", "ordered the PTY hub to end every session")
+
+
+@argh.named("upgrade")
+@argh.arg("--state-dir", help="the daemon's --state-dir (default: $XDG_RUNTIME_DIR/cmuxd, or ~/.local/state/cmux without XDG_RUNTIME_DIR)")
+def hub_upgrade(*, state_dir: str = "") -> None:
+    """Have the PTY hub re-execute into the code installed now, keeping every session (what
+    a reload of the daemon does too)."""
+    _hub_order(state_dir, "upgrade", "asked the PTY hub to upgrade in place; `cmuxd-remote "
+               "status` shows its version")
+
+
+def _hub_order(state_dir: str, order: str, done: str) -> None:
+    from .hub_link import LINK_VERSION, hub_socket_path
+    from .peercred import peer_uid
+
+    path = hub_socket_path(state_dir or str(runtime_dir()))
+    sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        if peer_uid(sock) != os.getuid():
+            fail(f"{path} is served by another user's hub; not talking to it")
+        sock.sendall(orjson.dumps({"type": "hello", "version": LINK_VERSION,
+                                   "role": "supervisor"}) + b"\n")
+        answer = sock.makefile("rb").readline()
+        if not answer or orjson.loads(answer).get("type") != "hello":
+            fail(f"the PTY hub on {path} does not speak this version's link; stop it with "
+                 "SIGTERM (its pid is in `cmuxd-remote status`)")
+        sock.sendall(orjson.dumps({"type": order}) + b"\n")
+    except (FileNotFoundError, ConnectionRefusedError):
+        fail(f"no PTY hub serves {path}: no session is running there", EXIT_UNREACHABLE)
+    except OSError as exc:
+        fail(f"{path}: {exc.strerror or exc}", EXIT_UNREACHABLE)
+    finally:
+        sock.close()
+    print(done, file=sys.stderr)
 
 
 async def _serve_stdio(shell: str | None, scrollback: int, idle_ttl: float) -> int:
@@ -396,7 +463,6 @@ def fleet_status(hosts: list[str], *, fleet: str | None = None,
                  timeout: float = 5.0, json: bool = False) -> None:
     """Check every host of cmux.json at once: state, round trip, version, uptime, workers,
     connections. Exits 3 when any host is not up."""
-    from .client import EXIT_UNREACHABLE
     from .fleet import FleetError, load_fleet
     from .fleet_status import check_fleet, format_table
 
@@ -460,7 +526,7 @@ def sessions(hosts: list[str], *, timeout: float = 5.0, json: bool = False,
     did not answer."""
     from functools import partial
 
-    from .client import EXIT_UNREACHABLE, fleet_address, parse_address
+    from .client import fleet_address, parse_address
     from .fleet import FleetError, load_fleet
     from .fleet_sessions import Target, format_table, list_host
     from .fleet_status import check_fleet
@@ -596,6 +662,8 @@ def build_parser() -> argh.ArghParser:
     for name, functions, text in [
         ("token", [token_new], "manage the relay token"),
         ("units", [units_install], "install systemd or launchd service units"),
+        ("hub", [hub_run, hub_stop, hub_upgrade],
+         "the PTY hub: run it, end every session, upgrade it in place"),
         ("fleet", [fleet_config, fleet_status], "cmux.json from your tailnet; check every host"),
     ]:
         parser.add_commands(functions, group_name=name, **own, group_kwargs={

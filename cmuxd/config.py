@@ -44,6 +44,8 @@ class Config:
     scrollback: int = 1 << 20
     idle_ttl: float = 86400.0
     state_dir: str = ""
+    external_hub: bool = False
+    """PTY sessions are owned by a hub another unit runs: adopt it, never start one."""
     allow_from: list[str] = field(default_factory=list)  # --allow-from; empty: every peer
     # The shared library that exports launch_activate_socket(3); None: the process's own
     # (libSystem on macOS, where launchd is asked whatever this says).

@@ -26,6 +26,7 @@ chunks) overflows a new attachment's queue and drops it on attach.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import fcntl
 import logging
 import os
@@ -227,14 +228,15 @@ class LeaseGrant:
 class PtySession:
     """One process on one PTY, its scrollback, its attachments and its input queue."""
 
-    def __init__(self, hub: "Hub", session_id: str, master: int, slave: int):
+    def __init__(self, hub: "Hub", session_id: str, master: int, slave: int | None,
+                 ring: Ring | None = None):
         self.hub = hub
         self.id = session_id
         self.master = master
         self.slave: int | None = slave
         self.sizes = SizeCoordinator()
         self.attachments: dict[str, Attachment] = {}
-        self.ring = Ring.create(hub.scrollback)
+        self.ring = ring if ring is not None else Ring.create(hub.scrollback)
         self.pump: OutputPump | None = None
         self.lease: LeaseGrant | None = None
         self.pins = 0
@@ -296,8 +298,9 @@ class PtySession:
             self.slave = None
         self.pid = self.transport.get_pid()
 
-    def _process_exited(self) -> None:
-        code = self.transport.get_returncode() if self.transport is not None else None
+    def _process_exited(self, code: int | None = None) -> None:
+        if code is None and self.transport is not None:
+            code = self.transport.get_returncode()
         if code is not None and self.exit_status is None:
             self.exit_status = {"signal": -code} if code < 0 else {"code": code}
         if not self.exited.done():
@@ -328,6 +331,8 @@ class PtySession:
         hub = self.hub
         if hub.sessions.get(self.id) is self:
             del hub.sessions[self.id]
+            if hub.on_session_end is not None:
+                hub.on_session_end()
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         if self.lease is not None:
@@ -701,6 +706,7 @@ class Hub:
         """The worker link each remote peer comes over; it can hold read leases."""
         self._peer_counter = 0
         self._lease_counter = 0
+        self.on_session_end: Callable[[], None] | None = None
         self._supported: bool | None = None
         self.closing = False
 
@@ -927,7 +933,8 @@ class Hub:
             session._arm_idle()
         os.set_blocking(session.master, False)
         session.read_here()
-        session.consider_lease()
+        # Once this start is done (`started` counts), not from inside it.
+        asyncio.get_running_loop().call_soon(session.consider_lease)
         return None
 
     async def cancel(self, peer: int, session_id: str, attachment_id: str, token: str) -> None:
@@ -1006,3 +1013,92 @@ class Hub:
         for session in list(self.sessions.values()):
             session.finish()
 
+
+    # handing the sessions to the next image of this process (an upgrade)
+
+    async def take_back_leases(self, timeout: float) -> bool:
+        """Every lent session read here again, so no worker appends to a ring while the hub
+        changes its code; False if a holder did not answer in time."""
+        leased = [s for s in self.sessions.values() if s.lease is not None]
+        for session in leased:
+            session.pins += 1
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.reclaim() for s in leased)), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            for session in leased:
+                session.pins -= 1
+
+    def export_state(self) -> tuple[dict, list[int]]:
+        """What the next image needs to go on with every session, and the fds it must keep:
+        each PTY master and ring. Attachments are not carried: their connections lose the
+        link anyway, and a client attaches again (with its offset)."""
+        fds: list[int] = []
+        sessions = []
+        for s in self.sessions.values():
+            if s.pid is None or s.ended or s.master < 0:
+                continue
+            sessions.append({
+                "session_id": s.id, "pid": s.pid, "command": s.command, "script": s.script,
+                "master": len(fds), "ring": len(fds) + 1, "cols": s.sizes.last_cols,
+                "rows": s.sizes.last_rows, "eof": s.eof, "exit_status": s.exit_status,
+                "exited": s.exited.done(),
+                "input": [b64(bytes(entry[0])) for entry in s.input if entry[0]],
+            })
+            fds += [s.master, s.ring.fd]
+        return {"state_version": STATE_VERSION, "sessions": sessions}, fds
+
+    def adopt_state(self, state: dict, fds: list[int]) -> None:
+        """Go on with the sessions an earlier image of this process handed over."""
+        check_state(state, len(fds))
+        loop = asyncio.get_running_loop()
+        watcher = asyncio.get_child_watcher()
+        for entry in state["sessions"]:
+            master, ring_fd = fds[entry["master"]], fds[entry["ring"]]
+            session = PtySession(self, entry["session_id"], master, None, Ring.attach(ring_fd))
+            session.pid = entry["pid"]
+            session.command = entry["command"]
+            session.script = entry["script"]
+            session.exit_status = entry["exit_status"]
+            session.sizes.last_cols, session.sizes.last_rows = entry["cols"], entry["rows"]
+            session.eof = entry["eof"]
+            session.started = loop.create_future()
+            session.started.set_result(None)
+            self.sessions[session.id] = session
+            for data in entry["input"]:
+                session.input.append([memoryview(binascii.a2b_base64(data)), [], 0])
+            if entry["exited"]:
+                session._process_exited()
+            else:
+                watcher.add_child_handler(session.pid, _reaped, session)
+            if session.input:
+                session.pump_scheduled = True
+                loop.call_soon(session._pump_input)
+            session._arm_idle()
+            session.read_here()
+
+
+STATE_VERSION = 1
+"""The shape of the state one image of the hub hands the next; bumped on any change."""
+
+
+def check_state(state: dict, nfds: int) -> None:
+    """Refuse a state this code does not know, before anything is adopted (the pre-flight
+    check of an upgrade runs this in the new code)."""
+    if type(state) is not dict or state.get("state_version") != STATE_VERSION:
+        raise ValueError(f"hub state version {state.get('state_version')!r} is not "
+                         f"{STATE_VERSION}, the one this code knows")
+    for entry in state["sessions"]:
+        for key, kind in (("session_id", str), ("pid", int), ("command", str), ("master", int),
+                          ("ring", int), ("cols", int), ("rows", int), ("eof", bool),
+                          ("exited", bool), ("input", list)):
+            if type(entry.get(key)) is not kind:
+                raise ValueError(f"hub state: session entry without a valid {key}")
+        if not (0 <= entry["master"] < nfds and 0 <= entry["ring"] < nfds):
+            raise ValueError("hub state: a session names an fd that was not handed over")
+
+
+def _reaped(pid: int, code: int, session: PtySession) -> None:
+    session._process_exited(code)

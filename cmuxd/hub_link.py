@@ -23,18 +23,15 @@ link holds more than LINK_HIGH_WATER unsent bytes refuses pty.write with
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import binascii
 import logging
 import os
-import signal
 import socket
 from pathlib import Path
 
-import orjson
-
-from .hub import Hub, watch_children_without_threads
+from . import __version__
+from .hub import Hub
 from .link_channel import MessageChannel
 from .peercred import peer_uid
 from .protocol import PTY_INPUT_QUEUE_FULL, UNAVAILABLE, RPCError, b64
@@ -84,6 +81,7 @@ class _Link:
         self.remote_ids: dict[int, int] = {}  # hub peer -> remote id
         self.tasks: set[asyncio.Task] = set()
         self.can_hold_leases = False
+        self.role = "worker"
         self.channel = MessageChannel(sock, self._handle, self._closed, LINK_MAX_FRAME)
 
     def send(self, message: dict, fds: list[int] = ()) -> None:
@@ -91,6 +89,7 @@ class _Link:
 
     def _closed(self) -> None:
         self.server.links.discard(self)
+        self.server.on_link_closed()
         for task in self.tasks:
             task.cancel()
         self.hub.lease_lost(self)
@@ -103,6 +102,9 @@ class _Link:
         for fd in fds:  # workers never send fds
             os.close(fd)
         kind = msg["type"]
+        if self.role == "supervisor":
+            self._supervisor_message(kind)
+            return
         if not self.can_hold_leases:
             if kind != "hello" or msg.get("version") != LINK_VERSION:
                 log.error("a worker speaking hub link version %r connected; this hub speaks "
@@ -111,6 +113,10 @@ class _Link:
                 self.send({"type": "refused", "reason": f"the PTY hub speaks link version "
                                                         f"{LINK_VERSION}"})
                 self.channel.close()
+                return
+            if msg.get("role") == "supervisor":
+                self.role = "supervisor"
+                self.send({"type": "hello", "version": LINK_VERSION, **self.server.figures()})
                 return
             self.can_hold_leases = True
             self.send({"type": "hello", "version": LINK_VERSION,
@@ -139,6 +145,15 @@ class _Link:
             self.hub.lease_released(msg["session_id"], msg["lease"], msg)
         else:
             log.error("a worker sent an unknown hub link message %r", kind)
+
+    def _supervisor_message(self, kind: str) -> None:
+        """The daemon's supervisor watches us (ping) and asks for upgrades and stops."""
+        if kind == "ping":
+            self.send({"type": "pong", **self.server.figures()})
+        elif kind == "upgrade":
+            self.server.on_upgrade()
+        elif kind == "stop":
+            self.server.on_stop()
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -254,23 +269,39 @@ class _Link:
 
 
 class HubServer:
+    """The hub's socket. What the process around it does on an upgrade, a stop or the last
+    link closing is its own (`on_upgrade`, `on_stop`, `on_link_closed`)."""
+
     def __init__(self, hub, path: Path):
         self.hub = hub
         self.path = path
         self.sock: socket.socket | None = None
         self.links: set[_Link] = set()
+        self.upgrades_refused = 0
+        self.on_upgrade = lambda: None
+        self.on_stop = lambda: None
+        self.on_link_closed = lambda: None
 
-    async def start(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.path.exists():
-            self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        sock.listen(128)
+    def figures(self) -> dict:
+        return {"pid": os.getpid(), "code_version": __version__,
+                "sessions": len(self.hub.sessions), "upgrades_refused": self.upgrades_refused}
+
+    async def start(self, inherited: int | None = None) -> None:
+        """Listen on our path, or go on listening on the socket an earlier image of this
+        process bound (an upgrade refuses no connection attempt)."""
+        if inherited is not None:
+            sock = socket.socket(fileno=inherited)
+        else:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.path.exists():
+                self.path.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(old)
+            sock.listen(128)
         sock.setblocking(False)
         self.sock = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
@@ -648,58 +679,3 @@ class RemoteHub:
 
     def list(self, command: bool = False, idle: bool = False, offsets: bool = False):
         return self._call("list", {"command": command, "idle": idle, "offsets": offsets})
-
-
-async def _serve(config: dict, lifeline: int | None) -> None:
-    watch_children_without_threads()
-    hub = Hub(scrollback=config.get("scrollback", 1 << 20),
-              idle_ttl=config.get("idle_ttl", 86400.0), shell=config.get("shell"))
-    server = HubServer(hub, hub_socket_path(config["state_dir"]))
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, lambda: None)
-    if lifeline is not None:
-        supervisor = socket.socket(fileno=lifeline)
-        supervisor.setblocking(False)
-
-        def heartbeat() -> None:
-            """Answer the supervisor's pings with the session count (for its status); its end
-            closing means it is gone."""
-            try:
-                data = supervisor.recv(4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if data:
-                try:
-                    supervisor.send(orjson.dumps({"type": "pong", "sessions": len(hub.sessions)},
-                                                 option=orjson.OPT_APPEND_NEWLINE))
-                except OSError:
-                    pass
-                return
-            loop.remove_reader(lifeline)
-            stop.set()
-
-        loop.add_reader(lifeline, heartbeat)
-    log.info("PTY hub serving on %s", server.path)
-    await stop.wait()
-    await server.close()
-    await hub.shutdown()
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .logs import setup_logging
-
-    parser = argparse.ArgumentParser(prog="cmuxd.hub_link")
-    parser.add_argument("--config", default="{}")
-    parser.add_argument("--lifeline-fd", type=int, default=None)
-    args = parser.parse_args(argv)
-    setup_logging(f"cmuxd hub [{os.getpid()}]")
-    asyncio.run(_serve(orjson.loads(args.config), args.lifeline_fd))
-
-
-if __name__ == "__main__":
-    main()

@@ -424,6 +424,24 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
             proc.wait(timeout)
 
 
+def end_hubs(under: str) -> None:
+    """End the PTY hubs (and their sessions) serving a state directory under `under`: a hub
+    outlives the daemon that started it, on purpose, so a test that is done must end it."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if "cmuxd.hub_process" not in cmdline or under not in cmdline:
+            continue
+        try:
+            proc.terminate()
+            proc.wait(10)
+        except psutil.TimeoutExpired:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
 def daemon_command(*args: str) -> list[str]:
     """How to run the daemon: $CMUXD_REMOTE (a binary) if set, else this interpreter's cmuxd."""
     binary = os.environ.get("CMUXD_REMOTE")

@@ -21,7 +21,8 @@ import orjson
 
 from cmuxd.status import query_status
 
-from helpers import DEFAULT_TIMEOUT, FrameStream, daemon_command, stop_process, wait_for, write_token_file
+from helpers import (DEFAULT_TIMEOUT, FrameStream, daemon_command, end_hubs, stop_process,
+                     wait_for, write_token_file)
 
 RELAY_ID = "relay-test"
 
@@ -177,6 +178,7 @@ class ListeningDaemon:
 
     def close(self) -> None:
         stop_process(self.proc)
+        end_hubs(str(self.dir))
         self.stderr_file.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

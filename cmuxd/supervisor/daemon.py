@@ -16,6 +16,7 @@ from .. import __version__
 from ..auth import AuthError, Credentials, server_credentials
 from .control import ControlServer
 from .gate import Gate
+from .hub_keeper import HubKeeper
 from .listeners import Listener, ListenerError
 from .notify import Notifier, pool_healthy, status_line
 from .pool import WorkerPool
@@ -35,6 +36,8 @@ class Supervisor:
         self.counters: Counter = Counter()
         self.started = time.time()
         self.pool = WorkerPool(config, counters=self.counters)
+        self.hub = HubKeeper(config, self.counters, adopt_only=config.external_hub)
+        self._hub_ticks: asyncio.Task | None = None
         self.immediate = False
         self.gate = Gate(listeners, creds, self.pool, config, self.counters)
         self.control = ControlServer(config.control_path, self.status)
@@ -61,6 +64,7 @@ class Supervisor:
             for listener in self.listeners:
                 listener.close()
             return 1
+        self._hub_ticks = loop.create_task(self._watch_hub())
         self.pool.start()
         self.gate.start()
         for listener in self.listeners:
@@ -79,14 +83,24 @@ class Supervisor:
         await self.shutdown()
         return 0
 
+    async def _watch_hub(self) -> None:
+        """Find or start the hub beside the workers (they reach it on their own), then
+        watch it."""
+        await self.hub.start()
+        while True:
+            await asyncio.sleep(1.0)
+            self.hub.tick(time.monotonic())
+
     def stop_now(self) -> None:
         """SIGQUIT: stop without letting workers finish the requests they have read."""
         self.immediate = True
         self.stop_requested.set()
 
     def reload(self) -> None:
-        """SIGHUP: re-read the token, start a new generation of workers; the old one keeps
-        its open connections until they close or --graceful-timeout passes."""
+        """SIGHUP: re-read the token, start a new generation of workers (fresh interpreters:
+        they run the code installed now); the old one keeps its open connections until they
+        close or --graceful-timeout passes. The PTY hub re-executes itself into the code
+        installed now, keeping its sessions."""
         if self.pool.stopping:
             return
         log.info("reloading")
@@ -99,6 +113,7 @@ class Supervisor:
         except AuthError as exc:
             log.error("reload: keeping the old token: %s", exc)
         self.pool.reload()
+        self.hub.upgrade()
         log.info("reloaded: generation %d serves new connections", self.pool.generation)
         self.notifier.ready()
 
@@ -110,6 +125,9 @@ class Supervisor:
         for listener in self.listeners:
             listener.close()
         await self.pool.stop(graceful=not self.immediate)
+        if self._hub_ticks is not None:
+            self._hub_ticks.cancel()
+        self.hub.stop()
         self.control.close()
         self.notifier.close()
         log.info("stopped")
@@ -127,7 +145,8 @@ class Supervisor:
             "counters": dict(self.counters),
             "generation": self.pool.generation,
             "connections": self.pool.total_load(),
-            "pty_sessions": self.pool.pty_sessions,
+            "pty_sessions": self.hub.sessions,
+            "hub": self.hub.snapshot(),
             "handshakes_in_flight": self.gate.in_flight,
         }
 

@@ -76,15 +76,10 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.generation = 1
         self.stopping = False
-        self.pty_sessions = 0  # as of the hub's last heartbeat answer
         self.on_change = on_change or (lambda: None)
         self._crash_streak = 0
         self._respawn_after = 0.0
         self._tick: asyncio.TimerHandle | None = None
-        self.hub: subprocess.Popen | None = None
-        self._hub_started = 0.0
-        self._hub_streak = 0  # quick hub deaths in a row: each doubles the wait before a new one
-        self._hub_respawn_at = 0.0
         self._last_heartbeat = 0.0
         self._last_recycle_check = time.monotonic()
         self.started = time.time()
@@ -92,29 +87,9 @@ class WorkerPool:
     # lifecycle
 
     def start(self) -> None:
-        self.hub = self._spawn_hub()
         for index in range(self.config.workers):
             self.workers.append(self._spawn(index))
         self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
-
-    def _spawn_hub(self) -> subprocess.Popen:
-        """The PTY hub: one process that owns every PTY session, reached by the workers over
-        its own socket, so a worker crash loses no terminal."""
-        # The lifeline is a socketpair only we hold the other end of: the hub answers our
-        # heartbeats on it, and when the supervisor is gone, however it went, the hub sees
-        # EOF and ends its sessions.
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        cmd = [sys.executable, "-m", "cmuxd.hub_link", "--lifeline-fd", str(theirs.fileno()),
-               "--config", orjson.dumps(self.config.worker_json()).decode()]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
-                                pass_fds=[theirs.fileno()])
-        theirs.close()
-        ours.setblocking(False)
-        self._hub_lifeline = ours
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._hub_answered)
-        self._hub_started = self._hub_pong = time.monotonic()
-        log.info("PTY hub started (pid %d)", proc.pid)
-        return proc
 
     async def wait_ready(self, timeout: float = 10.0) -> bool:
         """Until every serving worker has reported in, so READY=1 means it."""
@@ -222,20 +197,6 @@ class WorkerPool:
                 worker.proc.kill()
                 worker.proc.wait()
             self._drop_channel(worker)
-        await self._stop_hub()
-
-    async def _stop_hub(self) -> None:
-        """The hub ends its sessions (SIGHUP, then SIGKILL after a grace period) on SIGTERM."""
-        if self.hub is None or self.hub.poll() is not None:
-            return
-        self.hub.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        while self.hub.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if self.hub.poll() is None:
-            self.hub.kill()
-            self.hub.wait()
-        self._close_hub_lifeline()
 
     # dispatch
 
@@ -430,42 +391,9 @@ class WorkerPool:
             self._recycle_big_workers()
         self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
 
-    def _hub_answered(self) -> None:
-        try:
-            data = self._hub_lifeline.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            self._hub_pong = time.monotonic()
-            self.pty_sessions = _session_count(data, self.pty_sessions)
-        else:  # the hub is gone; the reaper notices and replaces it
-            asyncio.get_running_loop().remove_reader(self._hub_lifeline.fileno())
-
-    def _close_hub_lifeline(self) -> None:
-        asyncio.get_running_loop().remove_reader(self._hub_lifeline.fileno())
-        self._hub_lifeline.close()
-
-    def _ping_hub(self, now: float) -> None:
-        """The hub is supervised like a worker: a hub whose loop has stopped answering is
-        killed (its sessions are lost either way) and replaced."""
-        if self.hub is None or self.hub.poll() is not None:
-            return
-        if now - self._hub_pong > self.config.worker_timeout:
-            log.warning("PTY hub (pid %d) has not answered for %.0f s; killing it",
-                        self.hub.pid, now - self._hub_pong)
-            self.hub.kill()
-            return
-        try:
-            self._hub_lifeline.send(b"p")
-        except OSError:
-            pass
-
     def _heartbeat(self, now: float) -> None:
         """Ping every worker; one whose loop has not answered for --worker-timeout is hung:
         kill it, and the reaper replaces it."""
-        self._ping_hub(now)
         figures = self.figures()
         for worker in self.workers:
             if worker.chan is None or worker.proc.poll() is not None:
@@ -502,22 +430,7 @@ class WorkerPool:
 
     def _reap(self, now: float) -> None:
         """Replace serving workers that exited, backing off when they keep crashing; forget
-        retired ones once they are gone. A hub that exited is replaced too, but its sessions
-        are gone with it."""
-        if self.hub is not None and self.hub.poll() is not None:
-            self._close_hub_lifeline()
-            lived = time.monotonic() - self._hub_started
-            self._hub_streak = self._hub_streak + 1 if lived < 5 else 0
-            delay = respawn_delay(self._hub_streak)
-            log.error("PTY hub (pid %d) exited with %s; its PTY sessions are lost; replacing "
-                      "it%s", self.hub.pid, _describe_exit(self.hub.returncode),
-                      f" in {delay:.1f} s" if delay else "")
-            self.hub = None
-            self.pty_sessions = 0
-            self.counters["hub_restarts"] += 1
-            self._hub_respawn_at = now + delay
-        if self.hub is None and now >= self._hub_respawn_at and not self.stopping:
-            self.hub = self._spawn_hub()
+        retired ones once they are gone."""
         for worker in list(self.workers):
             code = worker.proc.poll()
             if code is None:
@@ -572,16 +485,6 @@ class WorkerPool:
                 pass
             rows.append(row)
         return rows
-
-
-def _session_count(data: bytes, previous: int) -> int:
-    """The newest session count among the hub's heartbeat answers in `data`."""
-    for line in reversed(data.split(b"\n")):
-        try:
-            return int(orjson.loads(line)["sessions"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return previous
 
 
 def respawn_delay(streak: int) -> float:

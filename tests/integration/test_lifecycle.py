@@ -170,7 +170,7 @@ def test_workers_raise_their_fd_limit_and_the_hub_keeps_its_own(spawn_listening)
     d = spawn_listening(workers=1, fd_limit=(256, 4096))
     worker = psutil.Process(d.status()["workers"][0]["pid"])
     hub = next(p for p in psutil.Process(d.proc.pid).children()
-               if "cmuxd.hub_link" in " ".join(p.cmdline()))
+               if "cmuxd.hub_process" in " ".join(p.cmdline()))
     wait_for(lambda: worker.rlimit(psutil.RLIMIT_NOFILE) == (4096, 4096))
     assert hub.rlimit(psutil.RLIMIT_NOFILE) == (256, 4096)
     assert psutil.Process(d.proc.pid).rlimit(psutil.RLIMIT_NOFILE) == (256, 4096)
@@ -274,7 +274,7 @@ def test_hung_pty_hub_is_replaced_after_the_timeout(spawn_listening):
         hubs = []
         for child in psutil.Process(d.proc.pid).children():
             try:
-                if "cmuxd.hub_link" in " ".join(child.cmdline()) and \
+                if "cmuxd.hub_process" in " ".join(child.cmdline()) and \
                         child.status() != psutil.STATUS_ZOMBIE:
                     hubs.append(child.pid)
             except psutil.Error:

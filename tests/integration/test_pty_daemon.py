@@ -7,13 +7,14 @@ import os
 import pty
 import select
 import signal
+import subprocess
 import threading
 import time
 
 import orjson
 import psutil
 
-from helpers import wait_for
+from helpers import stop_process, wait_for
 from listening import ListeningDaemon
 
 
@@ -73,19 +74,47 @@ def test_session_shared_across_workers_and_survives_a_worker_crash():
         d.close()
 
 
-def test_stopping_the_daemon_ends_its_pty_processes():
+def test_sessions_outlive_a_stop_and_the_next_daemon_adopts_them():
+    """A stop (or restart) of the daemon leaves its PTY sessions running: the next daemon on
+    the same state directory adopts the hub, and a reattach replays; `hub stop` ends them."""
     d = ListeningDaemon(workers=1).wait_ready()
-    s = d.authed()
-    r = s.call("pty.attach", dict(ident("a", "t"), cols=80, rows=24,
-                                  command="echo pid=$$; exec sleep 600"))
-    assert r["ok"], r
-    out = collect(s, b"pid=")
-    pid = int(out.split(b"pid=")[1].split()[0])
-    assert psutil.pid_exists(pid)
-    assert d.stop() == 0
-    wait_for(lambda: not psutil.pid_exists(pid) or
-             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
-    d.close()
+    try:
+        s = d.authed()
+        r = s.call("pty.attach", dict(ident("a", "t"), cols=80, rows=24,
+                                      command="echo pid=$$; while :; do echo tick; sleep 0.1; done"))
+        assert r["ok"], r
+        out = collect(s, b"pid=")
+        pid = int(out.split(b"pid=")[1].split()[0])
+        assert d.stop() == 0
+        time.sleep(0.5)
+        assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        again = subprocess.Popen(d.proc.args, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: d.socket_path.exists(), timeout=15)
+            c = d.authed()
+            r = c.call("pty.attach", dict(ident("b", "t"), cols=80, rows=24,
+                                          require_existing=True), timeout=15)
+            assert r["ok"] and r["result"]["replay_bytes"] > 0, r
+            assert f"pid={pid}".encode() in collect(c, f"pid={pid}".encode())
+            ended = d.cli("hub", "stop", "--state-dir", str(d.state_dir))
+            assert ended.returncode == 0, ended.stderr
+            assert c.next_event("pty.exit", timeout=10)["attachment_id"] == "b"
+            wait_for(lambda: not psutil.pid_exists(pid) or
+                     psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
+        finally:
+            stop_process(again)
+    finally:
+        d.close()
+
+
+def test_hub_stop_without_a_hub_says_so(tmp_path):
+    d = ListeningDaemon(workers=1)
+    try:
+        out = d.cli("hub", "stop", "--state-dir", str(tmp_path / "none"))
+        assert out.returncode == 3 and b"no PTY hub serves" in out.stderr
+    finally:
+        d.close()
 
 
 def test_attach_command_is_interactive_and_detaches():
@@ -192,7 +221,7 @@ def test_a_hub_crash_ends_attachments_and_a_new_hub_takes_over():
         assert s.call("pty.attach", dict(ident("a", "t"), cols=80, rows=24,
                                          command="exec cat"))["ok"]
         hubs = [p for p in psutil.Process(d.proc.pid).children()
-                if "cmuxd.hub_link" in " ".join(p.cmdline())]
+                if "cmuxd.hub_process" in " ".join(p.cmdline())]
         assert len(hubs) == 1
         hubs[0].kill()
         assert s.next_event("pty.exit", timeout=10)["attachment_id"] == "a"
@@ -236,7 +265,7 @@ def test_the_hub_starts_pty_processes_without_helper_threads():
                                       "command": "exec cat"})
             assert r["ok"], r
         hub = [p for p in psutil.Process(d.proc.pid).children()
-               if "cmuxd.hub_link" in " ".join(p.cmdline())][0]
+               if "cmuxd.hub_process" in " ".join(p.cmdline())][0]
         assert hub.num_threads() == 1
     finally:
         d.close()
