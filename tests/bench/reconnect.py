@@ -3,7 +3,8 @@
     .venv/bin/python tests/bench/reconnect.py [--cycles 10]
 
 * path: a daemon in a network namespace reached over a veth (root and `ip netns` needed);
-  the veth is taken down until the client shows its reconnecting line, then brought up; timed
+  the veth is taken down until the client shows its reconnecting line and a random 0-2 s
+  more (so the path comes back at any point between two attempts), then brought up; timed
   from `ip link set up` to the status line cleared (the session attached again). The client
   dials at most a second apart, so the figure sits between the dial and the back-off cap.
 * worker: the worker holding the attach is SIGKILLed on loopback; timed from the kill to the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import select
 import signal
 import statistics
@@ -68,10 +70,12 @@ def cycles_over_path(cycles: int) -> list[float]:
                                            "--command", COUNTER], d.client_env())
         until(term, b"line-10\r\n", 0)
         took = []
+        pause = random.Random(17)
         for _ in range(cycles):
             mark = len(term.out)
             ip("link", "set", ns.link, "down")
             until(term, reconnecting(1), mark)
+            time.sleep(pause.uniform(0, 2))
             mark = len(term.out)
             ip("link", "set", ns.link, "up")
             back = time.monotonic()
