@@ -174,7 +174,9 @@ class TerminalAttach:
         self.session_id = session_id
         self.command = command
         self.connect_kwargs = connect_kwargs
-        self.attachment_id = f"cli-{os.getpid()}"
+        # One id for the whole run, so each reattach supersedes the last; random, so another
+        # machine's `attach` with the same pid never supersedes this one.
+        self.attachment_id = f"cli-{os.getpid()}-{secrets.token_hex(4)}"
         self.token = ""
         self.client: AsyncClient | None = None
         self.resumable = False
