@@ -586,7 +586,7 @@ def attach(uri: str, session: str, *, command: str = "", token_file: str | None 
            remote_command: str | None = None) -> None:
     """Attach this terminal to a PTY session interactively; Ctrl-] detaches and leaves the
     session running."""
-    from .client import attach_terminal
+    from .attach import attach_terminal
 
     if not os.isatty(0):
         usage_error("attach needs a terminal on stdin (it puts it in raw mode); run it from "

@@ -98,6 +98,8 @@ class _Link:
         self.server.on_link_closed()
         for task in self.tasks:
             task.cancel()
+        # Its attachments are removed only below: a dead link must not get the lease again.
+        self.can_hold_leases = False
         self.hub.lease_lost(self)
         for hub_peer in self.peers.values():
             asyncio.get_running_loop().create_task(self.hub.remove_peer(hub_peer))

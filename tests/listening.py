@@ -63,7 +63,9 @@ class ListeningDaemon:
     def __init__(self, *extra: str, tcp: list[str] | None = None, v6: bool = False,
                  unix: bool = True, workers: int = 2, env: dict | None = None,
                  token_mode: int = 0o600, fd_limit: tuple[int, int] | None = None,
-                 cwd: os.PathLike | None = None, token_in_env: bool = False):
+                 cwd: os.PathLike | None = None, token_in_env: bool = False,
+                 wrap: list[str] | None = None):
+        """`wrap` goes before the command line (`ip netns exec NAME`, say)."""
         self.dir = Path(tempfile.mkdtemp(prefix="cmuxd-test-"))
         self.token_file = self.dir / "relay-token"
         self.token = write_token_file(self.token_file, token_mode)
@@ -92,7 +94,7 @@ class ListeningDaemon:
         self.env = full_env
         limit = None if fd_limit is None else (
             lambda: resource.setrlimit(resource.RLIMIT_NOFILE, fd_limit))
-        self.proc = subprocess.Popen(daemon_command(*args), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*(wrap or ()), *daemon_command(*args)], stdin=subprocess.DEVNULL,
                                      stdout=self.stderr_file, stderr=self.stderr_file,
                                      env=full_env, preexec_fn=limit, cwd=cwd)
 

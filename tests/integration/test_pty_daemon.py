@@ -74,6 +74,31 @@ def test_session_shared_across_workers_and_survives_a_worker_crash():
         d.close()
 
 
+def test_killing_the_worker_reading_a_session_again_and_again_never_locks_it():
+    """A lone attachment's worker holds the session's read lease; each time it is killed the
+    hub reads again, and the next attach (from another worker) gets in and sees output."""
+    d = ListeningDaemon(workers=2).wait_ready()
+    try:
+        s = d.authed()
+        assert s.call("pty.attach", dict(ident("a", "t0"), cols=80, rows=24,
+                                         command="exec /bin/sh"))["ok"]
+        for round in range(1, 4):
+            wait_for(lambda: all(w["alive"] for w in d.status()["workers"]), timeout=10)
+            reader = on_worker(d, s)
+            os.kill(reader, signal.SIGKILL)
+            wait_for(lambda: reader not in {w["pid"] for w in d.status()["workers"]}, timeout=10)
+            s = d.authed()
+            r = s.call("pty.attach", dict(ident("a", f"t{round}"), cols=80, rows=24,
+                                          require_existing=True))
+            assert r["ok"], r
+            s.send({"method": "pty.write", "params": dict(
+                ident("a", f"t{round}"), data_base64=base64.b64encode(
+                    f"echo round-$((0+{round}))\n".encode()).decode())})
+            assert f"round-{round}".encode() in collect(s, f"round-{round}\r\n".encode())
+    finally:
+        d.close()
+
+
 def test_sessions_outlive_a_stop_and_the_next_daemon_adopts_them():
     """A stop (or restart) of the daemon leaves its PTY sessions running: the next daemon on
     the same state directory adopts the hub, and a reattach replays; `hub stop` ends them."""
