@@ -233,7 +233,8 @@ class TerminalAttach:
             await client.rpc("pty.attach", params)
             ready = await self._ready(client)
             self.resumable = "ext_incarnation" in ready  # not so on an upstream daemon
-            gap = self.cursor.ready(ready["ext_incarnation"], ready["ext_offset"]) \
+            # Zero is left out of events (spec §3.4): a missing offset is 0.
+            gap = self.cursor.ready(ready["ext_incarnation"], ready.get("ext_offset", 0)) \
                 if self.resumable else 0
         except BaseException:
             await client.close()
@@ -291,8 +292,8 @@ class TerminalAttach:
                 continue
             if name == "pty.data":
                 data = base64.b64decode(event["data_base64"])
-                offset = event.get("ext_offset")
-                _write_out(data if offset is None else self.cursor.data(offset, data))
+                _write_out(self.cursor.data(event.get("ext_offset", 0), data)
+                           if self.resumable else data)
             elif name == "pty.input_ack":
                 self.ledger.acked(event["seq"])
             elif name == "pty.exit":
