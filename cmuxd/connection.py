@@ -69,6 +69,11 @@ class ConnectionContext:
         """Awaitable that completes once the peer is reading what we write."""
         return self._conn.writable()
 
+    def can_write(self) -> bool:
+        """Whether a write now would go out rather than pile up."""
+        conn = self._conn
+        return not conn.write_paused and not conn.closing
+
     def spawn(self, coro) -> asyncio.Task:
         """Run a task that lives no longer than the connection."""
         return self._conn.spawn(coro)

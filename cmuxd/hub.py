@@ -851,9 +851,12 @@ class Hub:
         if deliver is None:
             return True
         # A remote peer's queue is in its worker: frames not yet reported drained count.
-        if (att.peer not in self.homes or att.behind < OUTBOUND_FRAMES) and deliver(event):
+        # Counted before delivery: a connection may write the frame and report it at once.
+        if att.peer not in self.homes or att.behind < OUTBOUND_FRAMES:
             att.behind += 1
-            return True
+            if deliver(event):
+                return True
+            att.behind -= 1
         log.info("PTY %s attachment %s fell behind and was dropped", att.session.id, att.id)
         att.session._remove(att)
         self._deliver_exit(att)

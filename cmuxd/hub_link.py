@@ -517,15 +517,18 @@ class RemoteHub:
         key = (event["session_id"], event["attachment_id"], event["attachment_token"])
         kind = event["event"]
         live = self.attachments.setdefault(peer, set())
-        if not deliver(event):
-            return False
         if kind == "pty.exit":
+            deliver(event)
             live.discard(key)
             self.behind.pop(key, None)
-        else:
-            if kind != "pty.error":  # an error may name no live attachment
-                live.add(key)
-            self.behind[key] = self.behind.get(key, 0) + 1
+            return True
+        # Counted before delivery: the connection may write it and report it at once.
+        self.behind[key] = self.behind.get(key, 0) + 1
+        if not deliver(event):
+            self.behind[key] -= 1
+            return False
+        if kind != "pty.error":  # an error may name no live attachment
+            live.add(key)
         return True
 
     def _event(self, peer: int, event: dict) -> None:

@@ -107,6 +107,13 @@ class PtyConnection:
             return True
         key = (event["session_id"], event["attachment_id"], event["attachment_token"])
         queue = self.queues.get(key)
+        if queue is None and not self.ready and self.ctx.can_write():
+            # Nothing waits and the peer reads: write it now, not one loop pass later (the
+            # echo of a keystroke takes this path).
+            self.ctx.send_event(event)
+            if event["event"] != "pty.exit":
+                self.hub.drained(self.peer, *key, 1)
+            return True
         if queue is None:
             queue = self.queues[key] = _Outbound()
         if event["event"] != "pty.exit" and len(queue.frames) >= OUTBOUND_FRAMES:
