@@ -24,6 +24,7 @@ import orjson
 
 from .auth import (
     PREAUTH_TIMEOUT,
+    ERROR_BUSY,
     AuthError,
     ClientHandshake,
     Credentials,
@@ -280,18 +281,26 @@ class AsyncClient:
         needs_auth = address.kind == "tcp" or unix_auth
         if needs_auth and creds is None:
             creds = credentials_for(candidates[0], token_file, relay_id)
-        reader, writer, address = await _dial_any(candidates)
-        try:
-            if address.kind == "unix":
-                _check_unix_peer(writer.get_extra_info("socket"), address)
-            leftover = b""
-            if needs_auth:
-                leftover = await _handshake(reader, writer, creds, address, first_request)
-            elif first_request:
-                writer.write(first_request)
-        except BaseException:
-            writer.close()
-            raise
+        for attempt in range(BUSY_ATTEMPTS):
+            reader, writer, address = await _dial_any(candidates)
+            try:
+                if address.kind == "unix":
+                    _check_unix_peer(writer.get_extra_info("socket"), address)
+                leftover = b""
+                if needs_auth:
+                    leftover = await _handshake(reader, writer, creds, address, first_request)
+                elif first_request:
+                    writer.write(first_request)
+                break
+            except DaemonBusy:
+                # A daemon that had no room for us says so: try again in a moment, as it asks.
+                writer.close()
+                if attempt == BUSY_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(BUSY_WAIT * 2 ** attempt)
+            except BaseException:
+                writer.close()
+                raise
         client = cls(reader, writer, address, leftover)
         if not raw:
             client._pump = asyncio.get_running_loop().create_task(client._read_loop())
@@ -454,6 +463,15 @@ async def _dial(address: Address):
         raise ClientError(f"{address}: {exc.strerror or exc}", EXIT_UNREACHABLE) from None
 
 
+BUSY_ATTEMPTS = 4
+BUSY_WAIT = 0.05
+"""Seconds before the first new attempt at a daemon that said it was busy; doubling."""
+
+
+class DaemonBusy(ClientError):
+    """The daemon had no room for our handshake (not a verdict on the credentials)."""
+
+
 async def _handshake(reader, writer, creds: Credentials, address: Address,
                      first_request: bytes) -> bytes:
     hs = ClientHandshake(creds.token, creds.relay_id, device=creds.device)
@@ -475,7 +493,8 @@ async def _handshake(reader, writer, creds: Credentials, address: Address,
         raise ClientError(f"{address}: connection lost during the handshake "
                           f"({exc.strerror or exc})", EXIT_UNREACHABLE) from None
     if hs.state == "unavailable":
-        raise ClientError(f"{address}: {hs.error}", EXIT_UNREACHABLE)
+        raise (DaemonBusy if hs.error == ERROR_BUSY else ClientError)(
+            f"{address}: {hs.error}", EXIT_UNREACHABLE)
     if hs.state != "accepted":
         raise ClientError(f"{address}: {hs.error} (credentials: {creds.source})", EXIT_AUTH)
     return hs.leftover
