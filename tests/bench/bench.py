@@ -1,7 +1,7 @@
 """Benchmarks of cmuxd-remote: scripts that print figures, never timed assertions.
 
     scripts/bench                       # every section (about a minute)
-    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty, flood, frames (comma separated)
+    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty, flood, frames, upgrade (comma separated)
     scripts/bench --only stdio --runs 15 --pings 50000
     scripts/bench --only ssh --connects 50
     scripts/bench --only tcp --auth-client python
@@ -707,8 +707,8 @@ class TCPTarget:
         return sock, pipe
 
 
-def start_tcp_daemon(tmp: Path, procs: Processes, args, extra: tuple[str, ...] = ()
-                     ) -> TCPTarget:
+def start_tcp_daemon(tmp: Path, procs: Processes, args, extra: tuple[str, ...] = (),
+                     site: Path | None = None) -> TCPTarget:
     """Start `cmuxd-remote serve --tcp` on a free loopback port with a fresh token.
 
     The flags are the ones the direct-listener issue names (--tcp, --token-file, --relay-id,
@@ -721,14 +721,17 @@ def start_tcp_daemon(tmp: Path, procs: Processes, args, extra: tuple[str, ...] =
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
     port = free_port()
-    script = Path(daemon_argv(args)[0])
-    argv = [str(script), "serve", "--tcp", f"127.0.0.1:{port}", "--token-file", str(token_file),
+    # `site`: a copy of the package to run instead (as an installed one that can change).
+    head = [str(Path(daemon_argv(args)[0]))] if site is None else \
+        [sys.executable, "-P", "-m", "cmuxd"]
+    argv = [*head, "serve", "--tcp", f"127.0.0.1:{port}", "--token-file", str(token_file),
             "--relay-id", relay_id, "--state-dir", str(tmp / "state")]
     if args.workers:
         argv += ["--workers", str(args.workers)]
     argv += extra
     errlog = open(tmp / "daemon.log", "wb")
-    proc = procs.start(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog)
+    where = {} if site is None else {"env": dict(os.environ, PYTHONPATH=str(site)), "cwd": "/"}
+    proc = procs.start(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, **where)
     target = TCPTarget("127.0.0.1", port, relay_id, token)
     target.pid = proc.pid
     deadline = time.monotonic() + 15
@@ -1337,6 +1340,120 @@ def _met(ok: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# section: upgrade (a live upgrade while a user types)
+
+UPGRADE_TYPING = 6.0
+"""Seconds of typing, one key every 10 ms; the upgrade starts after the first second."""
+
+
+def upgrade_section(args, procs: Processes, results: dict) -> None:
+    """A new version installed in place and SIGHUP, while a client types into a session and
+    waits for each echo: how long until every process that serves new connections runs the
+    new code, and the longest echo meanwhile. The PTY hub's upgrade ends attachments (their
+    links drop), so the client attaches again from its offset, as `attach` does."""
+    import cmuxd
+
+    print(f"upgrade: keystrokes every 10 ms for {UPGRADE_TYPING:.0f} s; SIGHUP after 1 s, with "
+          "a new version installed in place")
+    with section_dir(procs, "upgrade") as tmp:
+        site = tmp / "site"
+        shutil.copytree(Path(cmuxd.__file__).parent, site / "cmuxd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        target = start_tcp_daemon(tmp, procs, args, site=site)
+        control = tmp / "state" / "control.sock"
+        sock, pipe = target.connect()
+        ident = _pty_ident("upgrade")
+        seen = _pty_attach(pipe, ident, ECHO_COMMAND, ext_resume_from=0)
+        end = len(seen)
+        while b"READY" not in seen:
+            _, data, end = _upgrade_output(pipe, end)
+            seen += data
+        echoes, reattaches, lost = [], 0, 0
+        upgraded_after = None
+        t0 = time.monotonic()
+        signalled = None
+        i = 0
+        while time.monotonic() - t0 < UPGRADE_TYPING:
+            if signalled is None and time.monotonic() - t0 > 1.0:
+                init = site / "cmuxd" / "__init__.py"
+                init.write_text(init.read_text().replace(
+                    f'__version__ = "{cmuxd.__version__}"', '__version__ = "9.9.9"'))
+                os.kill(target.pid, signal.SIGHUP)
+                signalled = time.monotonic()
+            key = KEYS[i % len(KEYS): i % len(KEYS) + 1]
+            i += 1
+            sent = time.perf_counter()
+            pipe.write(orjson.dumps({"method": "pty.write", "params": dict(
+                ident, data_base64=base64.b64encode(key).decode())}) + b"\n")
+            got = b""
+            while key not in got:
+                try:
+                    kind, data, end = _upgrade_output(pipe, end)
+                except TimeoutError:  # lost in the hub's exec: a client that numbers its
+                    lost += 1         # writes (attach) says so; this one sends it again
+                    kind = "error"
+                if kind == "exit":  # the attachment ended: attach again from where it stopped
+                    reattaches += 1
+                    pipe.write(orjson.dumps({"id": 2, "method": "pty.attach", "params": dict(
+                        ident, cols=80, rows=24, require_existing=True,
+                        ext_resume_from=end)}) + b"\n")
+                elif kind == "error":  # the key was refused (no hub for a moment): again
+                    pipe.write(orjson.dumps({"method": "pty.write", "params": dict(
+                        ident, data_base64=base64.b64encode(key).decode())}) + b"\n")
+                else:
+                    got += data
+            echoes.append(time.perf_counter() - sent)
+            if signalled is not None and upgraded_after is None and i % 10 == 0 \
+                    and _runs_everywhere(control, "9.9.9"):
+                upgraded_after = time.monotonic() - signalled
+            time.sleep(0.01)
+        while upgraded_after is None and time.monotonic() - signalled < 30:
+            if _runs_everywhere(control, "9.9.9"):
+                upgraded_after = time.monotonic() - signalled
+            time.sleep(0.05)
+        sock.close()
+    r = results
+    r["upgrade_seconds"] = upgraded_after if upgraded_after is not None else float("inf")
+    r["upgrade_worst_echo"] = max(echoes)
+    print(f"  every new process runs the new code after {r['upgrade_seconds']:.2f} s "
+          f"(goal < 2 s: {_met(r['upgrade_seconds'] < 2)})")
+    r["upgrade_lost_keys"] = lost
+    print(f"  {len(echoes)} keystrokes, {reattaches} attach(es) again, {lost} lost in the "
+          f"hub's exec and sent again: echo p50 "
+          f"{us(pct(echoes, 50))}, p99 {ms(pct(echoes, 99))}, longest {ms(max(echoes))} "
+          f"(goal < 500 ms: {_met(max(echoes) < 0.5)})")
+
+
+def _upgrade_output(pipe: Pipe, end: int) -> tuple[str, bytes, int]:
+    """The next event that matters: ("data", output past `end`, the new end), ("exit", …)
+    once the attachment has ended, or ("error", …) when a write was refused."""
+    while True:
+        if b"\n" not in pipe.buf and not select.select([pipe.read_fd], [], [], 1.0)[0]:
+            raise TimeoutError
+        msg = _frame(pipe)
+        event = msg.get("event")
+        if event == "pty.data":
+            data = base64.b64decode(msg["data_base64"])
+            offset = msg.get("ext_offset", 0)
+            return "data", data[max(0, end - offset):], max(end, offset + len(data))
+        if event in ("pty.exit", "pty.error"):
+            return event[4:], b"", end
+        if msg.get("ok") is False:
+            raise RuntimeError(f"attaching again failed: {msg}")
+
+
+def _runs_everywhere(control: Path, version: str) -> bool:
+    """The hub and every serving worker run `version` (the supervisor keeps its code)."""
+    try:
+        status = query_status(control)
+    except OSError:
+        return False
+    serving = [w for w in status["workers"] if w["state"] == "serving"]
+    return status["hub"]["version"] == version and serving and all(
+        w["version"] == version for w in serving)
+
+
+# ---------------------------------------------------------------------------------------------
 # section: frames (one client streaming junk, another pinging on the same worker)
 
 FLOODS = {"LFs": b"\n" * (1 << 20), "invalid frames": b"{x}\n" * (1 << 18)}
@@ -1925,7 +2042,7 @@ def summary(r: dict) -> None:
 
 SECTIONS = {"stdio": stdio_section, "ssh": ssh_section, "tcp": tcp_section,
             "idle": idle_section, "pty": pty_section, "flood": flood_section,
-            "frames": frames_section}
+            "frames": frames_section, "upgrade": upgrade_section}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
