@@ -13,6 +13,11 @@ let
   hasInfix = infix: s: match ".*${escapeRegex infix}.*" s != null;
   escapeRegex = replaceStrings [ "@" "." ] [ "[@]" "[.]" ];
 
+  # A bad value as the error shows it: toJSON of a path would copy that file into the store.
+  describe = value:
+    if isString value || isInt value || value == null then builtins.toJSON value
+    else "a ${builtins.typeOf value}";
+
   # A value must stay one line of a unit file or one plist string.
   checked = what: value:
     if !isString value then throw "cmuxd: ${what} must be a string, not ${builtins.typeOf value}"
@@ -23,20 +28,20 @@ let
   # A path as a string: a path literal would be copied into the world-readable store.
   checkedFile = what: file:
     if isString file && match "/[^\n\r]*" file != null then file
-    else throw "cmuxd: ${what} must be an absolute path given as a string (\"/run/secrets/cmuxd\"), so that the token is not copied into the Nix store, not ${builtins.toJSON file}";
+    else throw "cmuxd: ${what} must be an absolute path on one line, given as a string (\"/run/secrets/cmuxd\"), so that the token is not copied into the Nix store, not ${describe file}";
 
   checkedPort = port:
     if isInt port && port >= 1 && port <= 65535 then toString port
-    else throw "cmuxd: port must be a number from 1 to 65535, not ${builtins.toJSON port}";
+    else throw "cmuxd: port must be a number from 1 to 65535, not ${describe port}";
 
   checkedUser = user:
     if isString user && match "[a-z_][a-z0-9_-]*[$]?" user != null && stringLength user <= 32
     then user
-    else throw "cmuxd: user must be the name of an account (such as \"alice\"), not ${builtins.toJSON user}";
+    else throw "cmuxd: user must be the name of an account (such as \"alice\"), not ${describe user}";
 
   checkedAddress = address:
     if isString address && match "[0-9A-Fa-f.:]+" address != null then address
-    else throw "cmuxd: tailnet address ${builtins.toJSON address} is not an IP address; give the host's `tailscale ip` addresses";
+    else throw "cmuxd: tailnet address ${describe address} is not an IP address; give the host's `tailscale ip` addresses";
 
   # A literal in a unit file: % would start a specifier.
   unitEscape = replaceStrings [ "%" ] [ "%%" ];
