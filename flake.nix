@@ -8,14 +8,12 @@
     let
       systems = [ "x86_64-linux" "aarch64-linux" "x86_64-darwin" "aarch64-darwin" ];
       forEach = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
-      module = file: { pkgs, ... }@args:
-        import file { defaultPackage = self.packages.${pkgs.stdenv.hostPlatform.system}.default; } args;
     in
     {
       packages = forEach (pkgs: { default = pkgs.callPackage ./nix/package.nix { }; });
-      nixosModules.default = module ./nix/nixos.nix;
-      darwinModules.default = module ./nix/darwin.nix;
-      homeManagerModules.default = module ./nix/home-manager.nix;
+      nixosModules.default = import ./nix/nixos.nix { inherit self; };
+      darwinModules.default = import ./nix/darwin.nix { inherit self; };
+      homeManagerModules.default = import ./nix/home-manager.nix { inherit self; };
       # The builtins-only part: unit sections, unit files and plists for any settings.
       lib = import ./nix/lib.nix { };
     };

@@ -1,12 +1,12 @@
 # services.cmuxd for nix-darwin: the LaunchAgent `cmuxd-remote units install --launchd` writes,
 # from nix/units.json. launchd.user.agents load in every GUI login; the socket, the log and the
 # token are those of `user`, so the agent serves that user.
-{ defaultPackage }:
-{ config, lib, ... }:
+{ self }:
+{ config, lib, pkgs, ... }:
 let
   cfg = config.services.cmuxd;
   units = import ./lib.nix { };
-  settings = import ./options.nix { inherit lib defaultPackage; };
+  settings = import ./options.nix { inherit lib pkgs self; };
   inherit (cfg) home;
 in
 {

@@ -1,12 +1,12 @@
 # services.cmuxd for home-manager: on Linux the user units of
 # `cmuxd-remote units install --systemd --user [--at-boot]`, on macOS the LaunchAgent of
 # `units install --launchd`, both from nix/units.json.
-{ defaultPackage }:
+{ self }:
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.cmuxd;
   units = import ./lib.nix { };
-  settings = import ./options.nix { inherit lib defaultPackage; };
+  settings = import ./options.nix { inherit lib pkgs self; };
   command = [ "${cfg.package}/bin/cmuxd-remote" ];
   home = config.home.homeDirectory;
   tokenFile = if cfg.tokenFile != null then cfg.tokenFile

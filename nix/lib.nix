@@ -125,18 +125,18 @@ let
     in
     plist // { ProgramArguments = plist.ProgramArguments ++ map (checked "an argument") serveArgs; };
 
-  # nixpkgs' Python package attribute for each dependency of pyproject.toml (and the systemd
-  # extra): names with _ become -, systemd-python is nixpkgs' `systemd`.
+  # nixpkgs' Python package attribute of each requirement of pyproject.toml: the name with
+  # _ and . as -.
   project = (builtins.fromTOML (builtins.readFile pyproject)).project;
   attrOf = requirement:
-    let name = builtins.head (match "([A-Za-z0-9_.-]+).*" requirement);
-        normal = replaceStrings [ "_" "." ] [ "-" "-" ] name;
-    in if normal == "systemd-python" then "systemd" else normal;
+    replaceStrings [ "_" "." ] [ "-" "-" ] (builtins.head (match "([A-Za-z0-9_.-]+).*" requirement));
 in
 {
   inherit systemdUnits mergeDropins unitText unitFiles launchdAgent execQuote
     coreutilsExecutables;
   pname = project.name;
   version = builtins.head (match ".*__version__ = \"([^\"]+)\".*" (builtins.readFile versionFile));
-  pythonDependencies = map attrOf (project.dependencies ++ project.optional-dependencies.systemd);
+  pythonDependencies = map attrOf project.dependencies;
+  # The systemd extra (journal fields, sd_notify through libsystemd): Linux only.
+  pythonLinuxDependencies = map attrOf project.optional-dependencies.systemd;
 }

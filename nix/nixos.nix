@@ -1,11 +1,11 @@
 # services.cmuxd for NixOS: the cmuxd.socket and cmuxd.service (and any other unit) that
 # `cmuxd-remote units install --systemd --system` writes, from nix/units.json.
-{ defaultPackage }:
+{ self }:
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.cmuxd;
   units = import ./lib.nix { };
-  settings = import ./options.nix { inherit lib defaultPackage; };
+  settings = import ./options.nix { inherit lib pkgs self; };
   merged = units.mergeDropins (units.systemdUnits {
     mode = "system";
     command = [ "${cfg.package}/bin/cmuxd-remote" ];
@@ -14,10 +14,12 @@ let
     executables = lib.genAttrs units.coreutilsExecutables
       (path: "${pkgs.coreutils}/bin/${baseNameOf path}");
   });
-  # A restart of the unit that owns the PTY sessions would end every user's shell, so a new
-  # package only reloads it (it re-executes itself in place and keeps the sessions);
-  # cmuxd.service is restarted, and the restarted daemon adopts the running sessions.
-  reloadOnly = [ "cmuxd-hub.service" ];
+  # A restart of the unit that owns users' shells (cmuxd-hub.service runs the PTY hub outside
+  # the daemon's sandbox) would end every session, so a new package never restarts it: it is
+  # reloaded (it re-executes itself in place and keeps the sessions) when it has ExecReload=.
+  # Every other service, cmuxd.service among them, is restarted; the restarted daemon finds
+  # the running hub and adopts its sessions.
+  sessionOwners = [ "cmuxd-hub.service" ];
   kinds = { service = "Service"; socket = "Socket"; timer = "Timer"; path = "Path"; };
   toNixos = name: sections:
     let
@@ -33,8 +35,8 @@ let
         wantedBy = install.WantedBy or [ ];
         requiredBy = install.RequiredBy or [ ];
       } // lib.optionalAttrs (kind == "service") {
-        restartIfChanged = !(builtins.elem name reloadOnly);
-        reloadIfChanged = builtins.elem name reloadOnly;
+        restartIfChanged = !(builtins.elem name sessionOwners);
+        reloadIfChanged = builtins.elem name sessionOwners && sections.Service ? ExecReload;
       };
     };
 in
@@ -52,7 +54,7 @@ in
       description = ''
         The relay token, handed to the service as the credential `relay-token`
         (LoadCredential=). A string, not a path: a path would be copied into the
-        world-readable Nix store. Create it with `cmuxd-remote token new --token-file PATH`
+        world-readable Nix store. Create it with `cmuxd-remote token new PATH`
         or a secrets manager; it must be readable by root only.
       '';
     };

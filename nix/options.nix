@@ -1,11 +1,12 @@
 # The settings every module shares, and how they become `serve` arguments.
-{ lib, defaultPackage }:
+{ lib, pkgs, self }:
 {
   common = {
     enable = lib.mkEnableOption "the cmux remote daemon (cmuxd-remote)";
     package = lib.mkOption {
       type = lib.types.package;
-      default = defaultPackage;
+      default = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+      defaultText = lib.literalMD "the cmuxd flake's package for this system";
       description = "The cmuxd package.";
     };
     port = lib.mkOption {

@@ -1,8 +1,10 @@
 # cmuxd-remote built from pyproject.toml with nixpkgs' Python packages; the dependency list and
 # the version are read from pyproject.toml and cmuxd/__init__.py (nix/lib.nix).
-{ lib, python3Packages }:
+{ lib, stdenv, python3Packages }:
 let
   project = import ./lib.nix { };
+  # nixpkgs before systemd-python was renamed calls it `systemd`.
+  dependency = name: python3Packages.${name} or python3Packages.${lib.removeSuffix "-python" name};
 in
 python3Packages.buildPythonApplication {
   inherit (project) pname version;
@@ -12,7 +14,8 @@ python3Packages.buildPythonApplication {
     fileset = lib.fileset.unions [ ../pyproject.toml ../README.md ../cmuxd ];
   };
   build-system = [ python3Packages.setuptools ];
-  dependencies = map (name: python3Packages.${name}) project.pythonDependencies;
+  dependencies = map dependency (project.pythonDependencies
+    ++ lib.optionals stdenv.hostPlatform.isLinux project.pythonLinuxDependencies);
   # The tests need real sockets, network namespaces and systemd, not a build sandbox.
   doCheck = false;
   pythonImportsCheck = [ "cmuxd" ];

@@ -257,10 +257,13 @@ def test_nix_provides_every_executable_the_units_name(nix_env):
 
 def test_package_dependencies_and_version_come_from_pyproject(nix_env):
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["systemd"]
-    names = [re.match(r"[A-Za-z0-9_.-]+", r).group().replace("_", "-") for r in requirements]
-    expected = ["systemd" if n == "systemd-python" else n for n in names]
-    assert nix_eval(nix_env, "lib.pythonDependencies") == expected
+
+    def names(requirements: list[str]) -> list[str]:
+        return [re.match(r"[A-Za-z0-9_.-]+", r).group().replace("_", "-") for r in requirements]
+
+    assert nix_eval(nix_env, "lib.pythonDependencies") == names(project["dependencies"])
+    assert "prometheus-client" in nix_eval(nix_env, "lib.pythonDependencies")
+    assert nix_eval(nix_env, "lib.pythonLinuxDependencies") == ["systemd-python"]
     assert nix_eval(nix_env, "lib.version") == cmuxd.__version__
     assert nix_eval(nix_env, "lib.pname") == "cmuxd"
 
