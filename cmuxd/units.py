@@ -503,7 +503,6 @@ def nix_units_json() -> bytes:
     return orjson.dumps(nix_units(), option=orjson.OPT_INDENT_2) + b"\n"
 
 
-if __name__ == "__main__":
-    # Regenerate units/ and nix/units.json: python -m cmuxd.units units nix/units.json
-    write_fleet_files(sys.argv[1])
-    Path(sys.argv[2]).write_bytes(nix_units_json())
+if __name__ == "__main__":  # regenerate units/ and nix/units.json: python -m cmuxd.units
+    write_fleet_files(sys.argv[1] if len(sys.argv) > 1 else "units")
+    Path(sys.argv[2] if len(sys.argv) > 2 else "nix/units.json").write_bytes(nix_units_json())

@@ -99,10 +99,9 @@ def canonical(text: str) -> str:
 
 
 def test_units_json_matches_the_renderer():
-    """nix/units.json is what the modules read; regenerate it with
-    `python -m cmuxd.units units nix/units.json`."""
+    """nix/units.json is what the modules read; `python -m cmuxd.units` regenerates it."""
     assert (REPO / "nix" / "units.json").read_bytes() == units.nix_units_json(), \
-        "nix/units.json is stale: python -m cmuxd.units units nix/units.json"
+        "nix/units.json is stale: python -m cmuxd.units (in the repository's root)"
 
 
 def test_every_nix_file_parses(nix_env):
@@ -216,9 +215,12 @@ BAD_SETTINGS = [
     ({"user": "alice\nExecStartPre=/bin/sh"}, "user must be the name of an account"),
     ({"user": None}, "user must be the name of an account"),
     ({"tokenFile": "relay-token"}, "tokenFile must be an absolute path on one line"),
-    ({"tokenFile": "/t\nExecStartPre=/bin/sh"}, "tokenFile must be an absolute path on one line"),
-    ({"tailnetAddresses": ["100.64.0.1 0.0.0.0"]}, 'tailnet address "100.64.0.1 0.0.0.0" is not an IP address'),
-    ({"serveArgs": ["--workers", "2\nExecStartPre=/bin/sh -c id"]}, "an argument holds a line break"),
+    ({"tokenFile": "/t\nExecStartPre=/bin/sh"},
+     "tokenFile must be an absolute path on one line"),
+    ({"tailnetAddresses": ["100.64.0.1 0.0.0.0"]},
+     'tailnet address "100.64.0.1 0.0.0.0" is not an IP address'),
+    ({"serveArgs": ["--workers", "2\nExecStartPre=/bin/sh -c id"]},
+     "an argument holds a line break"),
 ]
 
 
