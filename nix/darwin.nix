@@ -14,7 +14,7 @@ in
     user = lib.mkOption {
       type = lib.types.str;
       example = "alice";
-      description = "The account the agent serves: its home holds the socket, the log and the token.";
+      description = "The account served: its home holds the socket, the log and the token.";
     };
     home = lib.mkOption {
       type = lib.types.str;
@@ -44,7 +44,8 @@ in
     environment.systemPackages = [ cfg.package ];
     launchd.user.agents.cmuxd.serviceConfig = units.launchdAgent {
       command = [ "${cfg.package}/bin/cmuxd-remote" ];
-      tokenFile = if cfg.tokenFile != null then cfg.tokenFile else "${home}/.config/cmuxd/relay-token";
+      tokenFile = if cfg.tokenFile != null then cfg.tokenFile
+        else "${home}/.config/cmuxd/relay-token";
       inherit home;
       inherit (cfg) port tailnet;
       serveArgs = settings.serveArgs cfg;

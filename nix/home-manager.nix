@@ -20,9 +20,16 @@ let
       (path: "${pkgs.coreutils}/bin/${baseNameOf path}");
   });
   # home-manager takes the sections as they are: systemd.user.services.NAME.Service = {…}.
+  # sd-switch reloads a session owner, or leaves it running, instead of restarting it.
   toUser = name: sections:
-    let parts = builtins.match "(.*)[.]([a-z]+)" name;
-    in { "${builtins.elemAt parts 1}s".${builtins.elemAt parts 0} = sections; };
+    let
+      parts = builtins.match "(.*)[.]([a-z]+)" name;
+      switch = if sections.Service ? ExecReload then "reload" else "keep-old";
+      owner = lib.optionalAttrs (builtins.elem name units.sessionOwners) {
+        Unit = (sections.Unit or { }) // { X-SwitchMethod = [ switch ]; };
+      };
+    in
+    { "${builtins.elemAt parts 1}s".${builtins.elemAt parts 0} = sections // owner; };
 in
 {
   options.services.cmuxd = settings.common // {

@@ -28,7 +28,9 @@ let
   # A path as a string: a path literal would be copied into the world-readable store.
   checkedFile = what: file:
     if isString file && match "/[^\n\r]*" file != null then file
-    else throw "cmuxd: ${what} must be an absolute path on one line, given as a string (\"/run/secrets/cmuxd\"), so that the token is not copied into the Nix store, not ${describe file}";
+    else throw ("cmuxd: ${what} must be an absolute path on one line, given as a string "
+      + "(\"/run/secrets/cmuxd\": a path literal would be copied into the world-readable "
+      + "Nix store), not ${describe file}");
 
   checkedPort = port:
     if isInt port && port >= 1 && port <= 65535 then toString port
@@ -37,11 +39,13 @@ let
   checkedUser = user:
     if isString user && match "[a-z_][a-z0-9_-]*[$]?" user != null && stringLength user <= 32
     then user
-    else throw "cmuxd: user must be the name of an account (such as \"alice\"), not ${describe user}";
+    else throw ("cmuxd: user must be the name of an account (such as \"alice\"), "
+      + "not ${describe user}");
 
   checkedAddress = address:
     if isString address && match "[0-9A-Fa-f.:]+" address != null then address
-    else throw "cmuxd: tailnet address ${describe address} is not an IP address; give the host's `tailscale ip` addresses";
+    else throw ("cmuxd: tailnet address ${describe address} is not an IP address; give "
+      + "the host's `tailscale ip` addresses");
 
   # A literal in a unit file: % would start a specifier.
   unitEscape = replaceStrings [ "%" ] [ "%%" ];
@@ -57,6 +61,13 @@ let
   # Executables the units name by their conventional path; the modules map each to its
   # coreutils store path (NixOS has no /bin/kill).
   coreutilsExecutables = [ "/bin/kill" ];
+
+  # The units whose restart would end every user's session: cmuxd-hub.service runs the PTY hub,
+  # which owns the shells, outside the daemon's sandbox. The modules never restart them on a
+  # new package; they reload them (the hub re-executes itself in place, keeping the sessions)
+  # when they have ExecReload=, else leave them running. cmuxd.service is restarted: the new
+  # daemon finds the running hub and adopts its sessions.
+  sessionOwners = [ "cmuxd-hub.service" ];
 
   mapValues = f: sections: mapAttrs (_: mapAttrs (_: concatMap f)) sections;
 
@@ -81,7 +92,8 @@ let
       # A value naming the tailnet address stands for one value per address.
       expand = value:
         if hasInfix "@tailnetAddress@" value
-        then map (a: substitute (replaceStrings [ "@tailnetAddress@" ] [ (bracket a) ] value)) addresses
+        then map (a: substitute (replaceStrings [ "@tailnetAddress@" ] [ (bracket a) ] value))
+          addresses
         else [ (substitute value) ];
       wanted = filter (unit: addresses != [ ] || !unit.tailnet_only) data.systemd.${mode};
     in
@@ -91,12 +103,14 @@ let
   # drop-in follows the unit's, as systemd reads a drop-in after its unit.
   mergeDropins = units:
     let
-      owner = name: let m = match "(.*)[.]d/.*[.]conf" name; in if m == null then name else builtins.head m;
-      merge = a: b: a // mapAttrs (section: keys:
-        (a.${section} or { }) // mapAttrs (key: values: (a.${section}.${key} or [ ]) ++ values) keys) b;
+      owner = name:
+        let m = match "(.*)[.]d/.*[.]conf" name; in if m == null then name else builtins.head m;
+      merge = a: b: a // mapAttrs (section: keys: (a.${section} or { })
+        // mapAttrs (key: values: (a.${section}.${key} or [ ]) ++ values) keys) b;
+      add = acc: unit:
+        acc // { ${owner unit.name} = merge (acc.${owner unit.name} or { }) unit.sections; };
     in
-    foldl' (acc: unit: acc // { ${owner unit.name} = merge (acc.${owner unit.name} or { }) unit.sections; })
-      { } units;
+    foldl' add { } units;
 
   # Unit-file text of sections: what the modules would write; the tests compare it with
   # `cmuxd-remote units install --print` (keys within a section in sorted order).
@@ -107,7 +121,8 @@ let
     (attrNames sections));
 
   # {file name relative to the unit directory: text}, as `units install --print` lists them.
-  unitFiles = args: listToAttrs (map (unit: { inherit (unit) name; value = unitText unit.sections; })
+  unitFiles = args: listToAttrs (map
+    (unit: { inherit (unit) name; value = unitText unit.sections; })
     (systemdUnits args));
 
   # The launchd agent's plist as an attribute set (nix-darwin's and home-manager's
@@ -116,26 +131,31 @@ let
     let
       substitute = replaceStrings [ "@tokenFile@" "@port@" "@home@" ]
         [ (checkedFile "tokenFile" tokenFile) (checkedPort port) (checkedFile "home" home) ];
+      # "@command@" in a list (ProgramArguments) stands for the command's words.
       walk = value:
         if isString value then substitute value
-        else if isList value then concatMap (v: if v == "@command@" then map (checked "command") command else [ (walk v) ]) value
+        else if isList value then concatMap (v:
+          if v == "@command@" then map (checked "command") command else [ (walk v) ]) value
         else if isAttrs value then mapAttrs (_: walk) value
         else value;
       plist = walk data.launchd.${if tailnet then "tailnet" else "loopback"};
     in
-    plist // { ProgramArguments = plist.ProgramArguments ++ map (checked "an argument") serveArgs; };
+    plist // {
+      ProgramArguments = plist.ProgramArguments ++ map (checked "an argument") serveArgs;
+    };
 
   # nixpkgs' Python package attribute of each requirement of pyproject.toml: the name with
   # _ and . as -.
   project = (builtins.fromTOML (builtins.readFile pyproject)).project;
-  attrOf = requirement:
-    replaceStrings [ "_" "." ] [ "-" "-" ] (builtins.head (match "([A-Za-z0-9_.-]+).*" requirement));
+  attrOf = requirement: replaceStrings [ "_" "." ] [ "-" "-" ]
+    (builtins.head (match "([A-Za-z0-9_.-]+).*" requirement));
 in
 {
   inherit systemdUnits mergeDropins unitText unitFiles launchdAgent execQuote
-    coreutilsExecutables;
+    coreutilsExecutables sessionOwners;
   pname = project.name;
-  version = builtins.head (match ".*__version__ = \"([^\"]+)\".*" (builtins.readFile versionFile));
+  version = builtins.head
+    (match ".*__version__ = \"([^\"]+)\".*" (builtins.readFile versionFile));
   pythonDependencies = map attrOf project.dependencies;
   # The systemd extra (journal fields, sd_notify through libsystemd): Linux only.
   pythonLinuxDependencies = map attrOf project.optional-dependencies.systemd;

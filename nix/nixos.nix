@@ -14,12 +14,6 @@ let
     executables = lib.genAttrs units.coreutilsExecutables
       (path: "${pkgs.coreutils}/bin/${baseNameOf path}");
   });
-  # A restart of the unit that owns users' shells (cmuxd-hub.service runs the PTY hub outside
-  # the daemon's sandbox) would end every session, so a new package never restarts it: it is
-  # reloaded (it re-executes itself in place and keeps the sessions) when it has ExecReload=.
-  # Every other service, cmuxd.service among them, is restarted; the restarted daemon finds
-  # the running hub and adopts its sessions.
-  sessionOwners = [ "cmuxd-hub.service" ];
   kinds = { service = "Service"; socket = "Socket"; timer = "Timer"; path = "Path"; };
   toNixos = name: sections:
     let
@@ -35,8 +29,10 @@ let
         wantedBy = install.WantedBy or [ ];
         requiredBy = install.RequiredBy or [ ];
       } // lib.optionalAttrs (kind == "service") {
-        restartIfChanged = !(builtins.elem name sessionOwners);
-        reloadIfChanged = builtins.elem name sessionOwners && sections.Service ? ExecReload;
+        # A new package restarts cmuxd.service (the restarted daemon adopts the running
+        # sessions) but only reloads a session owner: its restart would end every session.
+        restartIfChanged = !(builtins.elem name units.sessionOwners);
+        reloadIfChanged = builtins.elem name units.sessionOwners && sections.Service ? ExecReload;
       };
     };
 in

@@ -236,10 +236,10 @@ def test_nix_refuses_a_token_given_as_a_path_literal(nix_env):
     """A path literal would be copied into the world-readable store, token and all."""
     error = nix_error(nix_env, 'lib.unitFiles { mode = "user"; command = [ "/x" ]; '
                       "tokenFile = /etc/cmuxd/relay-token; }")
-    assert "so that the token is not copied into the Nix store" in error
+    assert "a path literal would be copied into the world-readable Nix store" in error
     error = nix_error(nix_env, 'lib.launchdAgent { command = [ "/x" ]; home = "/Users/a"; '
                       "tokenFile = /etc/cmuxd/relay-token; }")
-    assert "so that the token is not copied into the Nix store" in error
+    assert "a path literal would be copied into the world-readable Nix store" in error
 
 
 def test_nix_provides_every_executable_the_units_name(nix_env):
