@@ -13,6 +13,9 @@ Secrets never leave this module in text: exception messages, failure reasons, `r
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import hmac
 import os
 import re
@@ -23,6 +26,9 @@ from pathlib import Path
 from typing import Mapping
 
 import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 MAX_AUTH_LINE = 16384
 """Largest auth line, counted with its LF (§7.4 rule 2)."""
@@ -87,6 +93,44 @@ def relay_mac(
     )
 
 
+def fingerprint(key: Ed25519PublicKey) -> str:
+    """A public key's name for people and logs, in ssh's form: SHA256:<base64, no padding>."""
+    raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+
+
+def device_transcript(relay_id: str, server_nonce: str, client_nonce: str, host_fp: str,
+                      device: str, version: int = VERSION) -> bytes:
+    """What a device signs instead of the token's MAC (README, device keys): both nonces make
+    it good for one handshake only, the host key's fingerprint for one host only, `device`
+    (the device key's fingerprint) for one authorized key only."""
+    return (f"cmux-device-auth\nrelay_id={relay_id}\nserver_nonce={server_nonce}"
+            f"\nclient_nonce={client_nonce}\nversion={version}\nhost_key={host_fp}"
+            f"\ndevice={device}").encode("utf-8")
+
+
+_HOST_PROOF_LABEL = b"cmux-device-host-proof\n"
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+
+
+def _decode_sig(value: object) -> bytes | None:
+    if type(value) is not str or len(value) > 100:
+        return None
+    try:
+        sig = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return sig if len(sig) == 64 else None
+
+
+def _verify(key: Ed25519PublicKey, sig: bytes, message: bytes) -> bool:
+    try:
+        key.verify(sig, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
 def _decode_mac(value: object) -> bytes | None:
     """Decoded MAC bytes, or None: the spec asks for 64 hex digits, and comparing decoded bytes
     means letter case cannot turn a right MAC into a wrong one."""
@@ -143,19 +187,33 @@ class ServerHandshake:
     """
 
     __slots__ = (
-        "_token", "relay_id", "nonce", "_expected", "_buf",
+        "_tokens", "relay_id", "nonce", "_expected", "_buf",
         "state", "reply", "leftover", "mutual", "reason", "_busy",
+        "_devices", "_host_key", "_host_fp", "_token_allowed", "device", "device_fp",
     )
 
-    def __init__(self, token: bytes, relay_id: str, nonce: str | None = None):
+    def __init__(self, token: bytes, relay_id: str, nonce: str | None = None,
+                 previous: bytes | None = None, *,
+                 devices: Mapping[str, tuple[str, Ed25519PublicKey]] | None = None,
+                 host_key: Ed25519PrivateKey | None = None, host_fp: str = "",
+                 token_allowed: bool = True):
+        """`previous` is a token replaced by `token rotate` and still in its grace period:
+        it is accepted too, and the relay proves itself with whichever token the client used.
+
+        With a `host_key` (and its fingerprint `host_fp`), the challenge announces device
+        keys and an authorized device of `devices` (its key's fingerprint -> (name, key)) may
+        sign the transcript instead of sending a MAC; `token_allowed` False refuses the token (`--devices-only`). After acceptance
+        `device` names the device, or is None for the token; after a failure of a device
+        that is authorized, `device_fp` is its fingerprint, for the aggregated log."""
         _check_relay_id(relay_id)
         if not token:
             raise ValueError("the relay token must not be empty")
-        self._token = bytes(token)
+        self._tokens = (bytes(token),) if not previous else (bytes(token), bytes(previous))
         self.relay_id = relay_id
         # Fixing the nonce is for the spec's vectors only; the daemon always passes None.
         self.nonce = new_nonce() if nonce is None else nonce
-        self._expected = bytes.fromhex(client_mac(self._token, relay_id, self.nonce))
+        self._expected = [bytes.fromhex(client_mac(t, relay_id, self.nonce))
+                          for t in self._tokens]
         self._buf = bytearray()
         self.state = "waiting"
         self.reply: bytes | None = None
@@ -163,16 +221,22 @@ class ServerHandshake:
         self.mutual = False
         self.reason: str | None = None
         self._busy = False
+        self._devices = devices or {}
+        self._host_key = host_key
+        self._host_fp = host_fp
+        self._token_allowed = token_allowed
+        self.device: str | None = None
+        self.device_fp: str | None = None
 
     def __repr__(self) -> str:
         return f"<ServerHandshake relay_id={self.relay_id!r} state={self.state}>"
 
     def challenge(self) -> bytes:
-        return orjson.dumps(
-            {"protocol": PROTOCOL_NAME, "version": VERSION, "relay_id": self.relay_id,
-             "nonce": self.nonce},
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
+        msg = {"protocol": PROTOCOL_NAME, "version": VERSION, "relay_id": self.relay_id,
+               "nonce": self.nonce}
+        if self._host_key is not None:
+            msg["ext_device_keys"] = self._host_fp
+        return orjson.dumps(msg, option=orjson.OPT_APPEND_NEWLINE)
 
     def feed(self, data: bytes) -> None:
         """Take bytes from the client. Bytes arriving after acceptance join `leftover`, since
@@ -222,6 +286,10 @@ class ServerHandshake:
         got_id = msg.get("relay_id")
         if type(got_id) is not str or got_id != self.relay_id:
             return self.fail("relay_id")
+        if "ext_device" in msg:
+            return self._decide_device(msg, rest)
+        if not self._token_allowed:
+            return self.fail("devices_only")
         mac = _decode_mac(msg.get("mac"))
         if mac is None:
             return self.fail("mac_format")
@@ -229,18 +297,57 @@ class ServerHandshake:
         client_nonce = msg.get("client_nonce")
         if mutual and not _valid_client_nonce(client_nonce):
             return self.fail("client_nonce")
-        if not hmac.compare_digest(mac, self._expected):
+        # Every token is compared, so the time taken does not say which one matched.
+        matched = [hmac.compare_digest(mac, expected) for expected in self._expected]
+        if not any(matched):
             return self.fail("mac")
         self.state = "accepted"
         self.mutual = mutual
         self.leftover = rest
         if mutual:
-            proof = relay_mac(self._token, self.relay_id, client_nonce, self.nonce)
+            token = self._tokens[matched.index(True)]
+            proof = relay_mac(token, self.relay_id, client_nonce, self.nonce)
             self.reply = orjson.dumps(
                 {"ok": True, "relay_mac": proof}, option=orjson.OPT_APPEND_NEWLINE
             )
         else:
             self.reply = OK_REPLY
+
+
+    def _decide_device(self, msg: dict, rest: bytes) -> None:
+        fp = msg.get("ext_device")
+        client_nonce = msg.get("client_nonce")
+        if self._host_key is None:
+            return self.fail("device_off")
+        if type(fp) is not str or not _FINGERPRINT.fullmatch(fp):
+            return self.fail("device_format")
+        if not _valid_client_nonce(client_nonce):
+            return self.fail("client_nonce")
+        entry = self._devices.get(fp)
+        if entry is None:
+            return self.fail("device_unknown")
+        name, key = entry
+        self.device_fp = fp
+        sig = _decode_sig(msg.get("ext_device_sig"))
+        transcript = device_transcript(self.relay_id, self.nonce, client_nonce, self._host_fp,
+                                       fp)
+        if sig is None or not _verify(key, sig, transcript):
+            return self.fail("device_sig")
+        self.state = "accepted"
+        self.mutual = True
+        self.device = name
+        self.leftover = rest
+        proof = self._host_key.sign(_HOST_PROOF_LABEL + transcript)
+        self.reply = orjson.dumps({"ok": True, "ext_host_sig": base64.b64encode(proof).decode()},
+                                  option=orjson.OPT_APPEND_NEWLINE)
+
+
+@dataclass(frozen=True)
+class DeviceCredential:
+    """A device's own key and the host key it pinned for the daemon it dials."""
+
+    key: Ed25519PrivateKey = field(repr=False)
+    host_key: Ed25519PublicKey = field(repr=False)
 
 
 _MISMATCH = "relay auth challenge mismatch: "
@@ -252,6 +359,14 @@ ERROR_REFUSED = (
 ERROR_BUSY = (
     "the daemon is busy: it has as many handshakes in flight as it takes (--max-handshakes), "
     "perhaps because someone is flooding it; try again in a moment"
+)
+ERROR_DEVICE_REFUSED = (
+    "the daemon refused this device's key; check that it was added on the host "
+    "(`cmuxd-remote device list` there) and not revoked"
+)
+ERROR_NO_HOST_PROOF = (
+    "the daemon did not prove it holds the host key pinned with `device trust`; do not use "
+    "this address until you have checked that it points at your daemon"
 )
 ERROR_NO_PROOF = (
     "the relay did not prove it holds the relay token; do not use this address until you "
@@ -269,12 +384,15 @@ class ClientHandshake:
 
     __slots__ = (
         "_token", "relay_id", "client_nonce", "server_nonce", "_buf",
-        "state", "to_send", "error", "leftover",
+        "state", "to_send", "error", "leftover", "_device", "_transcript",
     )
 
-    def __init__(self, token: bytes, relay_id: str, client_nonce: str | None = None):
+    def __init__(self, token: bytes, relay_id: str, client_nonce: str | None = None,
+                 device: DeviceCredential | None = None):
+        """With `device`, the device key signs the handshake instead of the token's MAC, and
+        the daemon must prove it holds the pinned host key."""
         _check_relay_id(relay_id)
-        if not token:
+        if not token and device is None:
             raise ValueError("the relay token must not be empty")
         if client_nonce is None:
             client_nonce = secrets.token_hex(32)
@@ -289,6 +407,8 @@ class ClientHandshake:
         self.to_send: bytes | None = None
         self.error: str | None = None
         self.leftover = b""
+        self._device = device
+        self._transcript = b""
 
     def __repr__(self) -> str:
         return f"<ClientHandshake relay_id={self.relay_id!r} state={self.state}>"
@@ -354,11 +474,37 @@ class ClientHandshake:
         if type(nonce) is not str or not nonce:
             return self._fail(_MISMATCH + "the challenge has no nonce; " + _NOT_A_RELAY)
         self.server_nonce = nonce
+        if self._device is not None:
+            return self._sign_challenge(msg.get("ext_device_keys"))
         self.to_send = orjson.dumps(
             {"client_nonce": self.client_nonce,
              "ext_busy": True,  # §6.8: tell a capacity refusal from wrong credentials
              "mac": client_mac(self._token, self.relay_id, nonce),
              "relay_id": self.relay_id},
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+        self.state = "sent"
+
+    def _sign_challenge(self, announced: object) -> None:
+        device = self._device
+        pinned = fingerprint(device.host_key)
+        if type(announced) is not str:
+            return self._fail("the daemon at this address does not take device keys (its "
+                              "challenge has no ext_device_keys); upgrade it, or connect with "
+                              "the relay token (--token-file)")
+        if announced != pinned:
+            # Refused before anything is signed for it: this may be someone else's daemon.
+            return self._fail(f"the daemon's host key is {announced:.60}, not {pinned}, the "
+                              "one pinned for this host with `device trust`; do not use this "
+                              "address until you have checked it, then pin the host's new "
+                              "line again if its key really changed")
+        own = fingerprint(device.key.public_key())
+        self._transcript = device_transcript(self.relay_id, self.server_nonce,
+                                             self.client_nonce, pinned, own)
+        sig = base64.b64encode(device.key.sign(self._transcript)).decode()
+        self.to_send = orjson.dumps(
+            {"client_nonce": self.client_nonce, "ext_busy": True, "ext_device": own,
+             "ext_device_sig": sig, "relay_id": self.relay_id},
             option=orjson.OPT_APPEND_NEWLINE,
         )
         self.state = "sent"
@@ -372,7 +518,15 @@ class ClientHandshake:
                 self._fail(ERROR_BUSY)
                 self.state = "unavailable"
                 return
-            return self._fail(ERROR_REFUSED)
+            return self._fail(ERROR_DEVICE_REFUSED if self._device else ERROR_REFUSED)
+        if self._device is not None:
+            sig = _decode_sig(msg.get("ext_host_sig"))
+            if sig is None or not _verify(self._device.host_key, sig,
+                                          _HOST_PROOF_LABEL + self._transcript):
+                return self._fail(ERROR_NO_HOST_PROOF)
+            self.state = "accepted"
+            self.leftover = rest
+            return
         got = _decode_mac(msg.get("relay_mac"))
         want = bytes.fromhex(
             relay_mac(self._token, self.relay_id, self.client_nonce, self.server_nonce)
@@ -394,6 +548,11 @@ class Credentials:
     relay_id: str
     token: bytes = field(repr=False)
     source: str = ""
+    # Where the token was read from, for `token rotate`: a file it can replace, or the kind
+    # of place it cannot ("systemd credential", "CMUX_RELAY_TOKEN").
+    path: str | None = None
+    origin: str = "file"
+    device: DeviceCredential | None = None  # set: a device key signs instead of the token
 
     def __repr__(self) -> str:
         return (f"Credentials(relay_id={self.relay_id!r}, token=<{len(self.token)} bytes>, "
@@ -421,7 +580,7 @@ def parse_token(text: str, *, source: str = "the relay token") -> bytes:
     return token
 
 
-def _read_private_file(path: Path, what: str, check_mode: bool = True) -> str:
+def read_private_file(path: Path, what: str, check_mode: bool = True) -> str:
     """Read a small secret file, refusing one other users could read or change: a token is a
     shell credential (§7.6), so a leaked one is a remote shell for whoever read it.
 
@@ -444,6 +603,8 @@ def _read_private_file(path: Path, what: str, check_mode: bool = True) -> str:
         st = os.fstat(fd)  # the file we opened, not whatever the path names a moment later
         if not stat.S_ISREG(st.st_mode):
             raise AuthError(f"{what} {path} is not a regular file; point to the token file")
+        if check_mode:
+            _check_owner(path, st, what)
         loose = st.st_mode & 0o066 if check_mode else 0
         if loose:
             how = []
@@ -453,6 +614,8 @@ def _read_private_file(path: Path, what: str, check_mode: bool = True) -> str:
                 how.append("changed")
             raise AuthError(f"{what} {path} can be {' and '.join(how)} by other users "
                             f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod 600 {path}")
+        if check_mode:
+            _check_directories(path, what)
         raw = os.read(fd, _MAX_TOKEN_FILE + 1)
     finally:
         os.close(fd)
@@ -465,11 +628,43 @@ def _read_private_file(path: Path, what: str, check_mode: bool = True) -> str:
                         "one with `cmuxd-remote token new`") from None
 
 
+def _check_owner(path: Path, st: os.stat_result, what: str) -> None:
+    """Whoever owns the token file can rewrite it, and with it hold our shell."""
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        raise AuthError(f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid {uid}) "
+                        f"or root, so its owner could change the token; run chown {uid} {path} "
+                        "or point to a token file of your own")
+
+
+def _check_directories(path: Path, what: str) -> None:
+    """ssh's StrictModes for the directories above the token: each must belong to this user
+    or root and be writable by nobody else, or whoever can write there could put a token of
+    their own in its place. Unlike ssh, a sticky directory such as /tmp passes when it belongs
+    to this user or root: the sticky bit lets nobody but its owner rename or remove our
+    entry in it."""
+    uid = os.geteuid()
+    directory = Path(os.path.realpath(path)).parent
+    while True:
+        st = os.stat(directory)
+        if st.st_uid not in (uid, 0):
+            raise AuthError(f"{what} {path} lies in {directory}, which belongs to uid "
+                            f"{st.st_uid}, so that user could replace the token; keep the "
+                            "token in a directory of your own")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise AuthError(f"{what} {path} lies in {directory}, which other users can write "
+                            f"to (mode {stat.S_IMODE(st.st_mode):04o}), so they could replace "
+                            f"the token; run chmod go-w {directory} or keep the token elsewhere")
+        if directory.parent == directory:
+            return
+        directory = directory.parent
+
+
 def _load_token_file(path: os.PathLike | str, what: str = "token file",
                      check_mode: bool = True) -> tuple[str | None, bytes]:
     """(relay id or None, token) from a hex line or a §7.7 JSON auth file."""
     path = Path(path)
-    text = _read_private_file(path, what, check_mode).strip()
+    text = read_private_file(path, what, check_mode).strip()
     if not text.startswith("{"):
         return None, parse_token(text, source=f"the token in {path}")
     try:
@@ -513,28 +708,56 @@ def default_token_path(env: Mapping[str, str] = os.environ) -> Path:
 
 def write_new_token(path: os.PathLike | str | None = None, *, force: bool = False,
                     env: Mapping[str, str] = os.environ) -> Path:
-    """Create a 32-byte token file readable only by its owner, and return its path.
-
-    The file is created with its final mode rather than chmod-ed later, so the token is never
-    readable by others, not even for a moment; replacing goes through a private temporary file
-    and a rename so a crash cannot leave a half-written token behind.
-    """
+    """Create a 32-byte token file readable only by its owner, and return its path."""
     path = Path(path) if path is not None else default_token_path(env)
     if path.exists() and not force:
         raise AuthError(f"token file {path} already exists; keep using it, or replace it with "
-                        "`cmuxd-remote token new --force` (clients holding the old token will "
+                        "`cmuxd-remote token new --force` (clients holding the old one will "
                         "then be refused)")
+    _write_private_file(path, (secrets.token_hex(32) + "\n").encode("ascii"), replace=force)
+    return path
+
+
+def rotate_token_file(path: os.PathLike | str) -> bytes:
+    """Replace the token in an existing token file with a fresh one and return it.
+
+    The file's form (hex line, or JSON with its relay id) and its owner are kept, so a daemon
+    that reads it again, and clients that share it, see only the token change.
+    """
+    path = Path(path)
+    relay_id, _ = _load_token_file(path)
+    owner = os.stat(path)
+    token = secrets.token_bytes(32)
+    if relay_id is None:
+        data = (token.hex() + "\n").encode("ascii")
+    else:
+        data = orjson.dumps({"relay_id": relay_id, "relay_token": token.hex()},
+                            option=orjson.OPT_APPEND_NEWLINE)
+    _write_private_file(path, data, replace=True, owner=(owner.st_uid, owner.st_gid))
+    return token
+
+
+def _write_private_file(path: Path, data: bytes, *, replace: bool,
+                        owner: tuple[int, int] | None = None) -> None:
+    """Write a secret file created 0600 (never chmod-ed later, so it is never readable by
+    others, not even for a moment). Replacing goes through a private temporary file and a
+    rename, so a crash cannot leave a half-written token behind."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    data = (secrets.token_hex(32) + "\n").encode("ascii")
+    _check_directories(path, "token file")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if force else path
+    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if replace else path
     try:
         fd = os.open(target, flags, 0o600)
     except FileExistsError:
         raise AuthError(f"token file {path} was created by someone else just now; check it, "
                         "then run the command again") from None
+    except PermissionError:
+        raise AuthError(f"cannot write in {path.parent} as this user; run the command as the "
+                        "owner of the token file") from None
     try:
         os.fchmod(fd, 0o600)  # the umask can only remove bits, but make the mode exact anyway
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            os.fchown(fd, *owner)  # root rotating a user's file leaves it that user's
         os.write(fd, data)
         os.fsync(fd)
     except BaseException:
@@ -544,7 +767,6 @@ def write_new_token(path: os.PathLike | str | None = None, *, force: bool = Fals
     os.close(fd)
     if target != path:
         os.replace(target, path)
-    return path
 
 
 def _env_value(env: Mapping[str, str], name: str) -> str:
@@ -567,18 +789,23 @@ def server_credentials(token_file: os.PathLike | str | None = None, relay_id: st
     of hosts on one mesh would use anyway.
     """
     file_id: str | None = None
+    path: str | None = None
+    origin = "file"
     cred_dir = _env_value(env, "CREDENTIALS_DIRECTORY")
     env_token = _env_value(env, "CMUX_RELAY_TOKEN")
     if token_file is not None:
         file_id, token = _load_token_file(token_file)
         token_from = f"--token-file {token_file}"
+        path = os.path.abspath(token_file)
     elif cred_dir and os.path.exists(os.path.join(cred_dir, TOKEN_FILE_NAME)):
         cred_path = os.path.join(cred_dir, TOKEN_FILE_NAME)
         file_id, token = _load_token_file(cred_path, "systemd credential", check_mode=False)
         token_from = f"systemd credential {cred_path}"
+        origin = "systemd credential"
     elif env_token:
         token = parse_token(env_token, source="CMUX_RELAY_TOKEN")
         token_from = "CMUX_RELAY_TOKEN"
+        origin = "CMUX_RELAY_TOKEN"
     else:
         default = default_token_path(env)
         if not default.exists():
@@ -587,6 +814,7 @@ def server_credentials(token_file: os.PathLike | str | None = None, relay_id: st
                             "CMUX_RELAY_TOKEN")
         file_id, token = _load_token_file(default)
         token_from = str(default)
+        path = str(default)
 
     if relay_id is not None:
         rid, id_from = relay_id.strip(), "--relay-id"
@@ -599,7 +827,8 @@ def server_credentials(token_file: os.PathLike | str | None = None, relay_id: st
     if not rid or "\n" in rid:
         raise AuthError(f"the relay id from {id_from} is empty or spans lines; pass a one-line "
                         "--relay-id")
-    return Credentials(rid, token, f"token from {token_from}, relay id from {id_from}")
+    return Credentials(rid, token, f"token from {token_from}, relay id from {id_from}", path,
+                       origin)
 
 
 def client_credentials(port: int | None, token_file: os.PathLike | str | None = None,

@@ -82,6 +82,7 @@ def version() -> None:
 @argh.arg("--graceful-timeout", help="seconds old workers keep serving open connections after a reload")
 @argh.arg("--allow-from", action="append", metavar="NET", help="serve TCP peers only from these networks: tailnet, loopback, an address or a CIDR; repeatable; others are closed before the handshake")
 @argh.arg("--external-hub", help="PTY sessions belong to a hub another service runs (`cmuxd-remote hub run`, the cmuxd-hub unit): adopt it, never start one")
+@argh.arg("--devices-only", help="TCP clients must sign in with a device key (`device add`); the shared relay token is refused")
 def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str] | None = None,
           workers: int = 0, token_file: str | None = None, relay_id: str | None = None,
           unix_auth: str = "peer", max_handshakes: int = 256, backoff_failures: int = 20,
@@ -90,7 +91,7 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
           graceful_timeout: float = 30.0, allow_from: list[str] | None = None,
           shell: str | None = None, scrollback: int = 1 << 20,
           idle_ttl: float = 86400.0, external_hub: bool = False,
-          no_cli_bridge: bool = False) -> None:
+          no_cli_bridge: bool = False, devices_only: bool = False) -> None:
     """Serve the cmux remote protocol. Without --stdio, --tcp or --socket it listens on
     127.0.0.1:5555 and the Unix socket $XDG_RUNTIME_DIR/cmuxd/cmuxd.sock (without
     XDG_RUNTIME_DIR: ~/.local/state/cmux/cmuxd.sock)."""
@@ -120,7 +121,8 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
                         max_worker_rss=max_worker_rss, worker_timeout=worker_timeout,
                         graceful_timeout=graceful_timeout, allow_from=allow_from or [],
                         shell=shell, scrollback=scrollback, idle_ttl=idle_ttl,
-                        external_hub=external_hub, cli_bridge=not no_cli_bridge)
+                        external_hub=external_hub, cli_bridge=not no_cli_bridge,
+                        devices_only=devices_only)
     except ValueError as exc:
         usage_error(str(exc))
     sys.exit(run_daemon(config))
@@ -142,7 +144,8 @@ def hub_run(*, state_dir: str = "", shell: str | None = None, scrollback: int = 
     if scrollback <= 0 or idle_ttl <= 0:
         usage_error("--scrollback and --idle-ttl must be positive")
     config = {"state_dir": state_dir or str(runtime_dir()), "shell": shell,
-              "scrollback": scrollback, "idle_ttl": idle_ttl, "cli_bridge": not no_cli_bridge}
+              "scrollback": scrollback, "idle_ttl": idle_ttl, "cli_bridge": not no_cli_bridge,
+              "until_stopped": True}
     hub_main(["--config", orjson.dumps(config).decode()])
 
 
@@ -221,6 +224,176 @@ def token_new(path: str | None, *, force: bool = False, if_missing: bool = False
         print(write_new_token(target, force=force))
     except AuthError as exc:
         fail(str(exc))
+
+
+@argh.named("rotate")
+@argh.arg("path", nargs="?", default=None, help="the token file to rewrite (default: the one the running daemon reads; under systemd, the file its unit loads, e.g. /etc/cmuxd/relay-token)")
+@argh.arg("--grace", help="seconds the old token is still accepted for new connections (0: refused at once)")
+@argh.arg("--state-dir", help="the daemon's --state-dir (default: $XDG_RUNTIME_DIR/cmuxd, or ~/.local/state/cmux without XDG_RUNTIME_DIR)")
+def token_rotate(path: str | None, *, grace: float = 600.0, state_dir: str = "") -> None:
+    """Write a new relay token and make the running daemon use it at once, with no restart;
+    open connections and sessions are untouched."""
+    import time
+
+    from .token_rotation import RotationError, rotate
+
+    if not 0 <= grace <= 7 * 86400:
+        usage_error("--grace must be 0 to 604800 seconds (a week)")
+    try:
+        done = rotate(Config(state_dir=state_dir).control_path, path, grace)
+    except RotationError as exc:
+        fail(str(exc), exc.exit_code)
+    if done.previous_until:
+        until = time.strftime("%H:%M:%S", time.localtime(done.previous_until))
+        after = f"the old token is still accepted for new connections until {until}"
+    else:
+        after = "the old token is refused from now on"
+    print(f"rotated the token in {done.path}; the daemon uses the new one now and {after}. "
+          "Copy the file to the devices that connect with it.")
+
+
+STATE_DIR_HELP = ("the daemon's --state-dir (default: $XDG_RUNTIME_DIR/cmuxd, or "
+                  "~/.local/state/cmux without XDG_RUNTIME_DIR)")
+
+
+def _public_line(line: str | None, what: str) -> str:
+    """A public line from the argument, else the first line of stdin."""
+    if line is None:
+        if sys.stdin.isatty():
+            sys.stderr.write(f"paste the {what} line, then Enter:\n")
+        line = sys.stdin.readline()
+    return line.strip()
+
+
+def _tell_daemon(state_dir: str) -> dict | None:
+    """Make the running daemon re-read its devices; None when no daemon answers."""
+    from .status import control_request
+
+    try:
+        return control_request(Config(state_dir=state_dir).control_path,
+                               {"method": "devices_changed"})
+    except OSError:
+        return None
+
+
+@argh.named("key")
+@argh.arg("--name", help="the label of the public line (default: the short host name)")
+def device_key(*, name: str | None = None) -> None:
+    """On a device: make its key pair once (the private half stays in
+    ~/.config/cmuxd/device-key, 0600) and print its public line for `device add` on a host."""
+    from .auth import short_hostname
+    from .devices import DEVICE_LINE_TYPE, NAME, device_key_path, key_pair, public_line
+
+    label = name or short_hostname()
+    if not NAME.fullmatch(label):
+        usage_error("--name must be 1 to 64 letters, digits, dots, dashes or underscores")
+    try:
+        key = key_pair(device_key_path(), "device key")
+    except AuthError as exc:
+        fail(str(exc))
+    print(public_line(DEVICE_LINE_TYPE, key.public_key(), label))
+
+
+@argh.named("add")
+@argh.arg("name", help="the device's name on this host: 1 to 64 of A-Z a-z 0-9 . _ -")
+@argh.arg("line", nargs="?", default=None, help="the line `device key` printed on the device (default: read from stdin)")
+@argh.arg("--relay-id", help="the relay id the daemon announces (default: the running daemon's, else the short host name)")
+@argh.arg("--state-dir", help=STATE_DIR_HELP)
+def device_add(name: str, line: str | None, *, relay_id: str | None = None,
+               state_dir: str = "") -> None:
+    """On a host: authorize a device's public key, and print this host's public line for
+    `device trust` on the device. The running daemon takes it at once."""
+    from .auth import short_hostname
+    from .devices import (HOST_LINE_TYPE, add_device, authorized_devices_path,
+                          host_key_path, key_pair, public_line)
+
+    try:
+        device = add_device(authorized_devices_path(), name, _public_line(line, "device's public"))
+        host = key_pair(host_key_path(), "host key")
+    except AuthError as exc:
+        fail(str(exc))
+    told = _tell_daemon(state_dir)
+    if relay_id is None:
+        from .status import query_status
+
+        try:
+            relay_id = query_status(Config(state_dir=state_dir).control_path)["relay_id"]
+        except (OSError, KeyError):
+            relay_id = None
+    print(public_line(HOST_LINE_TYPE, host.public_key(), relay_id or short_hostname()))
+    note = "the running daemon takes it now" if told is not None else \
+        "no daemon answers; it takes the key when it starts"
+    sys.stderr.write(f"added device {device.name} ({device.fingerprint}); {note}. On the "
+                     "device, run `cmuxd-remote device trust HOST` and paste the line above\n")
+
+
+@argh.named("trust")
+@argh.arg("host", help="the host as you will name it: its cmux.json name, HOST:PORT or HOST")
+@argh.arg("line", nargs="?", default=None, help="the line `device add` printed on the host (default: read from stdin)")
+def device_trust(host: str, line: str | None) -> None:
+    """On a device: pin a host's public key, so that `ping HOST` (and every client command)
+    signs in with this device's key and refuses a daemon that cannot prove it holds that key."""
+    from .auth import fingerprint
+    from .devices import known_hosts_path, pin_host
+
+    try:
+        pin = pin_host(known_hosts_path(), host, _public_line(line, "host's public"))
+    except AuthError as exc:
+        fail(str(exc))
+    print(f"pinned host key {fingerprint(pin.key)} (relay {pin.relay_id}) for {pin.host}")
+
+
+@argh.named("list")
+@argh.arg("--json", help="print the devices as JSON")
+@argh.arg("--state-dir", help=STATE_DIR_HELP)
+def device_list(*, json: bool = False, state_dir: str = "") -> None:
+    """On a host: the authorized devices, when each was added and last used, and their
+    live connections (from the running daemon)."""
+    from .devices import authorized_devices_path, read_authorized, read_last_used
+    from .status import control_request, duration
+    import time
+
+    try:
+        devices = read_authorized(authorized_devices_path())
+    except AuthError as exc:
+        fail(str(exc))
+    try:
+        live = control_request(Config(state_dir=state_dir).control_path, {"method": "devices"})
+    except OSError:
+        live = {"connections": {}, "last_used": read_last_used()}
+    rows = []
+    for d in devices.values():
+        used = live["last_used"].get(d.name) or {}
+        rows.append({"name": d.name, "fingerprint": d.fingerprint, "added": d.added,
+                     "last_used": used.get("at"), "last_from": used.get("from"),
+                     "connections": live["connections"].get(d.name, 0)})
+    if json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return
+    now = time.time()
+    print(f"{'DEVICE':<20} {'FINGERPRINT':<51} {'ADDED':<8} {'LAST USED':<10} {'FROM':<24} CONNS")
+    for r in rows:
+        used = f"{duration(now - r['last_used'])} ago" if r["last_used"] else "never"
+        print(f"{r['name']:<20} {r['fingerprint']:<51} {duration(now - r['added']):<8} "
+              f"{used:<10} {r['last_from'] or '-':<24} {r['connections']}")
+
+
+@argh.named("revoke")
+@argh.arg("name", help="the device to revoke")
+@argh.arg("--state-dir", help=STATE_DIR_HELP)
+def device_revoke(name: str, *, state_dir: str = "") -> None:
+    """On a host: remove a device; the running daemon closes its connections at once and
+    refuses its next handshake. Its PTY sessions keep running."""
+    from .devices import authorized_devices_path, revoke_device
+
+    try:
+        device = revoke_device(authorized_devices_path(), name)
+    except AuthError as exc:
+        fail(str(exc))
+    told = _tell_daemon(state_dir)
+    note = "its connections are closed" if told is not None else \
+        "no daemon answers, so none had to close its connections"
+    print(f"revoked device {device.name} ({device.fingerprint}); {note}")
 
 
 def _client_kwargs(token_file, relay_id, unix_auth, remote_command):
@@ -354,7 +527,7 @@ def status(*, json: bool = False, prometheus: bool = False, state_dir: str = "")
 @argh.arg("--launchd", help="a launchd LaunchAgent plist (macOS)")
 @argh.arg("--user", help="systemd: your own instance (~/.config/systemd/user)")
 @argh.arg("--system", help="systemd: the system instance (/etc/systemd/system; needs root)")
-@argh.arg("--as", dest="as_user", metavar="USER", help="--system: the User= the daemon runs as (default: you, or SUDO_USER under sudo)")
+@argh.arg("--as", dest="as_user", metavar="USER", help="--system: the account (User=) the daemon and the shells it serves run as (default: SUDO_USER under sudo; --as root only on purpose)")
 @argh.arg("--print", dest="print_only", help="write the units to stdout; install nothing, create no token")
 @argh.arg("--token-file", help="the relay token the units load (default: ~/.config/cmuxd/relay-token, /etc/cmuxd/relay-token for --system; created when missing)")
 @argh.arg("--port", help="the TCP port on loopback (and on the tailnet addresses)")
@@ -413,7 +586,7 @@ def attach(uri: str, session: str, *, command: str = "", token_file: str | None 
            remote_command: str | None = None) -> None:
     """Attach this terminal to a PTY session interactively; Ctrl-] detaches and leaves the
     session running."""
-    from .client import attach_terminal
+    from .attach import attach_terminal
 
     if not os.isatty(0):
         usage_error("attach needs a terminal on stdin (it puts it in raw mode); run it from "
@@ -665,7 +838,9 @@ def build_parser() -> argh.ArghParser:
     parser.add_commands([version, serve, status, ping, rpc, connect, attach, sessions, kill],
                         **own)
     for name, functions, text in [
-        ("token", [token_new], "manage the relay token"),
+        ("token", [token_new, token_rotate], "manage the relay token"),
+        ("device", [device_key, device_add, device_trust, device_list, device_revoke],
+         "device keys: one key pair per client device, added and revoked one by one"),
         ("units", [units_install], "install systemd or launchd service units"),
         ("hub", [hub_run, hub_stop, hub_upgrade],
          "the PTY hub: run it, end every session, upgrade it in place"),

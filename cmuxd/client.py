@@ -16,7 +16,6 @@ import ipaddress
 import itertools
 import os
 import socket
-import sys
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -178,6 +177,10 @@ def credentials_for(address: Address, token_file=None, relay_id=None) -> Credent
     """Find credentials as cmux clients do; flags win over what cmux.json says of the host,
     and for a daemon on this host the relay id defaults to the short host name, which is the
     daemon's own default."""
+    if token_file is None and address.token_file is None and address.kind == "tcp":
+        device = device_credentials(address, relay_id)
+        if device is not None:
+            return device
     from_fleet = []
     if token_file is None and address.token_file is not None:
         token_file = address.token_file
@@ -211,6 +214,26 @@ def credentials_for(address: Address, token_file=None, relay_id=None) -> Credent
         raise ClientError(str(exc), EXIT_AUTH) from None
 
 
+def device_credentials(address: Address, relay_id=None) -> Credentials | None:
+    """This device's key, when a host key is pinned (`device trust`) for the address: as the
+    cmux.json name, HOST:PORT or HOST; None when none is."""
+    from .auth import DeviceCredential
+    from .devices import device_key_path, known_hosts_path, load_key, read_pins
+
+    try:
+        pins = read_pins(known_hosts_path())
+        pin = next((pins[k] for k in (address.name, f"{address.host}:{address.port}",
+                                      address.host) if k in pins), None)
+        if pin is None:
+            return None
+        key = load_key(device_key_path(), "device key", "cmuxd-remote device key")
+    except AuthError as exc:  # a device file that is unsafe or damaged, as for a token
+        raise ClientError(str(exc), EXIT_AUTH) from None
+    return Credentials(relay_id or pin.relay_id, b"",
+                       f"device key {device_key_path()}, host key pinned for {pin.host} in "
+                       f"{known_hosts_path()}", device=DeviceCredential(key, pin.key))
+
+
 def _is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -235,20 +258,24 @@ class AsyncClient:
         self._initial = leftover
         self.ssh = ssh
         self.closed = False
+        self.last_heard = asyncio.get_running_loop().time()
+        """When the daemon last sent anything, so a silent link can be told from a live one."""
 
     @classmethod
     async def connect(cls, target: str | Address, *, creds: Credentials | None = None,
                       token_file=None, relay_id=None, unix_auth: bool = False,
                       remote_command: str | None = None, first_request: bytes = b"",
-                      raw: bool = False) -> "AsyncClient":
+                      raw: bool = False, interactive: bool = True) -> "AsyncClient":
         """Dial and authenticate. `first_request` may carry one request frame that is sent
         together with the auth line (it is only processed if the daemon accepts us). With
         `raw`, no response pump starts: the caller reads `reader` itself. Over ssh,
         `remote_command` is the far side's cmuxd-remote, and the connection is ready once the
-        far side answers `hello`, however long ssh takes to ask for a password."""
+        far side answers `hello`, however long ssh takes to ask for a password; without
+        `interactive` (the terminal is raw) ssh must not ask, and fails instead."""
         address = target if isinstance(target, Address) else parse_address(target)
         if address.kind == "ssh":
-            return await cls._connect_ssh(address, remote_command, first_request, raw)
+            return await cls._connect_ssh(address, remote_command, first_request, raw,
+                                          interactive)
         candidates = await _srv_candidates(address)
         needs_auth = address.kind == "tcp" or unix_auth
         if needs_auth and creds is None:
@@ -272,10 +299,10 @@ class AsyncClient:
 
     @classmethod
     async def _connect_ssh(cls, address: Address, remote_command: str | None,
-                           first_request: bytes, raw: bool) -> "AsyncClient":
+                           first_request: bytes, raw: bool, interactive: bool) -> "AsyncClient":
         try:
             ssh = await SshProcess.start(address.host, address.user, address.port,
-                                         remote_command)
+                                         remote_command, interactive)
         except FileNotFoundError:
             raise ClientError(f"{address}: there is no ssh on PATH; install the OpenSSH "
                               "client", EXIT_UNREACHABLE) from None
@@ -299,6 +326,7 @@ class AsyncClient:
                 self._dispatch(self._decoder.feed(self._initial))
             while True:
                 data = await self.reader.read(262144)
+                self.last_heard = asyncio.get_running_loop().time()
                 if not data:
                     self._dispatch(self._decoder.eof())
                     break
@@ -428,7 +456,7 @@ async def _dial(address: Address):
 
 async def _handshake(reader, writer, creds: Credentials, address: Address,
                      first_request: bytes) -> bytes:
-    hs = ClientHandshake(creds.token, creds.relay_id)
+    hs = ClientHandshake(creds.token, creds.relay_id, device=creds.device)
     try:
         async with asyncio.timeout(PREAUTH_TIMEOUT):
             while hs.state in ("waiting_challenge", "sent"):
@@ -564,155 +592,3 @@ async def ping_series(target: str | Address, count: int, interval: float, report
     finally:
         await client.close()
     return connect_ms, rtts
-
-
-DETACH_KEY = b"\x1d"  # Ctrl-]
-
-
-async def attach_terminal(target: str | Address, session_id: str, command: str = "",
-                          **kwargs) -> int:
-    """Attach the local terminal to a PTY session: raw mode, keystrokes as id-less pty.write,
-    window changes as pty.resize, output straight to stdout. Ctrl-] detaches (the session
-    keeps running) and returns 0; the session's end ends the command with the process's
-    exit code (128 + the signal for a process killed by one), as a shell would report it."""
-    import base64
-    import secrets
-    import signal
-    import termios
-    import tty
-
-    client = await AsyncClient.connect(target, **kwargs)
-    loop = asyncio.get_running_loop()
-    ident = {"session_id": session_id, "attachment_id": f"cli-{os.getpid()}",
-             "client_attachment_token": secrets.token_hex(16)}
-    cols, rows = os.get_terminal_size(0) if os.isatty(0) else (0, 0)
-    cols, rows = cols or 80, rows or 24  # a terminal with no size set reports 0x0
-    params = dict(ident, cols=cols, rows=rows, ext_exit_status=True)
-    if command:
-        params["command"] = command
-    saved = termios.tcgetattr(0) if os.isatty(0) else None
-    done = loop.create_future()
-    ended_with: dict = {}
-
-    def on_key() -> None:
-        data = os.read(0, 65536)
-        if not data or DETACH_KEY in data:
-            data = data.split(DETACH_KEY, 1)[0]
-            if not done.done():
-                done.set_result("detached")
-        if data:
-            client.writer.write(orjson.dumps({"method": "pty.write", "params": dict(
-                ident, data_base64=base64.b64encode(data).decode())}) + b"\n")
-
-    def on_winch() -> None:
-        c, r = os.get_terminal_size(0)
-        if not (c and r):
-            return
-        client.writer.write(orjson.dumps(
-            {"method": "pty.resize", "params": dict(ident, cols=c, rows=r)}) + b"\n")
-
-    try:
-        await client.rpc("pty.attach", params)
-        subscribe_cli_requests(client)
-        if saved is not None:
-            tty.setraw(0)
-            loop.add_signal_handler(signal.SIGWINCH, on_winch)
-        loop.add_reader(0, on_key)
-
-        async def output() -> None:
-            while (event := await client.next_event()) is not None:
-                name = event.get("event")
-                if name == "pty.data":
-                    os.write(1, base64.b64decode(event["data_base64"]))
-                elif name == "pty.exit":
-                    ended_with.update(event.get("ext_exit_status") or {})
-                    break
-                elif name == "pty.error":
-                    os.write(2, f"\r\ncmuxd-remote: {event.get('message')}\r\n".encode())
-                elif name == "cli.request":
-                    answer_cli_request(client, event)
-            if not done.done():
-                done.set_result("ended")
-
-        out = loop.create_task(output())
-        reason = await done
-        out.cancel()
-        if reason == "detached":
-            await client.rpc("pty.detach", ident)
-    finally:
-        loop.remove_reader(0)
-        if saved is not None:
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
-        await client.close()
-    code, how = exit_code_of(ended_with) if reason == "ended" else (0, reason)
-    print(f"\r\n[{how}: session {session_id}]", file=sys.stderr)
-    return code
-
-
-MSG_NOT_THE_APP = ("this terminal is attached with cmuxd-remote attach, which is not the cmux "
-                   "app: it shows notifications and nothing else; run the command in a "
-                   "terminal of the cmux app")
-
-
-def subscribe_cli_requests(client: AsyncClient) -> None:
-    """Ask for cli.request events (spec §6.7); a daemon without the bridge says no, and
-    that answer is not worth waiting for."""
-    client.send("ext.cli.subscribe").add_done_callback(_unawaited)
-
-
-def answer_cli_request(client: AsyncClient, event: dict) -> None:
-    """A `cmux` CLI inside the session asked the app for something: a notification shows as
-    one line on the terminal and is answered as delivered; anything else is refused."""
-    import base64
-    import binascii
-
-    try:
-        request = orjson.loads(base64.b64decode(event.get("data_base64") or ""))
-    except (binascii.Error, ValueError):
-        request = None
-    if type(request) is not dict:
-        request = {}
-    method = request.get("method")
-    params = request.get("params") if type(request.get("params")) is dict else {}
-    reply: dict = {"id": request.get("id")}
-    if type(method) is str and method.startswith("notification.create"):
-        words = [_one_line(params.get(k)) for k in ("title", "subtitle", "body")]
-        os.write(2, f"\r\n[notification] {' - '.join(w for w in words if w)}\r\n".encode())
-        reply.update(ok=True, result={"delivered": True})
-    else:
-        reply.update(ok=False, error={"code": "method_not_found", "message": MSG_NOT_THE_APP})
-    client.send("cli.response", {
-        "request_id": event.get("request_id"),
-        "data_base64": base64.b64encode(orjson.dumps(reply)).decode()}).add_done_callback(
-            _unawaited)
-
-
-def _unawaited(fut: asyncio.Future) -> None:
-    """A reply nobody waits for: only take its exception (a closed connection) off it."""
-    if not fut.cancelled():
-        fut.exception()
-
-
-def _one_line(value) -> str:
-    """Text from the session, made safe to print: no escape sequences, no line breaks."""
-    if type(value) is not str:
-        return ""
-    return "".join(c if c.isprintable() else " " for c in value).strip()
-
-
-def exit_code_of(status: dict) -> tuple[int, str]:
-    """A pty.exit's `ext_exit_status` as a shell reports it: the code, or 128 + the signal;
-    and the words for it. A session that ended with no status (closed, or the daemon's PTY
-    hub went away) counts as a success."""
-    import signal
-
-    number, code = status.get("signal"), status.get("code")
-    if type(number) is int and 0 < number < 128:
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
-        return 128 + number, f"killed by {name}"
-    if type(code) is int and 0 <= code <= 255:
-        return code, f"exited with {code}"
-    return 0, "ended"

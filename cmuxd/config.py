@@ -31,6 +31,7 @@ class Config:
     token_file: str | None = None
     relay_id: str | None = None
     unix_auth: str = "peer"  # "peer": same uid or root, no token; "token": relay handshake too
+    devices_only: bool = False  # TCP takes device keys only, not the shared token
     max_handshakes: int = 256
     backoff_failures: int = 20
     backoff_window: float = 60.0

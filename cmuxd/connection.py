@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections import deque
 from typing import Any
 
@@ -29,6 +30,7 @@ from .protocol import (
     FrameDecoder,
     Request,
     RPCError,
+    drop_empty_frames,
     encode,
     error_response,
     ok_response,
@@ -41,13 +43,16 @@ log = logging.getLogger("cmuxd.connection")
 class ConnectionContext:
     """All a handler knows of its connection: its kind, its state, how to push events."""
 
-    __slots__ = ("_conn", "transport", "hub", "daemon", "_state")
+    __slots__ = ("_conn", "transport", "hub", "daemon", "_state", "caller", "device")
 
-    def __init__(self, conn: "Connection", transport: str, hub: Any, daemon: Any = None):
+    def __init__(self, conn: "Connection", transport: str, hub: Any, daemon: Any = None,
+                 caller: str | None = None, device: str | None = None):
         self._conn = conn
         self.transport = transport
         self.hub = hub
         self.daemon = daemon  # handlers.system.DaemonFigures in a worker; None under stdio
+        self.caller = caller  # "device NAME", "shared token" or "uid N"; None under stdio
+        self.device = device  # the device key that authenticated it, if one did
         self._state: dict[type, Any] = {}
 
     def state(self, cls):
@@ -83,8 +88,8 @@ class Connection(asyncio.Protocol):
     stdio, where they are the stdin and stdout pipes."""
 
     def __init__(self, transport: str, hub: Any = None, initial: bytes = b"",
-                 daemon: Any = None):
-        self.ctx = ConnectionContext(self, transport, hub, daemon)
+                 daemon: Any = None, caller: str | None = None, device: str | None = None):
+        self.ctx = ConnectionContext(self, transport, hub, daemon, caller, device)
         self.decoder = FrameDecoder()
         self.pending: deque = deque()
         self.reader = None
@@ -119,7 +124,7 @@ class Connection(asyncio.Protocol):
             self.data_received(initial)
 
     def data_received(self, data: bytes) -> None:
-        frames = self.decoder.feed(data)
+        frames = self.decoder.feed(drop_empty_frames(data))
         if frames:
             self.pending.extend(frames)
             if not self.busy:
@@ -159,8 +164,17 @@ class Connection(asyncio.Protocol):
         pending = self.pending
         dispatch = self.dispatch
         self.batching = True
+        handled = 0
+        deadline = time.monotonic() + PASS_BUDGET
         try:
             while pending and not self._replies_held():
+                handled += 1
+                if not handled % 32 and time.monotonic() > deadline:
+                    # Let the other connections of this worker have the loop; reading
+                    # pauses until the rest of this read is handled.
+                    self.busy = True
+                    asyncio.get_running_loop().call_soon(self._next_pass)
+                    break
                 reply = dispatch(pending.popleft())
                 if reply is None:
                     continue
@@ -240,6 +254,10 @@ class Connection(asyncio.Protocol):
         self.busy = False
         asyncio.get_running_loop().call_soon(self._resume)
 
+    def _next_pass(self) -> None:
+        self.busy = False
+        self._resume()
+
     def _resume(self) -> None:
         if not self.busy and not self.closing:
             self._run()
@@ -296,6 +314,11 @@ class Connection(asyncio.Protocol):
         if not task.cancelled() and task.exception() is not None:
             log.error("connection task failed", exc_info=task.exception())
 
+    def abort(self) -> None:
+        """Drop the connection now, unanswered requests and unsent replies with it."""
+        if self.reader is not None:
+            self.reader.abort()
+
     def finish(self) -> None:
         """Close at a frame boundary: answer every request already read, read no more."""
         if self.closing:
@@ -329,6 +352,10 @@ class Connection(asyncio.Protocol):
 
 
 INTERNAL_ERROR = "internal error in the daemon; see its log"
+
+PASS_BUDGET = 0.001
+"""Seconds one connection may spend on the frames it has read before the worker's other
+connections get the event loop (checked every 32 frames)."""
 
 REPLY_ALLOWANCE = 64 * 1024
 """Reply bytes a connection may add past the write buffer's high-water mark before it stops

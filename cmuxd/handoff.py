@@ -11,8 +11,13 @@ from __future__ import annotations
 import orjson
 
 
-def encode_handoff(conn_id: int, kind: str, peer: str, leftover: bytes) -> bytes:
+def encode_handoff(conn_id: int, kind: str, peer: str, leftover: bytes,
+                   device: str | None = None) -> bytes:
+    """`device` names the device key that authenticated the connection, so the worker can
+    close that device's connections when it is revoked."""
     header = {"id": conn_id, "kind": kind, "peer": peer, "n": len(leftover)}
+    if device is not None:
+        header["device"] = device
     return orjson.dumps(header, option=orjson.OPT_APPEND_NEWLINE) + leftover
 
 

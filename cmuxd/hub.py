@@ -485,7 +485,8 @@ class PtySession:
         """Queue input whole or not at all. `force` takes the rest of a write whose start the
         lease holder already wrote to the PTY (at most one chunk over the limit); `fid` names
         a forwarded input, whose holder is told when it is written."""
-        chunks = [data[i : i + INPUT_CHUNK] for i in range(0, len(data), INPUT_CHUNK)]
+        view = memoryview(data)  # chunks share the caller's buffer: no copy of a large write
+        chunks = [view[i : i + INPUT_CHUNK] for i in range(0, len(view), INPUT_CHUNK)]
         if not force and len(self.input) + len(chunks) > INPUT_QUEUE_CHUNKS:
             raise RPCError(PTY_INPUT_QUEUE_FULL, MSG_QUEUE_FULL)
         if seq is not None:
@@ -499,7 +500,7 @@ class PtySession:
         # An empty write is done when everything queued before it is.
         entry = [memoryview(b""), [], 0]
         for chunk in chunks:
-            entry = [memoryview(chunk), [], 0]
+            entry = [chunk, [], 0]
             self.input.append(entry)
         if not chunks:
             self.input.append(entry)

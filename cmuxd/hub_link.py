@@ -36,8 +36,9 @@ from . import __version__
 from .cli_bridge import CAPABILITY as CLI_CAPABILITY
 from .hub import Hub
 from .link_channel import MessageChannel
+from .local_sockets import LocalSocketError, check_server, check_state_dir, make_state_dir, trusted_peer
 from .peercred import peer_uid
-from .protocol import PTY_INPUT_QUEUE_FULL, UNAVAILABLE, RPCError, b64
+from .protocol import PTY_INPUT_QUEUE_FULL, PTY_INPUT_SEQ_GAP, UNAVAILABLE, RPCError, b64
 from .pty_lease import WorkerLease
 from .pty_rules import MSG_NO_HUB, MSG_QUEUE_FULL, pty_error_event
 
@@ -92,17 +93,20 @@ class _Link:
         self.channel.send(message, fds)
 
     def _closed(self) -> None:
+        self.can_hold_leases = False  # what it held comes back below; nothing new goes to it
         self.server.links.discard(self)
         self.server.on_link_closed()
         for task in self.tasks:
             task.cancel()
+        # Its attachments are removed only below: a dead link must not get the lease again.
+        self.can_hold_leases = False
         self.hub.lease_lost(self)
         for hub_peer in self.peers.values():
             asyncio.get_running_loop().create_task(self.hub.remove_peer(hub_peer))
         self.peers.clear()
         self.remote_ids.clear()
 
-    def _handle(self, msg: dict, fds: list[int]) -> None:
+    def _handle(self, msg: dict, fds: list[int], payload: bytearray | None) -> None:
         for fd in fds:  # workers never send fds
             os.close(fd)
         kind = msg["type"]
@@ -142,9 +146,9 @@ class _Link:
                 self.hub.drained(hub_peer, msg["session_id"], msg["attachment_id"], msg["token"],
                                  msg["frames"])
         elif kind == "call":
-            self._call(msg)
+            self._call(msg, payload)
         elif kind == "input":
-            self._input(msg)
+            self._input(msg, payload)
         elif kind == "released":
             self.hub.lease_released(msg["session_id"], msg["lease"], msg)
         else:
@@ -166,7 +170,9 @@ class _Link:
 
     # calls
 
-    def _call(self, msg: dict) -> None:
+    def _call(self, msg: dict, payload: bytearray | None) -> None:
+        if payload is not None:
+            msg["payload"] = payload  # the data of a pty.write, as it came
         method, params = msg["method"], msg["params"]
         if method in ASYNC_CALLS:
             self._spawn(self._call_async(msg))
@@ -191,7 +197,9 @@ class _Link:
             if hub_peer is None:
                 raise RPCError(UNAVAILABLE, MSG_NO_HUB)
             params["peer"] = hub_peer
-        if "data_base64" in params:
+        if method == "write":
+            params["data"] = msg.get("payload", b"")
+        elif "data_base64" in params:
             data = params.pop("data_base64")
             params["data"] = None if data is None else binascii.a2b_base64(data)
         if method == "cli_subscribe":
@@ -245,10 +253,10 @@ class _Link:
             self.send({"type": "event", "peer": params["peer"], "event": pty_error_event(
                 params["session_id"], params["attachment_id"], params["token"], code, message)})
 
-    def _input(self, msg: dict) -> None:
+    def _input(self, msg: dict, payload: bytearray | None) -> None:
         try:
             self.hub.forwarded_input(msg["session_id"], msg["attachment_id"],
-                                     binascii.a2b_base64(msg["data_base64"]), msg["seq"],
+                                     payload or b"", msg["seq"],
                                      msg["force"], msg["fid"])
         except RPCError as exc:
             self.send({"type": "input_refused", "session_id": msg["session_id"],
@@ -304,7 +312,7 @@ class HubServer:
         if inherited is not None:
             sock = socket.socket(fileno=inherited)
         else:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_state_dir(self.path.parent)
             if self.path.exists():
                 self.path.unlink()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -327,10 +335,9 @@ class HubServer:
             except OSError as exc:
                 log.warning("accepting a worker's link failed: %s", exc)
                 return
-            uid = peer_uid(conn)
-            if uid != os.getuid():
-                log.error("refused a hub link from uid %d: only uid %d's workers may connect",
-                          uid, os.getuid())
+            if not trusted_peer(conn):
+                log.warning("refused a PTY hub link from uid %d: only this daemon's user (or "
+                            "root) may connect", peer_uid(conn))
                 conn.close()
                 continue
             self.links.add(_Link(self, conn))
@@ -384,16 +391,19 @@ class RemoteHub:
 
     async def _run(self) -> None:
         delay = 0.05
+        refusal = ""
         while True:
             try:
                 sock = await self._connect()
             except OSError as exc:
-                if delay >= 1.0:
-                    log.debug("the PTY hub is not reachable yet: %s", exc)
+                if isinstance(exc, LocalSocketError) and str(exc) != refusal:
+                    refusal = str(exc)
+                    log.error("not connecting to the PTY hub: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
             delay = 0.05
+            refusal = ""
             self._lost = self.loop.create_future()
             self.channel = MessageChannel(sock, self._handle, self._channel_closed,
                                           LINK_MAX_FRAME)
@@ -420,14 +430,12 @@ class RemoteHub:
             await asyncio.sleep(delay)
 
     async def _connect(self) -> socket.socket:
+        check_state_dir(self.path.parent)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             await self.loop.sock_connect(sock, str(self.path))
-            uid = peer_uid(sock)
-            if uid != os.getuid():
-                raise OSError(f"the PTY hub socket {self.path} is served by uid {uid}, "
-                              f"not ours ({os.getuid()})")
+            check_server(sock, self.path)
         except BaseException:
             sock.close()
             raise
@@ -437,7 +445,7 @@ class RemoteHub:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
-    def _handle(self, msg: dict, fds: list[int]) -> None:
+    def _handle(self, msg: dict, fds: list[int], payload: bytearray | None) -> None:
         kind = msg["type"]
         if kind == "event":
             self._event(msg["peer"], msg["event"])
@@ -546,33 +554,34 @@ class RemoteHub:
         else:
             entry[0].set_exception(RPCError(msg["code"], msg["message"]))
 
-    def _send(self, msg: dict) -> None:
+    def _send(self, msg: dict, payload=None) -> None:
         if self.channel is not None:
-            self.channel.send(msg)
+            self.channel.send(msg, payload=payload)
 
     def link_full(self) -> bool:
         return self.channel is not None and self.channel.buffered > LINK_HIGH_WATER
 
-    def _call(self, method: str, params: dict, reserved=None) -> asyncio.Future:
+    def _call(self, method: str, params: dict, reserved=None, payload=None) -> asyncio.Future:
         """Send the call now, so calls reach the hub in the order the requests arrived, and
         return the future of its answer."""
         if self.channel is None or not self.connected.is_set():
-            return asyncio.ensure_future(self._call_once_connected(method, params, reserved))
+            return asyncio.ensure_future(self._call_once_connected(method, params, reserved,
+                                                                   payload))
         self._next_rid += 1
         rid = self._next_rid
         fut = self.loop.create_future()
         self._waiting[rid] = (fut, reserved)
         fut.add_done_callback(lambda _: self._waiting.pop(rid, None))
-        self._send({"type": "call", "rid": rid, "method": method, "params": params})
+        self._send({"type": "call", "rid": rid, "method": method, "params": params}, payload)
         return fut
 
-    async def _call_once_connected(self, method: str, params: dict, reserved):
+    async def _call_once_connected(self, method: str, params: dict, reserved, payload):
         """Just started, or the hub is being replaced: give the link a moment."""
         try:
             await asyncio.wait_for(self.connected.wait(), CONNECT_WAIT)
         except TimeoutError:
             raise RPCError(UNAVAILABLE, MSG_NO_HUB) from None
-        return await self._call(method, params, reserved=reserved)
+        return await self._call(method, params, reserved=reserved, payload=payload)
 
     def forward_input(self, lease: WorkerLease, att, data: bytes, seq, force: bool,
                       notification: bool) -> int:
@@ -582,8 +591,7 @@ class RemoteHub:
         if not notification and not force:
             self._inputs[fid] = self.loop.create_future()
         self._send({"type": "input", "session_id": lease.session_id, "lease": lease.id,
-                    "attachment_id": att.id, "data_base64": b64(data), "seq": seq,
-                    "force": force, "fid": fid})
+                    "attachment_id": att.id, "seq": seq, "force": force, "fid": fid}, data)
         return fid
 
     async def reply_of(self, fid: int, att, seq, length: int) -> dict:
@@ -610,14 +618,19 @@ class RemoteHub:
             self._notification_refused(lease, msg)
 
     def _notification_refused(self, lease: WorkerLease, msg: dict) -> None:
-        """A pty.write notification the hub's queue could not take: pty.error, then the
-        attachment is detached, as the spec says for the notification form."""
-        for att in list(lease.attachments.values()):
-            if att.id == msg.get("attachment_id"):
-                self.deliver(att.peer, pty_error_event(lease.session_id, att.id, att.token,
-                                                       msg["code"], msg["message"]))
-                self.loop.create_task(self._detach_quietly(att.peer, lease.session_id, att.id,
-                                                           att.token))
+        att = lease.attachments.get(msg.get("attachment_id"))
+        if att is not None:
+            self._refuse_notification(lease, att, msg["code"], msg["message"])
+
+    def _refuse_notification(self, lease: WorkerLease, att, code: str, message: str) -> None:
+        """A pty.write notification refused on sequence or capacity: pty.error, then the
+        attachment is detached, as the spec says for the notification form. It takes no more
+        input here meanwhile; the hub's pty.exit comes after the error."""
+        self.deliver(att.peer, pty_error_event(lease.session_id, att.id, att.token, code,
+                                               message))
+        lease.attachments.pop(att.id, None)
+        self.loop.create_task(self._detach_quietly(att.peer, lease.session_id, att.id,
+                                                   att.token))
 
     async def _detach_quietly(self, peer, sid, aid, token) -> None:
         try:
@@ -673,21 +686,26 @@ class RemoteHub:
         lease = self.leases.get(session_id)
         att = lease.find(attachment_id, token) if lease is not None else None
         if att is not None:
-            return lease.write(att, data, seq, notification)
+            try:
+                return lease.write(att, data, seq, notification)
+            except RPCError as exc:
+                if not notification or exc.code not in (PTY_INPUT_SEQ_GAP, PTY_INPUT_QUEUE_FULL):
+                    raise
+                self._refuse_notification(lease, att, exc.code, exc.message)
+                return {"written": 0}
         if self.channel is None or not self.connected.is_set():
             if notification:
                 raise RPCError(UNAVAILABLE, MSG_NO_HUB)
         elif self.link_full():
             raise RPCError(PTY_INPUT_QUEUE_FULL, MSG_QUEUE_FULL)
         params = {"peer": peer, "session_id": session_id, "attachment_id": attachment_id,
-                  "token": token, "data_base64": b64(data), "seq": seq,
-                  "notification": notification}
+                  "token": token, "seq": seq, "notification": notification}
         if not notification:
-            return self._call("write", params)
+            return self._call("write", params, payload=data)
         # A notification is answered only if it fails, by a pty.error the hub sends: no
         # round trip on the keystroke path.
         self._send({"type": "call", "rid": 0, "method": "write", "params": params,
-                    "quiet": True})
+                    "quiet": True}, data)
         return {"written": len(data)}
 
     def resize(self, peer, session_id, attachment_id, token, cols, rows):

@@ -3,8 +3,9 @@ supervisor.
 
 It outlives the daemon that started it, so that a stop and start, a restart of the unit or a
 crash of the supervisor loses no terminal session: the next supervisor adopts it. It ends on
-SIGTERM or a `stop` from the supervisor link (`cmuxd-remote hub stop`), ending every session,
-and on its own once it has neither a session nor a link left.
+SIGTERM or a `stop` from the supervisor link (`cmuxd-remote hub stop`), ending every session.
+A hub a daemon started also ends on its own once it has neither a session nor a link left; one
+run by `hub run` (a unit) does not, since an `--external-hub` daemon never starts another.
 
 An upgrade (SIGHUP, or `upgrade` from the supervisor's reload) re-executes the process in
 place, same pid, so the session processes stay its children: the code now installed is first
@@ -31,6 +32,7 @@ import orjson
 
 from .hub import Hub, check_state, watch_children_without_threads
 from .hub_link import HubServer, hub_socket_path
+from .local_sockets import LocalSocketError
 from .memory import return_large_blocks
 
 log = logging.getLogger("cmuxd.hub")
@@ -87,6 +89,8 @@ class HubProcess:
         if self._alone_timer is not None:
             self._alone_timer.cancel()
             self._alone_timer = None
+        if self.config.get("until_stopped"):
+            return
         if not self.hub.sessions and not self.server.links and not self.upgrading:
             self._alone_timer = asyncio.get_running_loop().call_later(ALONE_GRACE, self._alone)
 
@@ -198,7 +202,11 @@ def main(argv: list[str] | None = None) -> None:
         for fd in fds + [args.listen_fd]:
             os.set_inheritable(fd, False)
         adopted = (state, fds)
-    asyncio.run(HubProcess(orjson.loads(args.config)).run(adopted, args.listen_fd))
+    try:
+        asyncio.run(HubProcess(orjson.loads(args.config)).run(adopted, args.listen_fd))
+    except LocalSocketError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""A local channel of JSON-line messages that can carry file descriptors (the hub link).
+"""A local channel of JSON-line messages that can carry file descriptors and raw bytes (the
+hub link).
 
 asyncio's transports read with recv(), which drops SCM_RIGHTS, so the channel drives a
 non-blocking Unix stream socket itself. A message that carries fds says how many (`nfds`);
 the fds travel with the send of its first byte and are queued on arrival, so the receiver
-pairs them with messages in order.
+pairs them with messages in order. A message that carries a payload says how long it is
+(`nbytes`) and the raw bytes follow its line: input crosses the link as it will be written
+to the PTY, neither base64-encoded again nor copied on the way.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from collections.abc import Callable
 
 import orjson
 
-from .protocol import OVERSIZED, FrameDecoder
-
 log = logging.getLogger("cmuxd.hub")
 
 READ_SIZE = 262144
@@ -31,33 +32,41 @@ class ChannelError(Exception):
 
 
 class MessageChannel:
-    """One end of a channel. `on_message(msg, fds)` runs for each message and `on_close()`
-    once, when either side closes or the peer misbehaves."""
+    """One end of a channel. `on_message(msg, fds, payload)` runs for each message (`payload`
+    is None unless the message carries one) and `on_close()` once, when either side closes
+    or the peer misbehaves."""
 
-    def __init__(self, sock: socket.socket, on_message: Callable[[dict, list[int]], None],
+    def __init__(self, sock: socket.socket,
+                 on_message: Callable[[dict, list[int], bytearray | None], None],
                  on_close: Callable[[], None], max_frame: int):
         sock.setblocking(False)
         self.sock = sock
         self.on_message = on_message
         self.on_close = on_close
-        self.decoder = FrameDecoder(max_frame)
+        self.max_frame = max_frame
         self.fds: deque[int] = deque()
         self.out: deque[tuple[memoryview, list[int]]] = deque()
         self.buffered = 0
         self.closed = False
+        self._line = bytearray()
+        self._payload: bytearray | None = None
+        self._filled = 0
+        self._held: tuple[dict, list[int]] | None = None
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._readable)
         self._writing = False
 
-    def send(self, message: dict, fds: list[int] = ()) -> None:
+    def send(self, message: dict, fds: list[int] = (), payload=None) -> None:
         """Queue one message; `fds` are duplicated by the kernel on send, so the caller keeps
-        its own."""
+        its own; `payload` (bytes-like) is sent as it is, after the line."""
         if self.closed:
             return
         if fds:
             message = {**message, "nfds": len(fds)}
+        if payload is not None:
+            message = {**message, "nbytes": len(payload)}
         data = memoryview(orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE))
-        if not self.out and not fds:
+        if not self.out and not fds and payload is None:
             try:
                 sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -68,9 +77,14 @@ class MessageChannel:
             if sent == len(data):
                 return
             data = data[sent:]
-        self.out.append((data, list(fds)))
-        self.buffered += len(data)
+        self._queue(data, list(fds))
+        if payload:
+            self._queue(memoryview(payload).cast("B"), [])
         self._flush()
+
+    def _queue(self, data: memoryview, fds: list[int]) -> None:
+        self.out.append((data, fds))
+        self.buffered += len(data)
 
     def _flush(self) -> None:
         while self.out:
@@ -78,7 +92,7 @@ class MessageChannel:
             try:
                 if fds:
                     sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                       _pack_fds(fds))])
+                                                       array.array("i", fds).tobytes())])
                 else:
                     sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -114,21 +128,52 @@ class MessageChannel:
             self.close()
             return
         try:
-            for frame in self.decoder.feed(data):
-                if self.closed:
-                    return
-                if frame is OVERSIZED:
-                    raise ChannelError("an oversized message")
-                msg = orjson.loads(frame)
-                if type(msg) is not dict:
-                    raise ChannelError("a message that is not an object")
-                n = msg.get("nfds", 0)
-                if type(n) is not int or n < 0 or n > len(self.fds):
-                    raise ChannelError("a message without the fds it announced")
-                self.on_message(msg, [self.fds.popleft() for _ in range(n)])
+            self._feed(data)
         except (ChannelError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             log.error("the hub link peer sent %s; closing the link", _describe(exc))
             self.close()
+
+    def _feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        at, end = 0, len(data)
+        while at < end and not self.closed:
+            if self._payload is not None:
+                take = min(end - at, len(self._payload) - self._filled)
+                self._payload[self._filled:self._filled + take] = view[at:at + take]
+                self._filled += take
+                at += take
+                if self._filled == len(self._payload):
+                    (msg, fds), payload = self._held, self._payload
+                    self._held = self._payload = None
+                    self.on_message(msg, fds, payload)
+                continue
+            cut = data.find(b"\n", at)
+            if cut < 0:
+                self._line += view[at:]
+                if len(self._line) >= self.max_frame:
+                    raise ChannelError("an oversized message")
+                return
+            self._line += view[at:cut]
+            at = cut + 1
+            if len(self._line) >= self.max_frame:
+                raise ChannelError("an oversized message")
+            msg = orjson.loads(self._line)
+            self._line.clear()
+            self._message(msg)
+
+    def _message(self, msg) -> None:
+        if type(msg) is not dict:
+            raise ChannelError("a message that is not an object")
+        n, size = msg.get("nfds", 0), msg.get("nbytes", 0)
+        if type(n) is not int or n < 0 or n > len(self.fds):
+            raise ChannelError("a message without the fds it announced")
+        if type(size) is not int or size < 0 or size > self.max_frame:
+            raise ChannelError("a message with a payload size out of bounds")
+        fds = [self.fds.popleft() for _ in range(n)]
+        if size:
+            self._held, self._payload, self._filled = (msg, fds), bytearray(size), 0
+        else:
+            self.on_message(msg, fds, None)
 
     def close(self) -> None:
         if self.closed:
@@ -138,14 +183,13 @@ class MessageChannel:
         if self._writing:
             self.loop.remove_writer(self.sock.fileno())
         self.sock.close()
+        held = self._held[1] if self._held is not None else []
         while self.fds:
-            os.close(self.fds.popleft())
+            held.append(self.fds.popleft())
+        for fd in held:
+            os.close(fd)
         self.out.clear()
         self.on_close()
-
-
-def _pack_fds(fds: list[int]) -> bytes:
-    return array.array("i", fds).tobytes()
 
 
 def _describe(exc: Exception) -> str:

@@ -19,11 +19,14 @@ EXIT_GRACE = 2.0
 
 
 def ssh_argv(host: str, user: str = "", port: int = 0,
-             remote_command: str | None = None) -> list[str]:
+             remote_command: str | None = None, interactive: bool = True) -> list[str]:
     """The ssh command line. `--` ends ssh's options, so a host (or user) that starts with
     `-` is a destination, never an option such as -oProxyCommand. `-T`: the protocol needs
-    a clean pipe, whatever RequestTTY the user's config sets."""
+    a clean pipe, whatever RequestTTY the user's config sets. Not `interactive` (a terminal
+    in raw mode cannot answer), BatchMode makes ssh fail where it would ask."""
     argv = ["ssh", "-T"]
+    if not interactive:
+        argv += ["-o", "BatchMode=yes"]
     if port:
         argv += ["-p", str(port)]
     destination = f"{user}@{host}" if user else host
@@ -40,9 +43,9 @@ class SshProcess:
         self._drain = asyncio.get_running_loop().create_task(self._keep_stderr())
 
     @classmethod
-    async def start(cls, host: str, user: str, port: int,
-                    remote_command: str | None) -> "SshProcess":
-        argv = ssh_argv(host, user, port, remote_command)
+    async def start(cls, host: str, user: str, port: int, remote_command: str | None,
+                    interactive: bool = True) -> "SshProcess":
+        argv = ssh_argv(host, user, port, remote_command, interactive)
         process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, limit=1 << 22)

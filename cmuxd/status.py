@@ -2,30 +2,45 @@
 
 from __future__ import annotations
 
-import socket
+import time
 from pathlib import Path
 
 import orjson
 
+from .local_sockets import connect_trusted
+
 
 def query_status(path: Path, timeout: float = 5.0) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise OSError(f"no daemon answers on {path}; is it running (or is its "
-                          "--state-dir elsewhere)?") from None
-        sock.sendall(b'{"method":"status"}\n')
+    return control_request(path, {"method": "status"}, timeout)
+
+
+def control_request(path: Path, request: dict, timeout: float = 5.0) -> dict:
+    """One request to the running supervisor's control socket; its result. OSError says, in
+    a sentence, why there is none. The request may hold a secret: it goes over the socket
+    only, and is never part of an error."""
+    try:
+        sock = connect_trusted(path, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise OSError(f"no daemon answers on {path}; is it running (or is its "
+                      "--state-dir elsewhere)?") from None
+    except PermissionError:
+        raise OSError(f"{path} belongs to another user; run this as the daemon's user "
+                      "(or root)") from None
+    with sock:
+        sock.sendall(orjson.dumps(request) + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
             if not chunk:
                 break
             data += chunk
+    if not data:
+        raise OSError(f"the daemon on {path} closed the control socket without answering; "
+                      "run this as the daemon's user (or root)")
     reply = orjson.loads(data)
     if not reply.get("ok"):
-        raise OSError(f"the daemon refused the status request: {reply.get('error')}")
+        raise OSError(f"the daemon refused the {request.get('method')} request: "
+                      f"{reply.get('error')}")
     return reply["result"]
 
 
@@ -42,6 +57,11 @@ def format_status(st: dict) -> str:
     ]
     for l in st["listeners"]:
         lines.append(f"{l['address']:<42} {l['kind']:<5} {l['origin']}")
+    until = st.get("previous_token_until")
+    if until:
+        lines += ["", f"the previous relay token is still accepted for new connections until "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))} "
+                      f"({duration(max(0, until - time.time()))} from now)"]
     lines += ["", "WORKER  PID      GEN  STATE     CONNS  SERVED   RSS      CPU(s)  AGE"]
     for w in st["workers"]:
         lines.append(

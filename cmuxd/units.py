@@ -28,6 +28,13 @@ SYSTEM_TOKEN_FILE = Path("/etc/cmuxd/relay-token")
 FLEET_COMMAND = ["/usr/local/bin/cmuxd-remote"]
 LAUNCHD_LABEL = "com.cmux.cmuxd"
 WATCHDOG_SEC = 30
+# Both services use the state directory (the hub's socket, the daemon's control socket, and
+# cmuxd.socket's socket file): kept when either stops, so neither pulls it from the other.
+RUNTIME_DIRECTORY = """\
+RuntimeDirectory=cmuxd
+RuntimeDirectoryMode=0700
+RuntimeDirectoryPreserve=yes
+"""
 # Where a home directory may live; ProtectHome= would hide an interpreter installed there.
 HOME_PREFIXES = ("/home/", "/root/", "/run/user/", "/Users/", "/var/home/")
 
@@ -51,7 +58,8 @@ class SystemdUnits:
 
     def render(self) -> dict[str, str]:
         """{path relative to the unit directory: text}."""
-        units = {"cmuxd.socket": self.socket(), "cmuxd.service": self.service()}
+        units = {"cmuxd.socket": self.socket(), "cmuxd.service": self.service(),
+                 "cmuxd-hub.service": self.hub_service()}
         if self.tailnet:
             units["cmuxd.socket.d/tailnet.conf"] = tailnet_dropin(self.tailnet, self.port)
         return units
@@ -85,16 +93,20 @@ DirectoryMode={"0755" if self.system else "0700"}
 WantedBy=sockets.target
 """
 
+    def _user(self) -> str:
+        """User= for a system unit; the daemon and the hub always run as the same account
+        (each checks that the other end of the hub socket is its own uid)."""
+        if self.system and self.user is not None:
+            return f"User={self.user}\n"
+        if self.system:
+            return ("# User= the account whose shells the hub starts (root without it):\n"
+                    "# `cmuxd-remote units install --system --as USER` sets it.\n")
+        return ""
+
     def service(self) -> str:
         exec_start = " ".join(
             [*(exec_quote(a) for a in self.command), "serve", "--state-dir=%t/cmuxd",
-             *(exec_quote(a) for a in self.serve_args)])
-        user = ""
-        if self.system and self.user not in (None, "root"):
-            user = f"User={self.user}\n"
-        elif self.system:
-            user = ("# User= the account whose shells the daemon serves (root without it):\n"
-                    "# `cmuxd-remote units install --system --as USER` sets it.\n")
+             "--external-hub", *(exec_quote(a) for a in self.serve_args)])
         if self.system or self.at_boot:
             target = "multi-user.target" if self.system else "default.target"
             when = "at boot" if self.system else "with the user manager"
@@ -104,18 +116,23 @@ WantedBy=sockets.target
             started = "Started by cmuxd.socket's first connection"
             install = "Also=cmuxd.socket\n"
         return f"""\
-# cmux remote daemon. {started}.
-# Reload (SIGHUP) starts new workers; open connections stay on the old ones until they close
-# or --graceful-timeout (30 s) passes. A new token takes a restart: systemd copies
-# LoadCredential= only at start.
+# cmux remote daemon: the gate (accept, authenticate) and the workers.
+# {started}.
+# It faces the network and runs no user command, so it carries a strict sandbox; PTY
+# sessions belong to cmuxd-hub.service, which a restart of this unit leaves running.
+# Reload (SIGHUP) starts new workers (open connections stay on the old ones until they close
+# or --graceful-timeout, 30 s, passes) and upgrades cmuxd-hub.service in place. A new token
+# takes a restart: systemd copies LoadCredential= only at start.
 [Unit]
 Description=cmux remote daemon
 Requires=cmuxd.socket
-After=cmuxd.socket
+Wants=cmuxd-hub.service
+After=cmuxd.socket cmuxd-hub.service
+PropagatesReloadTo=cmuxd-hub.service
 
 [Service]
 Type=notify
-{user}ExecStart={exec_start}
+{self._user()}ExecStart={exec_start}
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 WatchdogSec={WATCHDOG_SEC}s
@@ -123,47 +140,83 @@ TimeoutStopSec=30s
 # SIGTERM to the supervisor only: it drains and stops its workers itself.
 KillMode=mixed
 LoadCredential=relay-token:{unit_escape(str(self.token_file))}
-RuntimeDirectory=cmuxd
-RuntimeDirectoryMode=0700
-# Keep the directory (and cmuxd.socket's socket file in it) across restarts.
-RuntimeDirectoryPreserve=yes
-LimitNOFILE=65536
+{RUNTIME_DIRECTORY}LimitNOFILE=65536
 UMask=0077
 
-# Hardening. The shells that pty.* starts run inside this sandbox too; loosen it with
-# `systemctl{"" if self.system else " --user"} edit cmuxd.service` where that gets in the way (README).
+# Hardening: README, "Sandboxes", says why each line is or is not here.
 {self.hardening()}
 [Install]
 {install}"""
 
+    def hub_service(self) -> str:
+        exec_start = " ".join([*(exec_quote(a) for a in self.command), "hub", "run",
+                               "--state-dir=%t/cmuxd"])
+        user = " --user" if not self.system else ""
+        return f"""\
+# cmux PTY hub: owns every PTY session and starts users' shells. Started with cmuxd.service
+# and never stopped by it: `systemctl{user} restart cmuxd` leaves every session running;
+# `systemctl{user} stop cmuxd-hub` ends every session on purpose.
+# Reload (SIGHUP) re-executes the hub in place (same pid) into the code now installed,
+# keeping its sessions; a reload of cmuxd.service propagates here.
+# No sandbox: every option set here would reach the shells, as an ssh session's shell gets
+# nothing of sshd's unit. Add --shell, --scrollback, --idle-ttl to ExecStart= to change
+# those defaults.
+[Unit]
+Description=cmux PTY hub (every PTY session of cmuxd)
+
+[Service]
+Type=exec
+{self._user()}ExecStart={exec_start}
+ExecReload=/bin/kill -HUP $MAINPID
+# After a crash, or a `cmuxd-remote hub stop`, a new hub serves new sessions.
+Restart=always
+RestartSec=1s
+# SIGTERM to the hub only: it hangs up every session (SIGHUP, then SIGKILL); what a session
+# left behind is killed once the hub has exited.
+KillMode=mixed
+TimeoutStopSec=30s
+{RUNTIME_DIRECTORY}"""
+
     def hardening(self) -> str:
-        # These need no namespace: they work in a user manager without user namespaces too.
+        """cmuxd.service's sandbox. The lines without a namespace also work in a user manager
+        that cannot make one (no unprivileged user namespaces)."""
         lines = [
             "NoNewPrivileges=yes",
             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
             "RestrictRealtime=yes",
             "RestrictSUIDSGID=yes",
+            "RestrictNamespaces=yes",
             "LockPersonality=yes",
+            "MemoryDenyWriteExecute=yes",
             "SystemCallArchitectures=native",
+            "SystemCallFilter=@system-service",
+            "SystemCallFilter=~@privileged @resources",
+            "SystemCallErrorNumber=EPERM",
         ]
         if self.system:
             lines += [
-                "ProtectSystem=full",
+                "CapabilityBoundingSet=",
+                "AmbientCapabilities=",
+                "ProtectSystem=strict",
+                "ReadWritePaths=%t/cmuxd",
+                "ProtectHome=yes" if self.protect_home else
+                "# The interpreter or cmuxd lives in a home directory: read-only, not hidden.\n"
+                "ProtectHome=read-only",
                 "PrivateTmp=yes",
                 *(f"BindReadOnlyPaths={p}" for p in self.tmp_binds),
+                "PrivateDevices=yes",
+                "PrivateIPC=yes",
+                "PrivateMounts=yes",
+                "ProtectProc=invisible",
+                "ProcSubset=pid",
                 "ProtectKernelTunables=yes",
                 "ProtectKernelModules=yes",
                 "ProtectKernelLogs=yes",
                 "ProtectControlGroups=yes",
                 "ProtectClock=yes",
                 "ProtectHostname=yes",
-                "RestrictNamespaces=yes",
+                "KeyringMode=private",
             ]
-            if self.protect_home:
-                lines.append("ProtectHome=read-only")
-            else:
-                lines.append("# No ProtectHome=: the interpreter or cmuxd lives in a home "
-                             "directory.")
         return "\n".join(lines) + "\n"
 
 
@@ -245,7 +298,7 @@ def write_fleet_files(directory: str) -> None:
 
 def installed_command() -> list[str]:
     """The absolute cmuxd-remote of this installation: the script beside the interpreter (a
-    venv or pipx install), else the one on PATH, else `python -m cmuxd`. The interpreter path
+    venv or pipx install), else the one on PATH, else `python -P -m cmuxd`. The interpreter path
     is kept as is, not resolved: a venv's python symlink is what makes it the venv."""
     beside = Path(os.path.abspath(sys.executable)).parent / "cmuxd-remote"
     if beside.is_file() and os.access(beside, os.X_OK):
@@ -253,7 +306,8 @@ def installed_command() -> list[str]:
     found = shutil.which("cmuxd-remote")
     if found:
         return [os.path.abspath(found)]
-    return [os.path.abspath(sys.executable), "-m", "cmuxd"]
+    # -P: nothing is imported from the unit's WorkingDirectory.
+    return [os.path.abspath(sys.executable), "-P", "-m", "cmuxd"]
 
 
 def _installation_paths(command: list[str]) -> list[str]:
@@ -309,12 +363,11 @@ def tailscale_addresses() -> list[str]:
     return [str(address) for address in found]
 
 
-def invoking_user() -> str:
-    """The person behind the command: SUDO_USER when run through sudo, else ourselves."""
-    sudo_user = os.environ.get("SUDO_USER")
-    if sudo_user and os.geteuid() == 0:
-        return sudo_user
-    return pwd.getpwuid(os.getuid()).pw_name
+def sudo_user() -> str | None:
+    """The person behind a command run through sudo, or None."""
+    if os.geteuid() == 0:
+        return os.environ.get("SUDO_USER") or None
+    return None
 
 
 # Installing
@@ -338,7 +391,10 @@ def systemd_plan(mode: str, *, user: str | None = None, token_file: str | None =
         raise UnitsError("choose --user (your own systemd instance) or --system")
     command = installed_command()
     if mode == "system":
-        user = user or invoking_user()
+        user = user or sudo_user()
+        if user is None:
+            raise UnitsError("say which account the daemon and the shells it serves run as: "
+                             "--as USER (--as root only if you mean root)")
         try:
             account = pwd.getpwnam(user)
         except KeyError:

@@ -98,7 +98,10 @@ class WorkerProcess:
                 self._serve(self.fds.popleft(), header, leftover)
             elif kind == "ping":
                 self.figures.update(header.get("daemon"))
-                self._send(encode_report(pong=header["seq"], connections=len(self.connections)))
+                self._send(encode_report(pong=header["seq"], connections=len(self.connections),
+                                         devices=self._device_counts()))
+            elif kind == "close_device":
+                self._close_device(header["device"])
             elif kind == "retire":
                 asyncio.get_running_loop().create_task(self.retire(header["grace"]))
         if got or lost:
@@ -127,15 +130,37 @@ class WorkerProcess:
             await asyncio.sleep(0.02)
         self.stop()
 
+    def _device_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for conn in self.connections:
+            if conn.ctx.device is not None:
+                counts[conn.ctx.device] = counts.get(conn.ctx.device, 0) + 1
+        return counts
+
+    def _close_device(self, name: str) -> None:
+        """The device was revoked: its connections end now, not at their next request.
+        Its PTY sessions go on; they belong to the user, not to the connection."""
+        for conn in list(self.connections):
+            if conn.ctx.device == name:
+                conn.abort()
+
     def _serve(self, fd: int, header: dict, leftover: bytes) -> None:
         loop = asyncio.get_running_loop()
         sock = socket.socket(fileno=fd)
-        conn = Connection(header["kind"], self.hub, initial=leftover, daemon=self.figures)
+        device = header.get("device")
+        conn = Connection(header["kind"], self.hub, initial=leftover, daemon=self.figures,
+                          caller=caller_of(header), device=device)
         self.connections.add(conn)
         conn.done.add_done_callback(lambda _: self._closed(conn))
+        if device is not None:
+            log.info("device %s connected from %s", device, header["peer"],
+                     extra={"DEVICE": device})
         loop.create_task(loop.connect_accepted_socket(lambda: conn, sock))
 
     def _closed(self, conn: Connection) -> None:
+        if conn.ctx.device is not None:
+            log.info("device %s disconnected", conn.ctx.device,
+                     extra={"DEVICE": conn.ctx.device})
         self.connections.discard(conn)
         self.closed_since_report += 1
         if not self.report_pending:
@@ -169,6 +194,13 @@ class WorkerProcess:
         elif not self._out and self._flushing:
             self._flushing = False
             loop.remove_writer(self.chan.fileno())
+
+
+def caller_of(header: dict) -> str:
+    """Who is on the other end, as ext.status and the log say it."""
+    if header.get("device"):
+        return f"device {header['device']}"
+    return "shared token" if header["kind"] == "tcp" else header["peer"]
 
 
 def raise_fd_limit() -> None:

@@ -44,3 +44,22 @@ def spawn_listening():
     yield spawn
     for d in started:
         d.close()
+
+
+@pytest.fixture(scope="session")
+def other_user() -> tuple[int, int]:
+    """(uid, gid) of a real local user other than us: `nobody`, else one made with useradd."""
+    import pwd
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to act as a second local user")
+    for name in ("nobody", "cmuxd-test-other"):
+        try:
+            entry = pwd.getpwnam(name)
+            return entry.pw_uid, entry.pw_gid
+        except KeyError:
+            pass
+    subprocess.run(["useradd", "--system", "--no-create-home", "cmuxd-test-other"], check=True)
+    entry = pwd.getpwnam("cmuxd-test-other")
+    return entry.pw_uid, entry.pw_gid

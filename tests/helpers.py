@@ -447,7 +447,7 @@ def daemon_command(*args: str) -> list[str]:
     binary = os.environ.get("CMUXD_REMOTE")
     if binary:
         return [binary, *args]
-    return [sys.executable, "-m", "cmuxd", *args]
+    return [sys.executable, "-P", "-m", "cmuxd", *args]
 
 
 class StdioDaemon(FrameStream):

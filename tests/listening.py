@@ -62,7 +62,10 @@ class ListeningDaemon:
 
     def __init__(self, *extra: str, tcp: list[str] | None = None, v6: bool = False,
                  unix: bool = True, workers: int = 2, env: dict | None = None,
-                 token_mode: int = 0o600, fd_limit: tuple[int, int] | None = None):
+                 token_mode: int = 0o600, fd_limit: tuple[int, int] | None = None,
+                 cwd: os.PathLike | None = None, token_in_env: bool = False,
+                 wrap: list[str] | None = None):
+        """`wrap` goes before the command line (`ip netns exec NAME`, say)."""
         self.dir = Path(tempfile.mkdtemp(prefix="cmuxd-test-"))
         self.token_file = self.dir / "relay-token"
         self.token = write_token_file(self.token_file, token_mode)
@@ -72,8 +75,10 @@ class ListeningDaemon:
             self.tcp.append(f"[::1]:{self.port}")
         self.socket_path = self.dir / "run" / "cmuxd.sock" if unix else None
         self.state_dir = self.dir / "state"
-        args = ["serve", "--workers", str(workers), "--token-file", str(self.token_file),
-                "--relay-id", RELAY_ID, "--state-dir", str(self.state_dir)]
+        args = ["serve", "--workers", str(workers), "--relay-id", RELAY_ID,
+                "--state-dir", str(self.state_dir)]
+        if not token_in_env:
+            args += ["--token-file", str(self.token_file)]
         for spec in self.tcp:
             args += ["--tcp", spec]
         if self.socket_path is not None:
@@ -83,13 +88,15 @@ class ListeningDaemon:
         full_env = dict(os.environ, HOME=str(self.dir))
         full_env.pop("CMUX_RELAY_TOKEN", None)
         full_env.pop("CMUX_RELAY_ID", None)
+        if token_in_env:
+            full_env["CMUX_RELAY_TOKEN"] = self.token
         full_env.update(env or {})
         self.env = full_env
         limit = None if fd_limit is None else (
             lambda: resource.setrlimit(resource.RLIMIT_NOFILE, fd_limit))
-        self.proc = subprocess.Popen(daemon_command(*args), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*(wrap or ()), *daemon_command(*args)], stdin=subprocess.DEVNULL,
                                      stdout=self.stderr_file, stderr=self.stderr_file,
-                                     env=full_env, preexec_fn=limit)
+                                     env=full_env, preexec_fn=limit, cwd=cwd)
 
     def wait_ready(self) -> "ListeningDaemon":
         """Ready once the control socket answers with every worker alive."""

@@ -75,7 +75,7 @@ def status(ctx, req) -> dict:
     if ctx.daemon is None:
         # serve --stdio is one connection of its own, not a daemon with figures to report.
         raise RPCError(METHOD_NOT_FOUND, unknown_method_message(req.method))
-    return ctx.daemon.as_result()
+    return dict(ctx.daemon.as_result(), caller=ctx.caller)
 
 
 METHODS = {"hello": hello, "ping": ping, "ext.status": status}

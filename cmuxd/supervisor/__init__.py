@@ -13,10 +13,9 @@ import os
 from ..auth import AuthError, server_credentials
 from .activation import activated_listeners
 from .listeners import ListenerError, bind_tcp, bind_unix
+from .token_env import take_token_from_environment
 
 log = logging.getLogger("cmuxd.supervisor")
-
-SECRET_ENV = ("CMUX_RELAY_TOKEN",)
 
 
 def run_daemon(config) -> int:
@@ -24,11 +23,11 @@ def run_daemon(config) -> int:
     the process exit status."""
     from .daemon import Supervisor
 
-    # The token must not reach the workers, the PTY hub or the shells it starts: take it
-    # out of the environment every child inherits, and keep it for reloads only.
-    secret_env = {name: os.environ.pop(name) for name in SECRET_ENV if name in os.environ}
     listeners = []
     try:
+        # The token must not reach the workers, the PTY hub or the shells it starts, nor stay
+        # readable in our own /proc/<pid>/environ: it is kept for reloads only.
+        secret_env = take_token_from_environment()
         creds = None
         activated = activated_listeners(config.launchd_library)
         if activated is not None:

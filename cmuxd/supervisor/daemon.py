@@ -14,9 +14,10 @@ import sys
 import time
 from collections import Counter
 
-from .. import __version__
-from ..auth import AuthError, Credentials, server_credentials
-from .control import ControlServer
+from .. import __version__, devices
+from ..auth import AuthError, Credentials, parse_token, server_credentials
+from ..local_sockets import LocalSocketError, make_state_dir
+from .control import ControlError, ControlServer
 from .gate import Gate
 from .hub_keeper import HubKeeper
 from .listeners import Listener, ListenerError
@@ -26,6 +27,8 @@ from .pool import WorkerPool
 log = logging.getLogger("cmuxd.supervisor")
 
 STOP_DRAIN = 1.0  # seconds accepted connections get to finish before a stop closes them
+MAX_GRACE = 7 * 86400.0  # a rotated-out token is accepted for a week at most
+LAST_USED_WRITE_INTERVAL = 60.0  # "last used" of devices reaches the disk at most this often
 
 
 class Supervisor:
@@ -42,7 +45,17 @@ class Supervisor:
         self._hub_ticks: asyncio.Task | None = None
         self.immediate = False
         self.gate = Gate(listeners, creds, self.pool, config, self.counters)
-        self.control = ControlServer(config.control_path, self.status)
+        self.control = ControlServer(config.control_path, {
+            "status": lambda request: self.status(),
+            "rotate_token": self.rotate_token,
+            "devices_changed": lambda request: self.load_devices(),
+            "devices": lambda request: self.device_status(),
+        })
+        self.last_used: dict[str, dict] = devices.read_last_used()  # name -> {"at", "from"}
+        self._last_used_timer: asyncio.TimerHandle | None = None
+        self.gate.on_device = self._device_used
+        self.replaced_token: bytes | None = None  # the token `token rotate` last replaced
+        self.previous_until: float | None = None  # wall clock, for status
         self.stop_requested: asyncio.Event | None = None
         self.notifier = Notifier()  # sd_notify; does nothing without NOTIFY_SOCKET
 
@@ -58,11 +71,19 @@ class Supervisor:
         # The state directory holds the control and PTY hub sockets: it must be ours alone,
         # and used by no other daemon, or keystrokes could reach someone else's hub.
         try:
-            check_state_dir(self.config.state_dir)
+            make_state_dir(self.config.state_dir)
             await self.control.start()
-        except ListenerError as exc:
-            log.error("state directory %s: %s; pass another --state-dir", self.config.state_dir,
-                      exc)
+        except (LocalSocketError, ListenerError) as exc:
+            log.error("%s", exc if isinstance(exc, LocalSocketError) else
+                      f"state directory {self.config.state_dir}: {exc}; pass another --state-dir")
+            for listener in self.listeners:
+                listener.close()
+            return 1
+        try:
+            self.load_devices()
+        except AuthError as exc:
+            log.error("%s", exc)
+            self.control.close()
             for listener in self.listeners:
                 listener.close()
             return 1
@@ -119,11 +140,21 @@ class Supervisor:
             return
         try:
             if self.creds is not None:
-                self.creds = server_credentials(self.config.token_file, self.config.relay_id,
-                                                env={**os.environ, **self.secret_env})
-                self.gate.creds = self.creds
+                creds = server_credentials(self.config.token_file, self.config.relay_id,
+                                           env={**os.environ, **self.secret_env})
+                if creds.token == self.replaced_token:
+                    # A systemd credential is copied only at start: it still holds the token
+                    # `token rotate` replaced, and going back to it would undo the rotation.
+                    log.info("reload: %s still holds the token replaced by `token rotate`; "
+                             "keeping the rotated one", creds.source)
+                else:
+                    self.creds = self.gate.creds = creds
         except AuthError as exc:
             log.error("reload: keeping the old token: %s", exc)
+        try:
+            self.load_devices()
+        except AuthError as exc:
+            log.error("reload: keeping the device keys as they were: %s", exc)
         upgrade = installed != __version__
         self.pool.reload(upgrade=upgrade)
         self.hub.upgrade()
@@ -134,6 +165,74 @@ class Supervisor:
         else:
             log.info("reloaded: generation %d serves new connections", self.pool.generation)
         self.notifier.ready()
+
+    def rotate_token(self, request: dict) -> dict:
+        """`token rotate`: take the new token sent over the control socket (the token file
+        is rewritten already; under systemd the service only ever sees a snapshot of it)."""
+        if self.creds is None:
+            raise ControlError("this daemon runs without a relay token (it serves only Unix "
+                               "sockets with the peer uid check); there is nothing to rotate")
+        grace = request.get("grace")
+        if type(grace) not in (int, float) or not 0 <= grace <= MAX_GRACE:
+            raise ControlError(f"the grace period must be 0 to {MAX_GRACE:.0f} seconds")
+        text = request.get("token")
+        try:
+            token = parse_token(text if type(text) is str else "", source="the new token")
+        except AuthError as exc:
+            raise ControlError(str(exc)) from None
+        if token == self.creds.token:
+            raise ControlError("the new token is the one the daemon uses already")
+        self.replaced_token = self.creds.token
+        self.creds = Credentials(self.creds.relay_id, token,
+                                 "token from `token rotate`, relay id as before",
+                                 self.creds.path, self.creds.origin)
+        self.gate.rotate(self.creds, grace)
+        self.previous_until = time.time() + grace if grace else None
+        if grace:
+            log.info("relay token rotated; the previous one is accepted for new connections "
+                     "for %.0f s more", grace)
+        else:
+            log.info("relay token rotated; the previous one is no longer accepted")
+        return {"previous_token_until": self.previous_until}
+
+    def load_devices(self) -> dict:
+        """Read the host key and the authorized devices (at start, on reload, and when
+        `device add` or `device revoke` says they changed); the connections of a device no
+        longer authorized are closed at once."""
+        loaded = devices.load_host_devices()
+        before = set(self.gate.devices.devices) if self.gate.devices else set()
+        self.gate.devices = loaded
+        now = set(loaded.devices) if loaded else set()
+        for name in sorted(before - now):
+            log.info("device %s revoked: closing its connections", name,
+                     extra={"DEVICE": name})
+            self.pool.close_device(name)
+        if loaded is not None and not before:
+            log.info("device keys taken (host key %s, %d device(s))", loaded.host_fp,
+                     len(now))
+        return {"devices": len(now), "revoked": sorted(before - now)}
+
+    def _device_used(self, name: str, peer: str) -> None:
+        self.last_used[name] = {"at": round(time.time()), "from": peer}
+        if self._last_used_timer is None:
+            self._last_used_timer = asyncio.get_running_loop().call_later(
+                LAST_USED_WRITE_INTERVAL, self._write_last_used)
+
+    def _write_last_used(self) -> None:
+        self._last_used_timer = None
+        try:
+            devices.write_last_used(self.last_used)
+        except OSError as exc:
+            log.warning("could not record when devices were last used: %s", exc)
+
+    def device_status(self) -> dict:
+        live: Counter = Counter()
+        for worker in self.pool.workers:
+            live.update(worker.devices)
+        return {"connections": dict(live), "last_used": self.last_used}
+
+    def _previous_token_until(self) -> float | None:
+        return self.previous_until if self.gate.previous is not None else None
 
     async def shutdown(self) -> None:
         self.notifier.stopping()
@@ -146,6 +245,9 @@ class Supervisor:
         if self._hub_ticks is not None:
             self._hub_ticks.cancel()
         self.hub.stop()
+        if self._last_used_timer is not None:
+            self._last_used_timer.cancel()
+            self._write_last_used()
         self.control.close()
         self.notifier.close()
         log.info("stopped")
@@ -156,6 +258,9 @@ class Supervisor:
             "version": __version__,
             "uptime": round(time.time() - self.started, 3),
             "relay_id": self.creds.relay_id if self.creds else None,
+            "token_origin": self.creds.origin if self.creds else None,
+            "token_file": self.creds.path if self.creds else None,
+            "previous_token_until": self._previous_token_until(),
             "listeners": [
                 {"kind": l.kind, "address": l.address, "origin": l.origin} for l in self.listeners
             ],
@@ -166,23 +271,9 @@ class Supervisor:
             "pty_sessions": self.hub.sessions,
             "hub": self.hub.snapshot(),
             "handshakes_in_flight": self.gate.in_flight,
+            "devices_only": self.config.devices_only,
+            "device_connections": self.device_status()["connections"],
         }
-
-
-def check_state_dir(path: str) -> None:
-    """Refuse a state directory another user owns or can write to."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return  # created 0700 by the first socket bound in it
-    except OSError as exc:
-        raise ListenerError(exc.strerror or str(exc)) from None
-    if st.st_uid != os.geteuid():
-        raise ListenerError(f"it belongs to uid {st.st_uid}, not to this daemon's user")
-    if st.st_mode & 0o022:
-        raise ListenerError(f"others can write to it (mode {st.st_mode & 0o777:o}); "
-                            f"run chmod 700 {path}")
-
 
 PREFLIGHT_TIMEOUT = 30.0
 

@@ -127,6 +127,14 @@ class Gate:
         self._deadline: asyncio.TimerHandle | None = None  # for the oldest entry of `pending`
         self.failing: dict[int, _Pending] = {}  # fd -> refused, waiting out FAILURE_DELAY
         self.next_id = 0
+        # A token replaced by `token rotate`, accepted for new handshakes until `previous_until`
+        # (loop time): devices not yet given the new one keep connecting meanwhile.
+        self.previous: bytes | None = None
+        self.previous_until = 0.0
+        self._previous_timer: asyncio.TimerHandle | None = None
+        self.devices = None  # devices.HostDevices: device keys are taken when it is set
+        self.on_device = lambda name, peer: None  # an authorized device got through
+        self._device_failures: Counter = Counter()  # fingerprint of an authorized key -> n
         self._refusals: Counter = Counter()
         self._refusal_logger: asyncio.TimerHandle | None = None
         self.uid = os.geteuid()
@@ -143,6 +151,25 @@ class Gate:
                 # Linux copies these to every accepted socket: set once, not per connection.
                 _tune_tcp(listener.sock)
             loop.add_reader(listener.sock.fileno(), self._accept, listener)
+
+    def rotate(self, creds: Credentials, grace: float) -> None:
+        """Use `creds` for every new handshake from now on; the token they replace is still
+        accepted for `grace` seconds (not at all for 0). Connections already authenticated
+        are not touched: a token is checked once, at the handshake."""
+        loop = asyncio.get_running_loop()
+        if self._previous_timer is not None:
+            self._previous_timer.cancel()
+            self._previous_timer = None
+        old, self.creds = self.creds, creds
+        self.previous = old.token if grace > 0 and old is not None else None
+        self.previous_until = loop.time() + grace if self.previous else 0.0
+        if self.previous:
+            self._previous_timer = loop.call_at(self.previous_until, self._previous_expired)
+
+    def _previous_expired(self) -> None:
+        self._previous_timer = None
+        self.previous = None
+        log.info("the previous relay token is no longer accepted")
 
     def stop(self) -> None:
         self.stop_accepting()
@@ -267,7 +294,13 @@ class Gate:
             return
         loop = asyncio.get_running_loop()
         self.in_flight += 1
-        hs = ServerHandshake(self.creds.token, self.creds.relay_id)
+        devices = self.devices
+        hs = ServerHandshake(
+            self.creds.token, self.creds.relay_id, previous=self.previous,
+            devices=devices.keys if devices else None,
+            host_key=devices.host_key if devices else None,
+            host_fp=devices.host_fp if devices else "",
+            token_allowed=host is None or not self.config.devices_only)
         pending = _Pending(conn, hs, peer, host, source, loop.time())
         try:
             conn.send(hs.challenge())
@@ -336,8 +369,10 @@ class Gate:
         self.counters["authenticated"] += 1
         if pending.host is not None:
             self.backoff.success(pending.source)
+        if hs.device is not None:
+            self.on_device(hs.device, pending.peer)
         self._hand_off(conn, "unix" if pending.host is None else "tcp", pending.peer,
-                       hs.leftover)
+                       hs.leftover, hs.device)
 
     def _settle(self, pending: "_Pending") -> None:
         """The handshake is decided: stop watching the socket (and a refusal's delay)."""
@@ -356,6 +391,10 @@ class Gate:
         self._settle(pending)
         if pending.host is not None and reason != "capacity":  # our limit, not the peer's
             self.backoff.failure(pending.source, time.monotonic())
+        if pending.hs.device_fp is not None:
+            # Only authorized keys have a fingerprint here: a bounded set, never a name an
+            # attacker made up.
+            self._device_failures[pending.hs.device_fp] += 1
         self._refuse(reason)
         loop = asyncio.get_running_loop()
         pending.timer = loop.call_at(pending.started + FAILURE_DELAY, self._send_failure,
@@ -367,10 +406,11 @@ class Gate:
         self.in_flight -= 1
         _send_and_close(pending.conn, pending.hs.reply)
 
-    def _hand_off(self, conn: socket.socket, kind: str, peer: str, leftover: bytes) -> None:
+    def _hand_off(self, conn: socket.socket, kind: str, peer: str, leftover: bytes,
+                  device: str | None = None) -> None:
         self.next_id += 1
         try:
-            self.pool.dispatch(conn, kind, peer, leftover, self.next_id)
+            self.pool.dispatch(conn, kind, peer, leftover, self.next_id, device)
         except NoWorkerError as exc:
             log.warning("could not hand a connection to a worker: %s", exc)
             self._refuse("no_worker")
@@ -395,9 +435,13 @@ class Gate:
         self._refusal_logger = None
         total = sum(self._refusals.values())
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(self._refusals.items()))
+        if self._device_failures:
+            detail += "; failed device keys: " + ", ".join(
+                f"{fp}: {n}" for fp, n in sorted(self._device_failures.items()))
         log.warning("refused %d connection(s) in the last %.0f s (%s)", total,
                     REFUSAL_LOG_INTERVAL, detail)
         self._refusals.clear()
+        self._device_failures.clear()
 
 
 def _tune_tcp(conn: socket.socket) -> None:

@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -27,7 +26,8 @@ import orjson
 from .. import __version__
 from ..hub_link import LINK_VERSION, hub_socket_path
 from ..link_channel import MessageChannel
-from ..peercred import peer_uid
+from .pool import CHILD_CWD, child_command, respawn_delay
+from ..local_sockets import LocalSocketError, check_server, check_state_dir
 
 log = logging.getLogger("cmuxd.supervisor")
 
@@ -53,6 +53,10 @@ class HubKeeper:
         self.last_pong = 0.0
         self.lost_at: float | None = time.monotonic()
         self.stopping = False
+        self.spawned_at = 0.0
+        self.streak = 0
+        """Quick deaths in a row of hubs we started: each doubles the wait for the next."""
+        self.respawn_at = 0.0
         self._connecting: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -80,12 +84,12 @@ class HubKeeper:
         log.error("the PTY hub did not start; PTY sessions are unavailable (see above)")
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-P", "-m", "cmuxd.hub_process",
-               "--config", orjson.dumps(self.config.worker_json()).decode()]
+        cmd = child_command("cmuxd.hub_process",
+                            "--config", orjson.dumps(self.config.worker_json()).decode())
         # Its own session: a stop of this daemon (or of its process group) leaves it running.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
-                                     start_new_session=True, cwd="/")
-        self.lost_at = time.monotonic()
+                                     start_new_session=True, cwd=CHILD_CWD)
+        self.lost_at = self.spawned_at = time.monotonic()
         log.info("PTY hub started (pid %d)", self.proc.pid)
 
     async def _connect(self) -> bool:
@@ -95,19 +99,19 @@ class HubKeeper:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
+            check_state_dir(self.path.parent)
             await asyncio.wait_for(loop.sock_connect(sock, str(self.path)), 2.0)
-            uid = peer_uid(sock)
-            if uid != os.getuid():
-                log.error("the PTY hub socket %s is served by uid %d, not by this daemon's "
-                          "user; not using it", self.path, uid)
-                sock.close()
-                return False
+            check_server(sock, self.path)
+        except LocalSocketError as exc:
+            log.error("not using the PTY hub: %s", exc)
+            sock.close()
+            return False
         except (OSError, TimeoutError):
             sock.close()
             return False
         hello: asyncio.Future = loop.create_future()
 
-        def on_message(msg: dict, fds: list[int]) -> None:
+        def on_message(msg: dict, fds: list[int], payload) -> None:
             for fd in fds:
                 os.close(fd)
             if not hello.done():
@@ -157,6 +161,9 @@ class HubKeeper:
         if self.proc is not None and self.proc.poll() is not None:
             log.error("the PTY hub (pid %d) exited with status %s; its sessions are lost",
                       self.proc.pid, self.proc.returncode)
+            quick = now - self.spawned_at < 5
+            self.streak = self.streak + 1 if quick else 0
+            self.respawn_at = now + respawn_delay(self.streak)
             self.proc = None
             self.counters["hub_restarts"] += 1
             self.sessions = 0
@@ -197,7 +204,8 @@ class HubKeeper:
             asyncio.get_running_loop().call_later(1.0, _signal, self.proc.pid, signal.SIGKILL)
             self.lost_at = time.monotonic()
             return
-        if not self.adopt_only and not hub_alive and gone_for > 1.0 and not self.stopping:
+        if (not self.adopt_only and not hub_alive and gone_for > 1.0 and not self.stopping
+                and time.monotonic() >= self.respawn_at):
             self.sessions = 0
             self._spawn()
             self.lost_at = time.monotonic()

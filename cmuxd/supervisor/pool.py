@@ -41,6 +41,18 @@ FDS_PER_SEND = 64
 (cmuxd.worker.MAX_FDS_PER_READ); fds past that would be lost with MSG_CTRUNC."""
 
 
+CHILD_CWD = "/"
+"""Children run from the root directory, never from wherever the daemon was started."""
+
+
+def child_command(module: str, *args: str) -> list[str]:
+    """`python -P -m module`: -P keeps the current directory off sys.path, so a module
+    planted where the daemon was started (or a stale checkout there) is never imported.
+    Not -I, which would also drop user site-packages and the PYTHON* variables that some
+    installations need."""
+    return [sys.executable, "-P", "-m", module, *args]
+
+
 class Worker:
     def __init__(self, index: int, generation: int):
         self.index = index
@@ -62,6 +74,7 @@ class Worker:
         self.version = ""  # the code it runs, as it reported
         self.ping_seq = 0
         self.serve_limit = 0
+        self.devices: dict[str, int] = {}  # device name -> open connections, as last reported
 
     @property
     def pid(self) -> int:
@@ -113,15 +126,16 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         worker = Worker(index, self.generation)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        cmd = [
-            sys.executable, "-P", "-m", "cmuxd.worker",
+        cmd = child_command(
+            "cmuxd.worker",
             "--channel-fd", str(theirs.fileno()),
             "--index", str(index),
             "--config", orjson.dumps(dict(self.config.worker_json(),
                                           daemon=self.figures())).decode(),
-        ]
+        )
         worker.proc = subprocess.Popen(
-            cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, cwd="/"
+            cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
+            cwd=CHILD_CWD,
         )
         theirs.close()
         try:
@@ -209,11 +223,16 @@ class WorkerPool:
     # dispatch
 
     def dispatch(self, conn: socket.socket, kind: str, peer: str, leftover: bytes,
-                 conn_id: int) -> Worker:
+                 conn_id: int, device: str | None = None) -> Worker:
         """Hand the connection to the least-loaded serving worker; a worker found dead on the
         way is skipped, so a crash never costs a connection that was not yet its own."""
-        return self._dispatch(conn_id, encode_handoff(conn_id, kind, peer, leftover),
+        return self._dispatch(conn_id, encode_handoff(conn_id, kind, peer, leftover, device),
                               conn.fileno())
+
+    def close_device(self, name: str) -> None:
+        """A revoked device: every worker closes the connections it authenticated."""
+        for worker in self.workers:
+            self._queue(worker, encode_control("close_device", device=name), None)
 
     def _dispatch(self, conn_id: int, data: bytes, fd: int) -> Worker:
         """Until the worker confirms it took the fd, we keep a copy: if it dies first (also
@@ -350,6 +369,8 @@ class WorkerPool:
             closed = report.get("closed")
             if closed:
                 worker.load = max(0, worker.load - closed)
+            if "devices" in report:
+                worker.devices = report["devices"]
         return True
 
     def _drop_channel(self, worker: Worker) -> None:

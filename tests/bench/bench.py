@@ -1,7 +1,7 @@
 """Benchmarks of cmuxd-remote: scripts that print figures, never timed assertions.
 
     scripts/bench                       # every section (about a minute)
-    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty, flood (comma separated)
+    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty, flood, frames (comma separated)
     scripts/bench --only stdio --runs 15 --pings 50000
     scripts/bench --only ssh --connects 50
     scripts/bench --only tcp --auth-client python
@@ -36,6 +36,9 @@ Sections
   daemon CPU per keystroke is summed over the supervisor, workers and PTY hub. Then the
   output throughput of `cat` of a 64 MiB file to one attachment, through cmuxd, the Python
   reference and the C relay, and read by a bare `os.read` loop from the PTY itself.
+* frames: the ping round trip of one connection to a one-worker daemon, alone and while
+  another connection (a child process) streams 1 MiB writes of LFs, then of invalid frames,
+  as fast as it can.
 
 * flood: the auth latency of good clients (connect + handshake, one after another) without
   an attack, then while one source (loopback) holds 1,000 idle pre-auth connections and
@@ -1334,6 +1337,67 @@ def _met(ok: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# section: frames (one client streaming junk, another pinging on the same worker)
+
+FLOODS = {"LFs": b"\n" * (1 << 20), "invalid frames": b"{x}\n" * (1 << 18)}
+
+
+@contextmanager
+def flooding(sock: socket.socket, chunk: bytes) -> Iterator[None]:
+    """A child process writes `chunk` on the authenticated `sock` as fast as it goes and
+    reads whatever comes back, until the block ends. A process of its own, so that it shares
+    no interpreter lock with the pings measured meanwhile."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            threading.Thread(target=_discard_replies, args=(sock,), daemon=True).start()
+            while True:
+                sock.sendall(chunk)
+        finally:
+            os._exit(0)
+    try:
+        time.sleep(0.2)  # the flood is under way
+        yield
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _discard_replies(sock: socket.socket) -> None:
+    while sock.recv(1 << 20):
+        pass
+
+
+def frames_section(args, procs: Processes, results: dict) -> None:
+    """Ping round trips on a one-worker daemon, alone and while another connection streams
+    1 MiB writes of LFs or of invalid frames as fast as it can."""
+    print(f"frames: {args.frames_pings:,} sequential pings on a one-worker daemon, alone and "
+          "while another connection streams junk")
+    with section_dir(procs, "frames") as tmp:
+        target = start_tcp_daemon(Path(tmp), procs, args, ("--workers", "1"))  # the last wins
+        rows = [("no flood", *_ping_percentiles(target, args.frames_pings, results, "none"))]
+        for name, chunk in FLOODS.items():
+            flood_sock, _ = target.connect()
+            with flooding(flood_sock, chunk):
+                rows.append((f"while a client streams {name}",
+                             *_ping_percentiles(target, args.frames_pings, results, name)))
+            flood_sock.close()
+    table([(label, ms(p50), ms(p99)) for label, p50, p99 in rows], ("", "p50", "p99"))
+    rise = max(results[f"frames_p99_{name}"] for name in FLOODS) - results["frames_p99_none"]
+    results["frames_p99_rise"] = rise
+    print(f"  goal: a flood raises another client's ping p99 by under 10 ms: {_met(rise < 0.01)} "
+          f"({ms(rise)})")
+
+
+def _ping_percentiles(target: TCPTarget, count: int, results: dict, name: str
+                      ) -> tuple[float, float]:
+    rtts = _ping_rtts(target, count)
+    results[f"frames_p50_{name}"], results[f"frames_p99_{name}"] = pct(rtts, 50), pct(rtts, 99)
+    return pct(rtts, 50), pct(rtts, 99)
+
+
+# ---------------------------------------------------------------------------------------------
 # section: pty (keystroke echo and output throughput of a PTY session)
 
 ECHO_COMMAND = "stty raw -echo && printf READY && exec cat"
@@ -1860,7 +1924,8 @@ def summary(r: dict) -> None:
 
 
 SECTIONS = {"stdio": stdio_section, "ssh": ssh_section, "tcp": tcp_section,
-            "idle": idle_section, "pty": pty_section, "flood": flood_section}
+            "idle": idle_section, "pty": pty_section, "flood": flood_section,
+            "frames": frames_section}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1912,6 +1977,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="idle pre-auth connections the attacker holds (default: %(default)s)")
     flood.add_argument("--flood-clients", type=int, default=100,
                        help="good clients timed per path and phase (default: %(default)s)")
+    frames = p.add_argument_group("frames")
+    frames.add_argument("--frames-pings", type=int, default=2000,
+                        help="sequential pings per figure (default: %(default)s)")
     pty = p.add_argument_group("pty")
     pty.add_argument("--keystrokes", type=int, default=5000,
                      help="keystrokes per echo figure (default: %(default)s)")

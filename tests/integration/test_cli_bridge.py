@@ -17,7 +17,7 @@ import orjson
 import psutil
 import pytest
 
-from cmuxd.client import MSG_NOT_THE_APP
+from cmuxd.attach import MSG_NOT_THE_APP
 
 from helpers import DEFAULT_TIMEOUT, wait_for
 from terminal import Terminal

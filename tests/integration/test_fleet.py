@@ -81,7 +81,8 @@ def test_ext_status_tells_a_remote_client_uptime_workers_connections(spawn_liste
     hello = first.call("hello", id=1)["result"]
     assert "ext.status" in hello["capabilities"]
     figures = first.call("ext.status", id=2)["result"]
-    assert set(figures) == {"uptime", "workers", "connections"}
+    assert set(figures) == {"uptime", "workers", "connections", "caller"}
+    assert figures["caller"] == "shared token"
     assert figures["workers"] == 2 and figures["uptime"] >= 0
     assert figures["connections"] >= 1  # the asking connection counts itself
     others = [d.authed() for _ in range(3)]

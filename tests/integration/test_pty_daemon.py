@@ -74,6 +74,31 @@ def test_session_shared_across_workers_and_survives_a_worker_crash():
         d.close()
 
 
+def test_killing_the_worker_reading_a_session_again_and_again_never_locks_it():
+    """A lone attachment's worker holds the session's read lease; each time it is killed the
+    hub reads again, and the next attach (from another worker) gets in and sees output."""
+    d = ListeningDaemon(workers=2).wait_ready()
+    try:
+        s = d.authed()
+        assert s.call("pty.attach", dict(ident("a", "t0"), cols=80, rows=24,
+                                         command="exec /bin/sh"))["ok"]
+        for round in range(1, 4):
+            wait_for(lambda: all(w["alive"] for w in d.status()["workers"]), timeout=10)
+            reader = on_worker(d, s)
+            os.kill(reader, signal.SIGKILL)
+            wait_for(lambda: reader not in {w["pid"] for w in d.status()["workers"]}, timeout=10)
+            s = d.authed()
+            r = s.call("pty.attach", dict(ident("a", f"t{round}"), cols=80, rows=24,
+                                          require_existing=True))
+            assert r["ok"], r
+            s.send({"method": "pty.write", "params": dict(
+                ident("a", f"t{round}"), data_base64=base64.b64encode(
+                    f"echo round-$((0+{round}))\n".encode()).decode())})
+            assert f"round-{round}".encode() in collect(s, f"round-{round}\r\n".encode())
+    finally:
+        d.close()
+
+
 def test_sessions_outlive_a_stop_and_the_next_daemon_adopts_them():
     """A stop (or restart) of the daemon leaves its PTY sessions running: the next daemon on
     the same state directory adopts the hub, and a reattach replays; `hub stop` ends them."""
@@ -337,4 +362,47 @@ def test_failed_notifications_become_pty_error_events_across_the_link():
         assert exit_["event"] == "pty.exit" and exit_["attachment_token"] == "tok"
         assert s.call("pty.list")["result"]["sessions"][0]["attachments"] == []
     finally:
+        d.close()
+
+
+def test_a_hub_run_by_its_own_unit_outlives_its_daemons_until_stopped():
+    """`hub run` (the cmuxd-hub unit) does not end when it is alone, as a hub a daemon started
+    does: an `--external-hub` daemon never starts another, so a hub that left during a slow
+    restart would leave the next daemon without PTY sessions for good."""
+    from cmuxd.hub_process import ALONE_GRACE
+    from cmuxd.status import query_status
+    from helpers import daemon_command
+
+    d = ListeningDaemon("--external-hub", workers=1).wait_ready()
+    hub = subprocess.Popen(daemon_command("hub", "run", "--state-dir", str(d.state_dir)),
+                           stdin=subprocess.DEVNULL, env=d.env)
+    again = None
+    try:
+        wait_for(lambda: d.status()["hub"]["connected"], timeout=15,
+                 message="the daemon to adopt the hub")
+        assert d.status()["hub"]["pid"] == hub.pid
+        assert d.stop() == 0
+        time.sleep(ALONE_GRACE + 1.5)
+        assert hub.poll() is None, "the hub ended when its daemon went away"
+        again = subprocess.Popen(d.proc.args, stdin=subprocess.DEVNULL, env=d.env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        control = d.state_dir / "control.sock"
+        wait_for(lambda: control.exists() and
+                 query_status(control)["hub"]["pid"] == hub.pid, timeout=15,
+                 message="the next daemon to adopt the same hub")
+        s = d.authed()
+        assert s.call("pty.attach", dict(ident("a", "t"), cols=80, rows=24,
+                                         command="echo pid=$$; exec cat"), timeout=15)["ok"]
+        pid = int(collect(s, b"pid=").split(b"pid=")[1].split()[0])
+        assert psutil.Process(pid).ppid() == hub.pid
+        assert not [p for p in psutil.Process(again.pid).children(recursive=True)
+                    if "cmuxd.hub_process" in " ".join(p.cmdline())]
+        ended = d.cli("hub", "stop", "--state-dir", str(d.state_dir))
+        assert ended.returncode == 0, ended.stderr
+        assert hub.wait(15) == 0
+        assert s.next_event("pty.exit", timeout=10)["attachment_id"] == "a"
+    finally:
+        if again is not None:
+            stop_process(again)
+        stop_process(hub)
         d.close()

@@ -42,6 +42,7 @@ TAILNET_ADDRESS = "192.0.2.1"  # TEST-NET-1: never a real host's; FreeBind lets 
 TEST_USER = "cmuxd-test"
 USER_RUNTIME = "/run/cmuxd-test-user"
 PR_SET_PDEATHSIG = 1
+HOST_ID = os.uname().nodename.split(".")[0]  # the relay id of a daemon given none
 
 
 def unshare_refusal() -> str | None:
@@ -84,6 +85,7 @@ class BootedSystemd:
         self.unit_dir.mkdir()
         self.token_file = self.work / "relay-token"
         self.token = write_token_file(self.token_file)
+        self.relay_id = RELAY_ID
         self.port = free_port()
         self.log_file = open(self.work / "boot.log", "w+b")
         self.unshare: subprocess.Popen | None = None
@@ -225,8 +227,9 @@ class BootedSystemd:
     # clients
 
     def authed(self, port: int | None = None, token: str | None = None,
-               relay_id: str = RELAY_ID) -> FrameStream:
+               relay_id: str | None = None) -> FrameStream:
         token = token or self.token
+        relay_id = relay_id or self.relay_id
         sock = socket.create_connection(("127.0.0.1", port or self.port), timeout=10)
         sock.settimeout(10)
         challenge = json.loads(read_line(sock))
@@ -362,22 +365,87 @@ def test_a_new_token_takes_a_restart_under_the_unit(systemd):
         systemd.authed(token=old)
 
 
-def test_a_pty_shell_works_inside_the_sandbox(systemd):
-    """The hardening must leave the daemon's real job working: a shell on a PTY, with its
-    own private /tmp (PrivateTmp=)."""
+def test_token_rotate_reaches_the_service_without_a_restart(systemd):
+    """`token rotate` under the --system unit: the credential is a snapshot taken at start,
+    so the new token reaches the running service over its control socket; no restart, the
+    old token works for the grace period only, and a reload does not bring it back."""
+    ping_ok(systemd.authed())
+    wait_serving(systemd)
+    main_pid = systemd.main_pid()
+    old = systemd.token
+    opened = systemd.authed(token=old)
+    rotated = systemd.nsenter(*units.installed_command(), "token", "rotate",
+                              str(systemd.token_file), "--grace", "3", "--state-dir",
+                              "/run/cmuxd", check=True)
+    assert "the daemon uses the new one now" in rotated.stdout
+    new = systemd.path(str(systemd.token_file)).read_text().strip()
+    assert new != old
+    assert systemd.path(str(systemd.token_file)).stat().st_mode & 0o777 == 0o600
+    ping_ok(systemd.authed(token=new))
+    ping_ok(systemd.authed(token=old))  # within the grace period
+    assert systemd.control_status()["previous_token_until"] is not None
+
+    def old_refused():
+        try:
+            systemd.authed(token=old).close()
+            return False
+        except AssertionError:
+            return True
+    wait_for(old_refused, timeout=15, interval=0.2, message="the old token's grace to end")
+    systemd.token = new
+    generation = systemd.control_status()["generation"]
+    systemd.systemctl("reload", "cmuxd.service")
+    wait_for(lambda: systemd.control_status()["generation"] == generation + 1, timeout=15,
+             message="the new worker generation")
+    ping_ok(systemd.authed())
+    assert old_refused()
+    assert systemd.main_pid() == main_pid
+    ping_ok(opened, id=7)  # authenticated with the old token before the rotation
+    opened.close()
+    journal = systemd.journal()
+    assert "relay token rotated" in journal and "keeping the rotated one" in journal
+    assert old not in journal and new not in journal
+
+
+def test_a_pty_shell_runs_in_the_hub_unit_outside_the_daemons_sandbox(systemd):
+    """cmuxd.service has a private /tmp; the shells, children of cmuxd-hub.service, see the
+    host's."""
     wait_serving(systemd)
     stream = systemd.authed()
-    ident = {"session_id": "sandbox", "attachment_id": "a1", "client_attachment_token": "t"}
-    stream.send({"id": 1, "method": "pty.attach", "params": {
-        **ident, "cols": 80, "rows": 24,
-        "command": "echo uid=$(id -u); echo hi > /tmp/cmuxd-probe && echo tmp=ok"}})
-    out = b""
-    while b"tmp=ok" not in out:
-        out += base64.b64decode(stream.next_event("pty.data", timeout=15)["data_base64"])
-    assert stream.next_response()["result"]["attached"] is True
-    assert b"uid=0" in out
-    assert not systemd.path("/tmp/cmuxd-probe").exists()  # the service's /tmp is its own
+    out = pty_output(stream, "sandbox",
+                     "echo shell=$$; echo hi > /tmp/cmuxd-probe && echo tmp=ok; exec sleep 60",
+                     until=b"tmp=ok")
+    assert systemd.path("/tmp/cmuxd-probe").read_text() == "hi\n"
+    shell = int(out.split(b"shell=")[1].split()[0])
+    assert unit_of(systemd, shell) == "cmuxd-hub.service"
     stream.close()
+
+
+def pty_output(stream: FrameStream, session: str, command: str | None, until: bytes,
+               timeout: float = 15, **params) -> bytes:
+    """Attach to `session` (starting it with `command`) and read its output until `until`."""
+    ident = {"session_id": session, "attachment_id": secrets.token_hex(4),
+             "client_attachment_token": "t"}
+    if command is not None:
+        params["command"] = command
+    stream.send({"id": 1, "method": "pty.attach",
+                 "params": {**ident, "cols": 80, "rows": 24, **params}})
+    out = b""
+    while until not in out:
+        event = stream.next_event(timeout=timeout)
+        if event["event"] == "pty.exit":
+            raise AssertionError(f"the session ended: {event}; output {out[-500:]!r}")
+        if event["event"] == "pty.data":
+            out += base64.b64decode(event["data_base64"])
+    response = stream.next_response()
+    assert response.get("ok"), response
+    return out
+
+
+def unit_of(systemd: BootedSystemd, pid: int) -> str:
+    """The unit whose cgroup holds a process (pid as seen inside the boot)."""
+    cgroup = systemd.path(f"/proc/{pid}/cgroup").read_text()
+    return cgroup.strip().splitlines()[-1].rsplit("/", 1)[-1]
 
 
 class ConnectLoop(threading.Thread):
@@ -437,7 +505,10 @@ def test_stop_exits_promptly_and_leaves_no_process(systemd):
     assert stopper.returncode == 0
     assert systemd.show("ActiveState") == "inactive"
     assert systemd.show("Result") == "success"
-    assert systemd.cmuxd_processes() == []
+    left = [p.pid for p in systemd.cmuxd_processes()
+            if "/cmuxd.service" in Path(f"/proc/{p.pid}/cgroup").read_text()]
+    assert left == []
+    assert systemd.show("ActiveState", "cmuxd-hub.service") == "active"  # the sessions' owner
     assert stream.at_eof()
     stream.close()
     # The socket stays: the next connection starts the service again.
@@ -540,7 +611,7 @@ def test_units_install_system_as_another_user(systemd):
     """`units install --systemd --system --as USER`, run inside the boot (its /etc is the
     overlay's): the service runs as USER with a token file only root can read."""
     uid, _ = unprivileged_account(systemd)
-    systemd.systemctl("stop", "cmuxd.service", "cmuxd.socket")
+    systemd.systemctl("stop", "cmuxd.service", "cmuxd.socket", "cmuxd-hub.service")
     port = free_port()
     command = units.installed_command()
     installed = systemd.nsenter(*command, "units", "install", "--systemd", "--system", "--as",
@@ -560,8 +631,7 @@ def test_units_install_system_as_another_user(systemd):
     wait_for(lambda: systemd.show("SubState") == "running"
              and "0 connections" in systemd.show("StatusText"), timeout=30, interval=0.1,
              message="the enabled service to run with no connection yet")
-    stream = systemd.authed(port=port, token=token_file.read_text().strip(),
-                            relay_id=os.uname().nodename.split(".")[0])
+    stream = systemd.authed(port=port, token=token_file.read_text().strip(), relay_id=HOST_ID)
     ping_ok(stream)
     wait_for(lambda: "1 connection, " in systemd.show("StatusText"), timeout=15, interval=0.1,
              message="the service to count the connection")
@@ -575,3 +645,116 @@ def test_units_install_system_as_another_user(systemd):
     unix.close()
     stream.close()
     assert "token from systemd credential" in systemd.journal()
+    systemd.port, systemd.token, systemd.relay_id = port, token_file.read_text().strip(), HOST_ID
+
+
+
+def wait_active(systemd: BootedSystemd, unit: str = "cmuxd.service") -> None:
+    wait_for(lambda: systemd.show("SubState", unit) == "running", timeout=30, interval=0.05,
+             message=f"{unit} to run")
+
+
+def test_a_shell_under_the_system_units_is_like_an_ssh_login_of_its_user(systemd):
+    """Run by the units `install --system --as` wrote (the test before): home writable, the
+    host's /tmp, sudo for a user allowed it, the user's other processes in ps."""
+    uid, as_user = unprivileged_account(systemd)
+    wait_active(systemd)
+    sudoers = systemd.path(f"/etc/sudoers.d/{TEST_USER}")
+    sudoers.write_text(f"{TEST_USER} ALL=(ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
+    outside = f"/tmp/cmuxd-outside-{secrets.token_hex(4)}"
+    systemd.path(outside).write_text("made outside\n")
+    systemd.path(outside).chmod(0o644)
+    other = subprocess.Popen(["nsenter", "-t", str(systemd.pid1), "-m", "-p", "-r", *as_user,
+                              "sh", "-c", "echo $$; exec sleep 300"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        other_pid = int(other.stdout.readline())
+        stream = systemd.authed()
+        out = pty_output(stream, "login", (
+            "echo uid=$(id -u) home=$HOME; touch ~/cmuxd-probe && echo home=writable; "
+            f"cat {outside}; echo made inside > /tmp/cmuxd-inside; "
+            "sudo -n true && echo sudo=works; "
+            "echo ps=$(ps -o pid= -u " + TEST_USER + " | tr -s ' \\n' ,); echo end=1"),
+            until=b"end=1").decode(errors="replace")
+        stream.close()
+    finally:
+        other.kill()
+        other.wait()
+    assert f"uid={uid} home=/home/{TEST_USER}" in out
+    assert "home=writable" in out
+    assert systemd.path(f"/home/{TEST_USER}/cmuxd-probe").stat().st_uid == uid
+    assert "made outside" in out
+    assert systemd.path("/tmp/cmuxd-inside").read_text() == "made inside\n"
+    assert "sudo=works" in out, out
+    ps = out.split("ps=", 1)[1].split()[0]
+    assert str(other_pid) in ps.split(","), out
+
+
+def ticks(output: bytes) -> list[int]:
+    return [int(line.split()[1]) for line in output.decode(errors="replace").splitlines()
+            if line.startswith("tick ") and len(line.split()) == 2 and line.split()[1].isdigit()]
+
+
+def test_restarts_and_reloads_keep_a_running_session_and_replay_it_whole(systemd):
+    wait_active(systemd)
+    hub_pid = int(systemd.show("MainPID", "cmuxd-hub.service"))
+    stream = systemd.authed()
+    counter = "echo pid=$$; while :; do echo tick $((i+=1)); sleep 0.2; done"
+    out = pty_output(stream, "counter", counter, until=b"tick 3\r\n")
+    pid = int(out.split(b"pid=")[1].split()[0])
+    assert unit_of(systemd, pid) == "cmuxd-hub.service"
+    stream.close()
+    seen = ticks(out)[-1]
+
+    def reattach() -> bytes:
+        """The whole ring again, up to a tick printed after this call."""
+        stream = systemd.authed()
+        try:
+            return pty_output(stream, "counter", None, until=f"tick {seen + 5}\r\n".encode(),
+                              require_existing=True)
+        finally:
+            stream.close()
+
+    def check(replay: bytes) -> int:
+        assert replay.startswith(b"pid=%d" % pid), replay[:100]
+        numbers = ticks(replay)
+        assert numbers[:1] == [1] and numbers == list(range(1, len(numbers) + 1)), numbers
+        return numbers[-1]
+
+    for _ in range(RESTARTS):
+        old = systemd.main_pid()
+        systemd.systemctl("restart", "cmuxd.service")
+        wait_for(lambda: systemd.main_pid() not in (0, old), timeout=30,
+                 message="a new main process")
+        wait_active(systemd)
+        replay = wait_for(lambda: _or_none(reattach), timeout=30,
+                          message="the new daemon to adopt the hub")
+        seen = check(replay)
+    assert int(systemd.show("MainPID", "cmuxd-hub.service")) == hub_pid
+
+    systemd.systemctl("reload", "cmuxd.service")
+    wait_for(lambda: "upgraded in place" in systemd.journal("cmuxd-hub.service"), timeout=30,
+             message="the hub to upgrade in place")
+    wait_for(lambda: systemd.show("SubState", "cmuxd-hub.service") == "running", timeout=30)
+    replay = wait_for(lambda: _or_none(reattach), timeout=30, message="a reattach after reload")
+    seen = check(replay)
+    assert int(systemd.show("MainPID", "cmuxd-hub.service")) == hub_pid
+    assert systemd.path(f"/proc/{pid}").exists()
+
+    stream = systemd.authed()
+    pty_output(stream, "counter", None, until=f"tick {seen + 2}\r\n".encode(),
+               require_existing=True)
+    systemd.systemctl("stop", "cmuxd-hub.service")
+    assert stream.next_event("pty.exit", timeout=15)
+    stream.close()
+    assert not systemd.path(f"/proc/{pid}").exists()
+    assert systemd.show("ActiveState", "cmuxd-hub.service") == "inactive"
+    assert systemd.show("ActiveState") == "active"  # the daemon goes on, without sessions
+
+
+def _or_none(attempt):
+    try:
+        return attempt()
+    except (AssertionError, OSError, TimeoutError):
+        return None

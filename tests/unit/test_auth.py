@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import hmac
+import json
 import os
 import re
 import stat
@@ -938,3 +939,48 @@ def test_auth_py_imports_no_io_module():
     forbidden = {"socket", "asyncio", "selectors", "subprocess", "multiprocessing", "threading",
                  "ssl", "signal"}
     assert not imported & forbidden
+
+
+def test_rotate_token_file_keeps_the_json_form_and_relay_id(tmp_path):
+    from cmuxd.auth import rotate_token_file
+
+    path = tmp_path / "relay-token"
+    path.write_text(json.dumps({"relay_id": "fleet", "relay_token": "ab" * 32}))
+    path.chmod(0o600)
+    token = rotate_token_file(path)
+    assert json.loads(path.read_text()) == {"relay_id": "fleet", "relay_token": token.hex()}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["relay-token"]  # no temporary left
+
+
+def test_rotate_token_file_keeps_a_hex_line_and_its_owner(tmp_path):
+    from cmuxd.auth import rotate_token_file
+
+    path = tmp_path / "relay-token"
+    path.write_text("cd" * 32 + "\n")
+    path.chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(path, 0, 65534)  # a group of its own: kept, like the owner
+    token = rotate_token_file(path)
+    assert path.read_text() == token.hex() + "\n"
+    st = os.stat(path)
+    assert st.st_mode & 0o777 == 0o600
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (0, 65534)
+
+
+@pytest.mark.parametrize("content, mode, message", [
+    ("cd" * 32, 0o640, "chmod 600"),
+    ("not a token", 0o600, "not a hex string"),
+    (None, 0o600, "does not exist"),
+])
+def test_rotate_token_file_refuses_what_token_new_would(tmp_path, content, mode, message):
+    from cmuxd.auth import AuthError, rotate_token_file
+
+    path = tmp_path / "relay-token"
+    if content is not None:
+        path.write_text(content)
+        path.chmod(mode)
+    with pytest.raises(AuthError, match=message):
+        rotate_token_file(path)
+    assert content is None or path.read_text() == content

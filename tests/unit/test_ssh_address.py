@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cmuxd.client import EXIT_USAGE, Address, ClientError, exit_code_of, parse_address
+from cmuxd.attach import exit_code_of
+from cmuxd.client import EXIT_USAGE, Address, ClientError, parse_address
 from cmuxd.ssh_transport import ssh_argv
 
 

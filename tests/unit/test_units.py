@@ -129,6 +129,7 @@ def test_service_unit_essentials():
     exec_start = next(line for line in service if line.startswith("ExecStart="))
     assert exec_start.split("=", 1)[1].split()[0] == units.installed_command()[0]
     assert os.path.isabs(units.installed_command()[0])
+    assert exec_start.endswith(" serve --state-dir=%t/cmuxd --external-hub")
     for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
                  f"WatchdogSec={units.WATCHDOG_SEC}s", "Requires=cmuxd.socket",
                  "LoadCredential=relay-token:/etc/cmuxd/relay-token", "NoNewPrivileges=yes",
@@ -139,20 +140,24 @@ def test_service_unit_essentials():
 def test_user_units_need_no_namespaces_and_system_units_carry_them():
     user = lines(render("user")["cmuxd.service"])
     system = lines(render("system", user="nobody")["cmuxd.service"])
-    namespaced = ("ProtectSystem=full", "PrivateTmp=yes", "ProtectKernelTunables=yes",
-                  "ProtectControlGroups=yes", "ProtectHome=read-only")
+    namespaced = ("ProtectSystem=strict", "PrivateTmp=yes", "PrivateDevices=yes",
+                  "ProtectProc=invisible", "ProcSubset=pid", "ProtectKernelTunables=yes",
+                  "ProtectControlGroups=yes", "ProtectHome=yes", "CapabilityBoundingSet=")
     for line in namespaced:
         assert line not in user
         assert line in system
+    for line in ("SystemCallFilter=@system-service", "MemoryDenyWriteExecute=yes",
+                 "RestrictNamespaces=yes", "NoNewPrivileges=yes"):
+        assert line in user and line in system
     assert "User=nobody" in system
     assert "SocketUser=nobody" in lines(render("system", user="nobody")["cmuxd.socket"])
     assert "DirectoryMode=0755" in lines(render("system", user="nobody")["cmuxd.socket"])
     assert not any(line.startswith("User=") for line in user)
 
 
-def test_protect_home_only_when_nothing_the_daemon_runs_lives_in_a_home():
-    assert "ProtectHome=read-only" not in lines(
-        render("system", user="nobody", protect_home=False)["cmuxd.service"])
+def test_home_is_hidden_unless_what_the_daemon_runs_lives_in_one():
+    service = lines(render("system", user="nobody", protect_home=False)["cmuxd.service"])
+    assert "ProtectHome=read-only" in service and "ProtectHome=yes" not in service
     assert not units.protect_home_is_safe(["/home/alice/.local/bin/cmuxd-remote"])
     assert not units.protect_home_is_safe(["/srv/people/alice/bin/cmuxd-remote"],
                                           homes=["/srv/people/alice"])
@@ -209,7 +214,8 @@ def test_systemd_analyze_verify_passes(tmp_path, mode):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     # The drop-in beside cmuxd.socket is loaded with it, so it is verified too.
-    result = analyze_verify(tmp_path, "cmuxd.socket", "cmuxd.service", user=mode == "user")
+    result = analyze_verify(tmp_path, "cmuxd.socket", "cmuxd.service", "cmuxd-hub.service",
+                            user=mode == "user")
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr  # unknown keys are only warnings: none allowed
 
@@ -248,6 +254,7 @@ def test_install_refuses_unclear_requests(tmp_path):
         (["--systemd", "--launchd"], "choose one of --systemd and --launchd"),
         (["--systemd", "--system", "--as", "no-such-user-here", "--print"], "no user"),
         (["--systemd", "--user", "--as", "root", "--print"], "--as applies to --system"),
+        (["--systemd", "--system", "--print"], "--as USER (--as root only if you mean root)"),
     ]:
         result = cli("units", "install", *args, home=tmp_path)
         assert result.returncode != 0
@@ -302,3 +309,74 @@ def test_at_boot_applies_to_systemd_only(tmp_path):
     assert result.returncode == 2
     assert "--at-boot apply to --systemd" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_the_hub_unit_outlives_the_daemon_and_carries_no_sandbox():
+    """Users' shells are the hub's children: whatever sandbox its unit has, they have. And a
+    restart of cmuxd.service must not reach it, while a reload upgrades both."""
+    for mode in ("user", "system"):
+        rendered = render(mode, user="alice" if mode == "system" else None)
+        hub, service = lines(rendered["cmuxd-hub.service"]), lines(rendered["cmuxd.service"])
+        exec_start = next(line for line in hub if line.startswith("ExecStart="))
+        assert exec_start.endswith(" hub run --state-dir=%t/cmuxd")
+        for line in ("ExecReload=/bin/kill -HUP $MAINPID", "KillMode=mixed",
+                     "RuntimeDirectory=cmuxd", "RuntimeDirectoryPreserve=yes"):
+            assert line in hub
+        assert ("User=alice" in hub) == (mode == "system")
+        sandbox = ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "ProtectSystem",
+                   "PrivateDevices", "ProtectProc", "ProcSubset", "SystemCallFilter",
+                   "CapabilityBoundingSet", "RestrictSUIDSGID", "RestrictNamespaces",
+                   "RestrictAddressFamilies", "MemoryDenyWriteExecute", "PrivateIPC", "UMask",
+                   "ProtectKernel", "ProtectControlGroups", "ProtectClock", "LockPersonality")
+        assert not [line for line in hub if line.startswith(sandbox)]
+        assert not [line for line in hub if line.startswith(("BindsTo=", "PartOf=", "Requires=",
+                                                              "StopPropagatedFrom="))]
+        for line in ("Wants=cmuxd-hub.service", "PropagatesReloadTo=cmuxd-hub.service"):
+            assert line in service
+        assert "cmuxd-hub.service" in next(l for l in service if l.startswith("After="))
+        # Both keep the state directory when they stop: neither may pull it from the other.
+        for unit in (hub, service):
+            assert "RuntimeDirectoryPreserve=yes" in unit and "RuntimeDirectoryMode=0700" in unit
+
+
+def test_system_install_without_as_names_the_sudo_user_or_refuses(tmp_path):
+    """No root daemon unless asked for: without --as, a --system install takes SUDO_USER
+    (under sudo) and otherwise stops; --as root is honoured when given."""
+    refused = cli("units", "install", "--systemd", "--system", home=tmp_path)
+    assert refused.returncode == 1
+    assert "--as USER" in refused.stderr and "Traceback" not in refused.stderr
+    assert not any(tmp_path.iterdir())
+    root = cli("units", "install", "--systemd", "--system", "--as", "root", "--print",
+               home=tmp_path)
+    assert root.returncode == 0, root.stderr
+    assert root.stdout.count("\nUser=root\n") == 2  # the daemon and the hub
+    if os.geteuid() == 0:
+        sudo = cli("units", "install", "--systemd", "--system", "--print", home=tmp_path,
+                   SUDO_USER="nobody")
+        assert sudo.returncode == 0, sudo.stderr
+        assert sudo.stdout.count("\nUser=nobody\n") == 2
+
+
+def security_score(unit: Path) -> float:
+    result = subprocess.run([ANALYZE, "security", "--offline=yes", "--no-pager", str(unit)],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, SYSTEMD_LOG_LEVEL="err"))
+    for line in result.stdout.splitlines():
+        if "Overall exposure level" in line:
+            return float(line.split(":", 1)[1].split()[0])
+    raise AssertionError(f"no score in systemd-analyze security's output:\n"
+                         f"{result.stdout}{result.stderr}")
+
+
+@pytest.mark.parametrize("user", ["alice", "root"])
+def test_the_network_facing_system_unit_scores_at_most_4(tmp_path, user):
+    """`systemd-analyze security --offline=yes`: 0 is locked down, 10 is exposed."""
+    if ANALYZE is None:
+        print("systemd-analyze is not installed (apt: systemd); sandbox not scored")
+        pytest.skip("systemd-analyze is not installed (apt: systemd)")
+    for protect_home in (True, False):
+        unit = tmp_path / "cmuxd.service"
+        unit.write_text(render("system", user=user, protect_home=protect_home)["cmuxd.service"])
+        score = security_score(unit)
+        print(f"cmuxd.service --system, User={user}, protect_home={protect_home}: {score}")
+        assert score <= 4.0
