@@ -10,14 +10,15 @@ Rendering is pure (text in, text out); `install_*` is the only part that touches
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import plistlib
 import pwd
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import orjson
 
 from .auth import config_home, default_token_path, write_new_token
 from .config import DEFAULT_PORT
@@ -493,7 +494,8 @@ def _bracket(address: str) -> str:
 # Nix: the same units as data, for the flake's modules
 
 
-# What nix/lib.nix substitutes: each stands for one setting of the module.
+# What nix/lib.nix substitutes: each stands for one setting of the module. All are strings, the
+# port too: the renderers only format them.
 NIX_PLACEHOLDERS = {
     "command": "@command@",
     "token_file": "@tokenFile@",
@@ -537,7 +539,7 @@ def nix_units() -> dict:
                              user=p["user"] if mode == "system" else None,
                              port=p["port"], serve_args=[p["serve_args"]], at_boot=at_boot)
         without_tailnet = plain.render()
-        with_tailnet = dataclasses.replace(plain, tailnet=[p["tailnet_address"]]).render()
+        with_tailnet = replace(plain, tailnet=[p["tailnet_address"]]).render()
         return [{"name": name, "tailnet_only": name not in without_tailnet,
                  "sections": unit_sections(text)} for name, text in with_tailnet.items()]
 
@@ -554,8 +556,6 @@ def nix_units() -> dict:
 
 
 def nix_units_json() -> bytes:
-    import orjson
-
     return orjson.dumps(nix_units(), option=orjson.OPT_INDENT_2) + b"\n"
 
 
