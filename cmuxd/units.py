@@ -15,8 +15,10 @@ import plistlib
 import pwd
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import orjson
 
 from .auth import config_home, default_token_path, write_new_token
 from .config import DEFAULT_PORT
@@ -430,9 +432,7 @@ def launchd_plan(*, token_file: str | None = None, port: int = DEFAULT_PORT,
     home = Path.home()
     token = Path(token_file).absolute() if token_file else default_token_path()
     plist_path = home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
-    socket_path = home / ".local" / "state" / "cmux" / "cmuxd.sock"
-    log_file = home / "Library" / "Logs" / "cmuxd.log"
-    data = render_plist(installed_command(), token, socket_path, log_file, port,
+    data = render_plist(installed_command(), token, *launchd_paths(home), port,
                         tailnet=tailnet)
     steps = [f"launchctl bootstrap gui/{os.getuid()} {plist_path}"]
     return Installed({plist_path: data}, token, False, steps)
@@ -459,10 +459,15 @@ def install(plan: Installed, *, mkdirs: list[Path] = ()) -> Installed:
     return plan
 
 
+def launchd_paths(home: Path) -> tuple[Path, Path]:
+    """The agent's Unix socket and log file."""
+    return (home / ".local" / "state" / "cmux" / "cmuxd.sock",
+            home / "Library" / "Logs" / "cmuxd.log")
+
+
 def launchd_dirs() -> list[Path]:
     """Directories launchd will not create: the Unix socket's and the log's."""
-    home = Path.home()
-    return [home / ".local" / "state" / "cmux", home / "Library" / "Logs"]
+    return [path.parent for path in launchd_paths(Path.home())]
 
 
 # systemd syntax
@@ -486,5 +491,74 @@ def _bracket(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-if __name__ == "__main__":  # regenerate units/: python -m cmuxd.units units
-    write_fleet_files(sys.argv[1])
+# Nix: the same units as data, for the flake's modules
+
+
+# What nix/lib.nix substitutes: each stands for one setting of the module. All are strings, the
+# port too: the renderers only format them.
+NIX_PLACEHOLDERS = {
+    "command": "@command@",
+    "token_file": "@tokenFile@",
+    "user": "@user@",
+    "port": "@port@",
+    "serve_args": "@serveArgs@",
+    "tailnet_address": "@tailnetAddress@",
+    "home": "@home@",
+}
+
+
+def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
+    """A rendered unit's settings, {section: {key: [values in order]}}, comments dropped: what
+    NixOS and home-manager take, read back from the text `units install` writes so that every
+    unit the renderer adds reaches the modules unchanged."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+        elif current is not None and "=" in line and not line.endswith("\\"):
+            key, value = line.split("=", 1)
+            current.setdefault(key.strip(), []).append(value.strip())
+        else:
+            raise UnitsError(f"line {number} of a rendered unit is not a KEY=VALUE setting "
+                             f"of a section: {raw!r}; the renderer must write plain settings")
+    return sections
+
+
+def nix_units() -> dict:
+    """What nix/units.json holds: every systemd unit of a system install, of a user install
+    (on demand and at boot) and the launchd agent (loopback and tailnet), rendered by the
+    functions above with placeholders in place of the module's settings."""
+    p = NIX_PLACEHOLDERS
+
+    def systemd(mode: str, at_boot: bool = False) -> list[dict]:
+        plain = SystemdUnits(mode, [p["command"]], Path(p["token_file"]),
+                             user=p["user"] if mode == "system" else None,
+                             port=p["port"], serve_args=[p["serve_args"]], at_boot=at_boot)
+        without_tailnet = plain.render()
+        with_tailnet = replace(plain, tailnet=[p["tailnet_address"]]).render()
+        return [{"name": name, "tailnet_only": name not in without_tailnet,
+                 "sections": unit_sections(text)} for name, text in with_tailnet.items()]
+
+    def launchd(tailnet: bool) -> dict:
+        return plistlib.loads(render_plist([p["command"]], Path(p["token_file"]),
+                                           *launchd_paths(Path(p["home"])), p["port"],
+                                           tailnet=tailnet))
+
+    return {
+        "systemd": {"system": systemd("system"), "user": systemd("user"),
+                    "user-at-boot": systemd("user", at_boot=True)},
+        "launchd": {"loopback": launchd(False), "tailnet": launchd(True)},
+    }
+
+
+def nix_units_json() -> bytes:
+    return orjson.dumps(nix_units(), option=orjson.OPT_INDENT_2) + b"\n"
+
+
+if __name__ == "__main__":  # regenerate units/ and nix/units.json: python -m cmuxd.units
+    write_fleet_files(sys.argv[1] if len(sys.argv) > 1 else "units")
+    Path(sys.argv[2] if len(sys.argv) > 2 else "nix/units.json").write_bytes(nix_units_json())
