@@ -725,6 +725,8 @@ class Hub:
         self._peer_counter = 0
         self._lease_counter = 0
         self.on_session_end: Callable[[], None] | None = None
+        self.pending: dict[tuple[str, int], list] = {}
+        """Attachments carried across an upgrade, until their worker's peer is back."""
         self._supported: bool | None = None
         self.closing = False
         self.cli = CliBridge(self._cli_candidates, cli_dir) if cli_bridge else None
@@ -1093,7 +1095,18 @@ class Hub:
         for s in self.sessions.values():
             if s.pid is None or s.ended or s.master < 0:
                 continue
+            attachments = []
+            for att in s.attachments.values():
+                home = self.homes.get(att.peer)
+                name = home.remote_name(att.peer) if home is not None else None
+                if name is not None:
+                    attachments.append({
+                        "worker": name[0], "peer": name[1], "attachment_id": att.id,
+                        "token": att.token, "cols": att.cols, "rows": att.rows,
+                        "seq_ack": att.seq_ack, "next_seq": att.next_seq, "acked": att.acked,
+                        "ext": att.ext, "wants_exit_status": att.wants_exit_status})
             sessions.append({
+                "attachments": attachments, "sent": s.ring.head,
                 "session_id": s.id, "pid": s.pid, "command": s.command, "script": s.script,
                 "master": len(fds), "ring": len(fds) + 1, "cols": s.sizes.last_cols,
                 "rows": s.sizes.last_rows, "eof": s.eof, "exit_status": s.exit_status,
@@ -1117,6 +1130,9 @@ class Hub:
             session.exit_status = entry["exit_status"]
             session.sizes.last_cols, session.sizes.last_rows = entry["cols"], entry["rows"]
             session.eof = entry["eof"]
+            for att in entry["attachments"]:
+                self.pending.setdefault((att["worker"], att["peer"]), []).append(
+                    (session.id, entry["sent"], att))
             if entry.get("cli_path") and self.cli is not None:
                 try:
                     session.cli_path = self.cli.open(session.id, entry["cli_path"])
@@ -1137,8 +1153,36 @@ class Hub:
                 loop.call_soon(session._pump_input)
             session._arm_idle()
             session.read_here()
+        if self.pending:
+            loop.call_later(REBIND_WAIT, self.pending.clear)
+
+    def expects_worker(self, worker: str) -> bool:
+        return any(key[0] == worker for key in self.pending)
+
+    def rebind(self, worker: str, remote_peer: int, peer: int) -> None:
+        """A worker that served attachments before an upgrade is back: its connection's
+        attachments go on where they were, with the output they missed meanwhile."""
+        for session_id, sent, entry in self.pending.pop((worker, remote_peer), ()):
+            session = self.sessions.get(session_id)
+            if session is None or session.ended:
+                continue
+            att = Attachment(session, entry["attachment_id"], entry["token"], peer,
+                             entry["cols"], entry["rows"], entry["seq_ack"], entry["ext"],
+                             entry["wants_exit_status"])
+            att.next_seq, att.acked = entry["next_seq"], entry["acked"]
+            session.attachments[att.id] = att
+            session.sizes.set(att.id, att.cols, att.rows, persistent=True)
+            if session.idle_timer is not None:
+                session.idle_timer.cancel()
+                session.idle_timer = None
+            offset, missed = session.ring.read(sent)
+            for i in range(0, len(missed), REPLAY_CHUNK):
+                self._send(att, att.data_event(b64(missed[i:i + REPLAY_CHUNK]), offset + i))
+            session.consider_lease()
 
 
+REBIND_WAIT = 10.0
+"""Seconds an upgraded hub keeps the attachments of workers that have not come back."""
 STATE_VERSION = 1
 """The shape of the state one image of the hub hands the next; bumped on any change."""
 
@@ -1152,7 +1196,8 @@ def check_state(state: dict, nfds: int) -> None:
     for entry in state["sessions"]:
         for key, kind in (("session_id", str), ("pid", int), ("command", str), ("master", int),
                           ("ring", int), ("cols", int), ("rows", int), ("eof", bool),
-                          ("exited", bool), ("input", list)):
+                          ("exited", bool), ("input", list), ("attachments", list),
+                          ("sent", int)):
             if type(entry.get(key)) is not kind:
                 raise ValueError(f"hub state: session entry without a valid {key}")
         if not (0 <= entry["master"] < nfds and 0 <= entry["ring"] < nfds):

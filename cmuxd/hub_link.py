@@ -29,6 +29,7 @@ import asyncio
 import binascii
 import logging
 import os
+import secrets
 import socket
 from pathlib import Path
 
@@ -87,6 +88,9 @@ class _Link:
         self.tasks: set[asyncio.Task] = set()
         self.can_hold_leases = False
         self.role = "worker"
+        self.worker = ""
+        """The worker's identity, which its attachments keep across an upgrade."""
+        self.upgrade_acked: asyncio.Future | None = None
         self.channel = MessageChannel(sock, self._handle, self._closed, LINK_MAX_FRAME)
 
     def send(self, message: dict, fds: list[int] = ()) -> None:
@@ -127,14 +131,17 @@ class _Link:
                 self.send({"type": "hello", "version": LINK_VERSION, **self.server.figures()})
                 return
             self.can_hold_leases = True
+            self.worker = str(msg.get("worker", ""))
             self.send({"type": "hello", "version": LINK_VERSION,
                        "caps": {"persistent": self.hub.capabilities(True),
-                                "local": self.hub.capabilities(False)}})
+                                "local": self.hub.capabilities(False)},
+                       "knows_worker": self.hub.expects_worker(self.worker)})
         elif kind == "add_peer":
             peer = _LinkPeer(self, msg["peer"])
             hub_peer = self.hub.add_peer(peer.deliver, home=self)
             self.peers[msg["peer"]] = hub_peer
             self.remote_ids[hub_peer] = msg["peer"]
+            self.hub.rebind(self.worker, msg["peer"], hub_peer)
         elif kind == "remove_peer":
             hub_peer = self.peers.pop(msg["peer"], None)
             if hub_peer is not None:
@@ -151,6 +158,9 @@ class _Link:
             self._input(msg, payload)
         elif kind == "released":
             self.hub.lease_released(msg["session_id"], msg["lease"], msg)
+        elif kind == "upgrading_ack":
+            if self.upgrade_acked is not None and not self.upgrade_acked.done():
+                self.upgrade_acked.set_result(None)
         else:
             log.error("a worker sent an unknown hub link message %r", kind)
 
@@ -265,6 +275,24 @@ class _Link:
         self.send({"type": "input_accepted", "session_id": msg["session_id"], "fid": msg["fid"]})
 
     # the home of leases (see PtySession.consider_lease)
+
+    def announce_upgrade(self) -> asyncio.Future:
+        """Tell the worker the hub is about to re-execute: it holds what it would send and
+        says so; the future is its answer."""
+        self.upgrade_acked = asyncio.get_running_loop().create_future()
+        self.send({"type": "upgrading"})
+        return self.upgrade_acked
+
+    def upgrade_aborted(self) -> None:
+        """The exec failed: the worker goes on with this hub as it was."""
+        self.send({"type": "hello", "version": LINK_VERSION,
+                   "caps": {"persistent": self.hub.capabilities(True),
+                            "local": self.hub.capabilities(False)}, "knows_worker": True})
+
+    def remote_name(self, hub_peer: int) -> tuple[str, int] | None:
+        """Who a peer is to its worker, for carrying its attachments across an upgrade."""
+        remote = self.remote_ids.get(hub_peer)
+        return None if remote is None or not self.worker else (self.worker, remote)
 
     def grant_lease(self, session, grant) -> None:
         attachments = [
@@ -384,6 +412,13 @@ class RemoteHub:
         self._lost: asyncio.Future | None = None
         self.connected = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.identity = secrets.token_hex(8)
+        """Who this worker is to the hub, so a hub that upgraded in place gives its
+        attachments back to it."""
+        self.upgrading = False
+        self.held: list[tuple[dict, bytes]] = []
+        """pty.write notifications taken while the hub re-executes, sent once it is back."""
+        self.held_bytes = 0
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -407,7 +442,8 @@ class RemoteHub:
             self._lost = self.loop.create_future()
             self.channel = MessageChannel(sock, self._handle, self._channel_closed,
                                           LINK_MAX_FRAME)
-            self.channel.send({"type": "hello", "version": LINK_VERSION})
+            self.channel.send({"type": "hello", "version": LINK_VERSION,
+                               "worker": self.identity})
             for peer in self.peers:
                 self.channel.send({"type": "add_peer", "peer": peer})
             for peer in self.cli_pushers:
@@ -425,6 +461,9 @@ class RemoteHub:
             self._inputs.clear()
             for lease in list(self.leases.values()):
                 lease.close()
+            if self.upgrading:
+                log.info("the PTY hub is upgrading in place; reconnecting")
+                continue
             self._hub_lost()
             log.warning("lost the PTY hub; reconnecting")
             await asyncio.sleep(delay)
@@ -478,7 +517,14 @@ class RemoteHub:
                 push(msg["event"])
         elif kind == "hello":
             self.caps = msg["caps"]
+            if self.upgrading:
+                self._back_from_upgrade(msg.get("knows_worker") is True)
             self.connected.set()
+        elif kind == "upgrading":
+            # From now on nothing goes to this hub image: what it has not read is lost.
+            self.upgrading = True
+            self.connected.clear()
+            self.channel.send({"type": "upgrading_ack"})
         elif kind == "refused":
             log.error("the PTY hub refused this worker: %s", msg.get("reason"))
         for fd in fds:
@@ -533,6 +579,17 @@ class RemoteHub:
 
     def _event(self, peer: int, event: dict) -> None:
         self.deliver(peer, event)
+
+    def _back_from_upgrade(self, knows_us: bool) -> None:
+        """The hub is back from its upgrade: send what was held meanwhile; a hub that does
+        not know us (a new one, the upgraded one having died) ended our attachments."""
+        self.upgrading = False
+        held, self.held, self.held_bytes = self.held, [], 0
+        if not knows_us:
+            self._hub_lost()
+            return
+        for msg, data in held:
+            self.channel.send(msg, payload=data)
 
     def _hub_lost(self) -> None:
         """The hub's sessions died with it: end every attachment we were showing, so clients
@@ -668,6 +725,8 @@ class RemoteHub:
         if lease is not None and lease.find(attachment_id, token) is not None:
             lease.drained()
             return
+        if self.upgrading:
+            return  # the upgraded hub starts counting afresh
         self._send({"type": "drained", "peer": peer, "session_id": session_id,
                     "attachment_id": attachment_id, "token": token, "frames": frames})
 
@@ -696,6 +755,15 @@ class RemoteHub:
                     raise
                 self._refuse_notification(lease, att, exc.code, exc.message)
                 return {"written": 0}
+        if self.upgrading and notification:
+            if self.held_bytes + len(data) > LINK_HIGH_WATER:
+                raise RPCError(PTY_INPUT_QUEUE_FULL, MSG_QUEUE_FULL)
+            self.held.append(({"type": "call", "rid": 0, "method": "write", "quiet": True,
+                               "params": {"peer": peer, "session_id": session_id,
+                                          "attachment_id": attachment_id, "token": token,
+                                          "seq": seq, "notification": True}}, data))
+            self.held_bytes += len(data)
+            return {"written": len(data)}
         if self.channel is None or not self.connected.is_set():
             if notification:
                 raise RPCError(UNAVAILABLE, MSG_NO_HUB)

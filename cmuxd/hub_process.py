@@ -117,6 +117,12 @@ class HubProcess:
             if not await self.hub.take_back_leases(LEASE_TIMEOUT):
                 log.warning("upgrade: a worker did not give back a lent session in %.0f s; "
                             "going on", LEASE_TIMEOUT)
+            # Each worker stops sending (and holds its input) before the old image stops
+            # reading, so nothing is lost in between.
+            workers = [link for link in self.server.links if link.can_hold_leases]
+            acks = [link.announce_upgrade() for link in workers]
+            if acks:
+                await asyncio.wait(acks, timeout=LEASE_TIMEOUT)
             state, fds = self.hub.export_state()
             state["nfds"] = len(fds)
             self._exec(state, fds)
@@ -146,6 +152,9 @@ class HubProcess:
                 os.set_inheritable(fd, False)
             for session in self.hub.sessions.values():
                 session.read_here()
+            for link in self.server.links:
+                if link.can_hold_leases:
+                    link.upgrade_aborted()
 
 
 async def _preflight(state: dict) -> str | None:

@@ -87,7 +87,8 @@ def test_a_live_upgrade_runs_the_new_code_and_loses_nothing(installed):
     dialer = Dialer(d)
     try:
         first = attach(d, "a", command=COUNTER)
-        pid = int(re.search(rb"pid=(\d+)", replay_of(first, b"tick 2")).group(1))
+        seen = replay_of(first, b"tick 2")
+        pid = int(re.search(rb"pid=(\d+)", seen).group(1))
         hub_pid = d.status()["hub"]["pid"]
         old = d.authed()  # opened before: stays open, served by the old generation
         dialer.start()
@@ -105,6 +106,11 @@ def test_a_live_upgrade_runs_the_new_code_and_loses_nothing(installed):
         dialer.stop.set()
         dialer.join()
         assert dialer.tried > 20 and dialer.failed == []
+        # The attachment made before the upgrade went on through it: no pty.exit, no gap.
+        last = ticks(seen)[-1]
+        seen += replay_of(first, f"tick {last + 15}\r\n".encode())
+        assert not [e for e in first.events if e["event"] == "pty.exit"]
+        assert_no_gap(seen)
         again = attach(d, "b", require_existing=True)
         out = replay_of(again, b"tick")
         out += replay_of(again, b"tick")
