@@ -2,7 +2,8 @@
 daemon behind a 0600 Unix socket; `RemoteHub` is what a worker's handlers call instead of an
 in-process Hub, with the same methods (the ones that need the hub's answer are coroutines).
 
-Messages are JSON lines with a `type` and named fields (`link_channel`), and may carry fds.
+Messages are JSON lines with a `type` and named fields (`link_channel`), and may carry fds
+and a raw payload.
 A worker opens with `hello` and the link version it speaks; the hub refuses any other
 version, and each end checks that the other runs as its own uid.
 
@@ -13,7 +14,10 @@ CLI bridge's `cli_subscribe` and `cli_response` are calls too),
 Hub → worker: `hello`/`refused`, `reply` (by `rid`; an attach also gets `reserved` once its
 session exists), `event` (for one peer), `lease` (+ the PTY master and the ring),
 `revoke`, `end_lease`, `input_done`, `input_refused`, `cli_request` (a `cli.request` event
-for one subscribed peer: not PTY output, so it never goes through a lease holder).
+for one subscribed peer: not PTY output, so it never goes through a lease holder),
+`upgrading` (the hub is about to re-execute: the worker answers `upgrading_ack`, holds its
+input, and on reconnecting with the same `worker` name in its `hello` gets its attachments
+back). A `write` call and `input` carry their bytes as the message's raw payload.
 
 Flow control crosses the link as counts: the hub lets at most OUTBOUND_FRAMES events of one
 attachment be unconfirmed, and the worker confirms them with `drained` as its client reads
