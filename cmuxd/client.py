@@ -17,6 +17,7 @@ import itertools
 import os
 import socket
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -75,6 +76,8 @@ class Address:
     name: str = field(default="", compare=False)
     relay_id: str | None = field(default=None, compare=False)
     token_file: str | None = field(default=None, compare=False)
+    device_key: str | None = field(default=None, compare=False)
+    known_hosts: str | None = field(default=None, compare=False)
     # A host name given without a port: its SRV records say where to dial (else `port`).
     srv: bool = field(default=False, compare=False)
 
@@ -171,7 +174,8 @@ def fleet_address(entry) -> Address:
     """The address of a cmux.json host, carrying the relay id and token file it names."""
     address = parse_address(entry.uri)
     return replace(address, name=entry.name, relay_id=entry.relay_id,
-                   token_file=entry.token_file)
+                   token_file=entry.token_file, device_key=entry.device_key,
+                   known_hosts=entry.known_hosts)
 
 
 def credentials_for(address: Address, token_file=None, relay_id=None) -> Credentials:
@@ -221,18 +225,24 @@ def device_credentials(address: Address, relay_id=None) -> Credentials | None:
     from .auth import DeviceCredential
     from .devices import device_key_path, known_hosts_path, load_key, read_pins
 
+    key_path = Path(address.device_key) if address.device_key else device_key_path()
+    pins_path = Path(address.known_hosts) if address.known_hosts else known_hosts_path()
     try:
-        pins = read_pins(known_hosts_path())
+        pins = read_pins(pins_path)
         pin = next((pins[k] for k in (address.name, f"{address.host}:{address.port}",
                                       address.host) if k in pins), None)
         if pin is None:
+            if address.device_key:
+                raise ClientError(f"cmux.json's {address.name} entry names the device key, but "
+                                  f"{pins_path} pins no key for {address.name}; run "
+                                  "`cmuxd-remote device trust` for it", EXIT_AUTH)
             return None
-        key = load_key(device_key_path(), "device key", "cmuxd-remote device key")
+        key = load_key(key_path, "device key", "cmuxd-remote device key")
     except AuthError as exc:  # a device file that is unsafe or damaged, as for a token
         raise ClientError(str(exc), EXIT_AUTH) from None
     return Credentials(relay_id or pin.relay_id, b"",
-                       f"device key {device_key_path()}, host key pinned for {pin.host} in "
-                       f"{known_hosts_path()}", device=DeviceCredential(key, pin.key))
+                       f"device key {key_path}, host key pinned for {pin.host} in "
+                       f"{pins_path}", device=DeviceCredential(key, pin.key))
 
 
 def _is_ip_literal(host: str) -> bool:

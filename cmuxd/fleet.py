@@ -70,6 +70,10 @@ class FleetHost:
     token_file: str | None = None
     tags: tuple[str, ...] = ()
     os: str = ""
+    device_key: str | None = None
+    """This device's key file and the file pinning the host's key (`device trust`): with
+    them the host is reached with the device key, and cmux.json holds no secret."""
+    known_hosts: str | None = None
 
     def to_json(self) -> dict:
         return {
@@ -78,7 +82,9 @@ class FleetHost:
             "tailnet_ips": list(self.tailnet_ips),
             "uri": self.uri,
             "relay_id": self.relay_id,
-            "credentials": {"token_file": self.token_file},
+            "credentials": {"token_file": self.token_file,
+                            **({"device_key": self.device_key, "known_hosts": self.known_hosts}
+                               if self.device_key else {})},
             "tags": list(self.tags),
             "os": self.os,
         }
@@ -147,6 +153,11 @@ def load_fleet(path: os.PathLike | str | None = None, *, missing_ok: bool = Fals
         try:
             creds = entry.get("credentials") or {}
             token_file = creds.get("token_file")
+            device_key, known_hosts = creds.get("device_key"), creds.get("known_hosts")
+            if bool(device_key) != bool(known_hosts):
+                raise FleetError(f"{path}: host #{i + 1} names a device_key without "
+                                 "known_hosts or the other way round; a device key needs the "
+                                 "host's key pinned (`cmuxd-remote device trust`)")
             hosts.append(FleetHost(
                 name=str(entry["name"]),
                 dns_name=str(entry.get("dns_name") or ""),
@@ -156,6 +167,8 @@ def load_fleet(path: os.PathLike | str | None = None, *, missing_ok: bool = Fals
                 token_file=os.path.expanduser(token_file) if token_file else None,
                 tags=tuple(str(t) for t in entry.get("tags") or ()),
                 os=str(entry.get("os") or ""),
+                device_key=os.path.expanduser(str(device_key)) if device_key else None,
+                known_hosts=os.path.expanduser(str(known_hosts)) if known_hosts else None,
             ))
         except (AttributeError, KeyError, TypeError) as exc:
             raise FleetError(f"{path}: host #{i + 1} lacks {exc} or is not an object; "

@@ -249,3 +249,34 @@ def test_loose_modes_and_owners_are_refused(daemon):
     proc = laptop.run("ping", f"127.0.0.1:{daemon.port}", "--count", "1")
     assert proc.returncode == 4 and "chmod 600" in proc.stderr.decode()
     assert key.read_text().strip() not in proc.stderr.decode()
+
+
+def test_cmux_json_points_a_host_at_device_key_files_and_holds_no_secret(daemon):
+    laptop = Device("laptop")
+    host_line = enroll(daemon, laptop)
+    keys = laptop.home / "elsewhere"
+    keys.mkdir(mode=0o700)
+    (laptop.home / ".config/cmuxd/device-key").rename(keys / "device-key")
+    # The pin names the host as cmux.json does.
+    pins = (laptop.home / ".config/cmuxd/known-hosts")
+    pins.write_text(pins.read_text().replace(f"127.0.0.1:{daemon.port}", "honey"))
+    pins.rename(keys / "known-hosts")
+    fleet = laptop.home / "cmux.json"
+    entry = {"name": "honey", "uri": f"cmux://127.0.0.1:{daemon.port}", "relay_id": RELAY_ID,
+             "credentials": {"token_file": None, "device_key": str(keys / "device-key"),
+                             "known_hosts": str(keys / "known-hosts")}}
+    fleet.write_text(json.dumps({"version": 1, "hosts": [entry]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CMUX_")}
+    env.update(HOME=str(laptop.home), XDG_CONFIG_HOME=str(laptop.home / ".config"),
+               CMUX_FLEET=str(fleet))
+    proc = subprocess.run(daemon_command("ping", "honey", "--count", "1"), capture_output=True,
+                          env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    seed = (keys / "device-key").read_text().strip()
+    assert seed not in fleet.read_text() and host_line.split()[1] in (keys / "known-hosts").read_text()
+    # Half of the pair is a mistake, said in one sentence; nothing is dialled.
+    entry["credentials"].pop("known_hosts")
+    fleet.write_text(json.dumps({"version": 1, "hosts": [entry]}))
+    proc = subprocess.run(daemon_command("ping", "honey", "--count", "1"), capture_output=True,
+                          env=env, timeout=30)
+    assert proc.returncode != 0 and b"device_key without known_hosts" in proc.stderr
