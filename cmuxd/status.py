@@ -62,13 +62,23 @@ def format_status(st: dict) -> str:
         lines += ["", f"the previous relay token is still accepted for new connections until "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))} "
                       f"({duration(max(0, until - time.time()))} from now)"]
-    lines += ["", "WORKER  PID      GEN  STATE     CONNS  SERVED   RSS      CPU(s)  AGE"]
+    lines += ["", "WORKER  PID      GEN  STATE     CONNS  SERVED   RSS      CPU(s)  AGE     VERSION"]
     for w in st["workers"]:
         lines.append(
             f"{w['index']:<7} {w['pid']:<8} {w['generation']:<4} {w['state']:<9} "
             f"{w['connections']:<6} {w['served']:<8} {_mib(w.get('rss')):<8} "
-            f"{w.get('cpu', '-'):<7} {duration(w['age'])}"
+            f"{w.get('cpu', '-'):<7} {duration(w['age']):<7} {w.get('version') or '-'}"
         )
+    hub = st.get("hub")
+    if hub:
+        state = "connected" if hub.get("connected") else "not connected"
+        lines += ["", f"PTY hub: pid {hub.get('pid') or '-'}, {hub.get('version') or '-'}, "
+                      f"{hub.get('sessions', 0)} session(s), {state}"]
+    devices = st.get("device_connections") or {}
+    if devices:
+        lines += ["", "DEVICE                          CONNS"]
+        for name in sorted(devices):
+            lines.append(f"{name:<31} {devices[name]}")
     counters = st.get("counters", {})
     lines += ["", "COUNTERS"]
     for key in sorted(counters):

@@ -122,6 +122,9 @@ def test_revoke_closes_that_device_only_and_sessions_go_on(daemon):
     assert token_stream.call("ext.status")["result"]["caller"] == "shared token"
     wait_for(lambda: daemon.status()["device_connections"] == {"phone": 1, "tablet": 1},
              message="connections per device in status")
+    table = daemon.cli("status", "--state-dir", str(daemon.state_dir)).stdout.decode()
+    assert [line.split() for line in table.splitlines()
+            if line.startswith(("phone ", "tablet "))] == [["phone", "1"], ["tablet", "1"]]
 
     revoked = host_cli(daemon, "device", "revoke", "phone")
     assert revoked.returncode == 0, revoked.stderr

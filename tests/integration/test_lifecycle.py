@@ -256,10 +256,16 @@ def test_ttin_ttou_change_the_worker_count(spawn_listening):
 
 def test_status_command_prints_table_and_json(spawn_listening):
     d = spawn_listening(workers=2)
+    wait_for(lambda: d.status()["hub"]["connected"] and
+             all(w["version"] for w in d.status()["workers"]))
     out = d.cli("status", "--state-dir", str(d.state_dir))
     assert out.returncode == 0, out.stderr
     text = out.stdout.decode()
     assert "WORKER" in text and f"127.0.0.1:{d.port}" in text
+    # Which code each process runs: the workers' and the PTY hub's.
+    from cmuxd import __version__
+    assert text.count(f" {__version__}\n") >= 2 and f"PTY hub: pid {d.status()['hub']['pid']}, " \
+        f"{__version__}, 0 session(s), connected" in text
     out = d.cli("status", "--json", "--state-dir", str(d.state_dir))
     data = json.loads(out.stdout)
     assert data["pid"] == d.proc.pid and len(data["workers"]) == 2
