@@ -41,13 +41,16 @@ log = logging.getLogger("cmuxd.connection")
 class ConnectionContext:
     """All a handler knows of its connection: its kind, its state, how to push events."""
 
-    __slots__ = ("_conn", "transport", "hub", "daemon", "_state")
+    __slots__ = ("_conn", "transport", "hub", "daemon", "env", "_state")
 
-    def __init__(self, conn: "Connection", transport: str, hub: Any, daemon: Any = None):
+    def __init__(self, conn: "Connection", transport: str, hub: Any, daemon: Any = None,
+                 env: dict[str, str] | None = None):
         self._conn = conn
         self.transport = transport
         self.hub = hub
         self.daemon = daemon  # handlers.system.DaemonFigures in a worker; None under stdio
+        self.env = env
+        """The SSH connection's variables for the sessions it starts (front door only)."""
         self._state: dict[type, Any] = {}
 
     def state(self, cls):
@@ -83,8 +86,8 @@ class Connection(asyncio.Protocol):
     stdio, where they are the stdin and stdout pipes."""
 
     def __init__(self, transport: str, hub: Any = None, initial: bytes = b"",
-                 daemon: Any = None):
-        self.ctx = ConnectionContext(self, transport, hub, daemon)
+                 daemon: Any = None, env: dict[str, str] | None = None):
+        self.ctx = ConnectionContext(self, transport, hub, daemon, env)
         self.decoder = FrameDecoder()
         self.pending: deque = deque()
         self.reader = None
@@ -437,10 +440,14 @@ class _PausableFile:
 
 async def serve_stdio(hub: Any = None) -> int:
     """Serve one connection on stdin/stdout; the exit status the process should have."""
+    return await serve_pipes(Connection("stdio", hub), os.dup(sys.stdin.fileno()),
+                             os.dup(sys.stdout.fileno()))
+
+
+async def serve_pipes(conn: Connection, in_fd: int, out_fd: int) -> int:
+    """Serve `conn` reading `in_fd` and writing `out_fd` (ours to close): a pipe, a socket,
+    a terminal, a file or /dev/null each. 0 after the input's end, 1 after an I/O error."""
     loop = asyncio.get_running_loop()
-    conn = Connection("stdio", hub)
-    in_fd = os.dup(sys.stdin.fileno())
-    out_fd = os.dup(sys.stdout.fileno())
     if _is_regular(out_fd):
         conn.writer = _FileWriter(out_fd, conn)
     elif _is_stream_socket(out_fd):
@@ -469,7 +476,7 @@ async def serve_stdio(hub: Any = None) -> int:
     if feeder is not None:
         feeder.cancel()
     if exc is not None:
-        log.error("stdio connection failed: %s", exc)
+        log.error("connection over stdin and stdout failed: %s", exc)
         return 1
     return 0
 

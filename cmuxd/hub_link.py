@@ -657,13 +657,15 @@ class RemoteHub:
 
     async def attach(self, peer, session_id, attachment_id, token, cols, rows, command,
                      require_existing, input_seq_ack, reserved=None, resume_from=None,
-                     wants_exit_status=False) -> dict:
-        return await self._call("attach", {
+                     wants_exit_status=False, env=None) -> dict:
+        params = {
             "peer": peer, "session_id": session_id, "attachment_id": attachment_id,
             "token": token, "cols": cols, "rows": rows, "command": command,
             "require_existing": require_existing, "input_seq_ack": input_seq_ack,
-            "resume_from": resume_from, "wants_exit_status": wants_exit_status},
-            reserved=reserved)
+            "resume_from": resume_from, "wants_exit_status": wants_exit_status}
+        if env is not None:  # only then: a hub older than the front door takes the rest
+            params["env"] = env
+        return await self._call("attach", params, reserved=reserved)
 
     async def cancel(self, peer, session_id, attachment_id, token) -> None:
         await self._call("cancel", {"peer": peer, "session_id": session_id,

@@ -20,6 +20,7 @@ import orjson
 from .connection import Connection
 from .handlers.system import DaemonFigures
 from . import __version__
+from .front_door import serve_front
 from .handoff import HandoffDecoder, encode_report
 from .hub_link import RemoteHub, hub_socket_path
 from .logs import setup_logging
@@ -130,13 +131,34 @@ class WorkerProcess:
     def _serve(self, fd: int, header: dict, leftover: bytes) -> None:
         loop = asyncio.get_running_loop()
         sock = socket.socket(fileno=fd)
+        if header["kind"] == "front":
+            sock.setblocking(False)
+            loop.create_task(self._serve_front(sock))
+            return
         conn = Connection(header["kind"], self.hub, initial=leftover, daemon=self.figures)
         self.connections.add(conn)
         conn.done.add_done_callback(lambda _: self._closed(conn))
         loop.create_task(loop.connect_accepted_socket(lambda: conn, sock))
 
+    async def _serve_front(self, sock: socket.socket) -> None:
+        """A `serve --stdio` front door: its stdin and stdout are the connection."""
+
+        def make_connection(env: dict) -> Connection:
+            conn = Connection("front", self.hub, daemon=self.figures, env=env)
+            self.connections.add(conn)
+            return conn
+
+        conn = await serve_front(sock, make_connection)
+        if conn is None:
+            self._count_closed()
+        else:
+            self._closed(conn)
+
     def _closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self._count_closed()
+
+    def _count_closed(self) -> None:
         self.closed_since_report += 1
         if not self.report_pending:
             self.report_pending = True

@@ -19,7 +19,7 @@ from ..auth import AuthError, Credentials, server_credentials
 from .control import ControlServer
 from .gate import Gate
 from .hub_keeper import HubKeeper
-from .listeners import Listener, ListenerError
+from .listeners import Listener, ListenerError, bind_unix
 from .notify import Notifier, pool_healthy, status_line
 from .pool import WorkerPool
 
@@ -60,6 +60,7 @@ class Supervisor:
         try:
             check_state_dir(self.config.state_dir)
             await self.control.start()
+            self.listeners.append(front_door(self.config.front_path))
         except ListenerError as exc:
             log.error("state directory %s: %s; pass another --state-dir", self.config.state_dir,
                       exc)
@@ -70,8 +71,8 @@ class Supervisor:
         self.pool.start()
         self.gate.start()
         for listener in self.listeners:
-            auth = "relay-token auth" if listener.kind == "tcp" or self.config.unix_auth == "token" \
-                else "peer uid check"
+            auth = "relay-token auth" if listener.kind == "tcp" or (
+                listener.kind == "unix" and self.config.unix_auth == "token") else "peer uid check"
             log.info("listening on %s %s (%s, %s)", listener.kind, listener.address,
                      listener.origin, auth)
         log.info("cmuxd %s serving with %d workers", __version__, self.config.workers)
@@ -167,6 +168,15 @@ class Supervisor:
             "hub": self.hub.snapshot(),
             "handshakes_in_flight": self.gate.in_flight,
         }
+
+
+def front_door(path) -> Listener:
+    """The socket `serve --stdio` of our user hands its stdin and stdout over. A socket of
+    its own, not a marker on the Unix listeners: their clients keep getting no preamble and
+    no extra read before their handoff."""
+    listener = bind_unix(str(path), "the front door socket")
+    listener.kind = "front"
+    return listener
 
 
 def check_state_dir(path: str) -> None:
