@@ -482,9 +482,11 @@ async def serve_pipes(conn: Connection, in_fd: int, out_fd: int) -> int:
 
 
 def _is_regular(fd: int) -> bool:
+    """A regular file or /dev/null: always ready, and no event loop can watch either."""
     import stat
 
-    return stat.S_ISREG(os.fstat(fd).st_mode)
+    st = os.fstat(fd)
+    return stat.S_ISREG(st.st_mode) or os.path.samestat(st, os.stat(os.devnull))
 
 
 def _is_stream_socket(fd: int) -> bool:

@@ -52,7 +52,12 @@ async def serve_front(sock: socket.socket, make_connection) -> Connection | None
         sock.close()
         return None
     conn = make_connection(env)
-    status = await serve_pipes(conn, fds[0], fds[1])
+    status = 1
+    try:
+        status = await serve_pipes(conn, fds[0], fds[1])
+    except Exception:
+        log.exception("serving a front door connection failed")
+        conn.connection_lost(None)
     try:
         sock.send(b'{"exit":%d}\n' % status)
     except OSError:
