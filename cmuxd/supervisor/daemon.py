@@ -43,6 +43,7 @@ class Supervisor:
         self.immediate = False
         self.gate = Gate(listeners, creds, self.pool, config, self.counters)
         self.control = ControlServer(config.control_path, self.status)
+        self.front: Listener | None = None  # serve --stdio hands its pipes over here
         self.stop_requested: asyncio.Event | None = None
         self.notifier = Notifier()  # sd_notify; does nothing without NOTIFY_SOCKET
 
@@ -60,7 +61,7 @@ class Supervisor:
         try:
             check_state_dir(self.config.state_dir)
             await self.control.start()
-            self.listeners.append(front_door(self.config.front_path))
+            self.front = front_door(self.config.front_path)
         except ListenerError as exc:
             log.error("state directory %s: %s; pass another --state-dir", self.config.state_dir,
                       exc)
@@ -69,12 +70,15 @@ class Supervisor:
             return 1
         self._hub_ticks = loop.create_task(self._watch_hub())
         self.pool.start()
+        self.gate.listeners = [*self.listeners, self.front]
         self.gate.start()
         for listener in self.listeners:
-            auth = "relay-token auth" if listener.kind == "tcp" or (
-                listener.kind == "unix" and self.config.unix_auth == "token") else "peer uid check"
+            auth = "relay-token auth" if listener.kind == "tcp" or self.config.unix_auth == "token" \
+                else "peer uid check"
             log.info("listening on %s %s (%s, %s)", listener.kind, listener.address,
                      listener.origin, auth)
+        log.info("serve --stdio of this user hands its stdin and stdout over %s",
+                 self.front.address)
         log.info("cmuxd %s serving with %d workers", __version__, self.config.workers)
         self.notifier.start(lambda: status_line(self.listeners, self.pool),
                             lambda: pool_healthy(self.pool))
@@ -141,7 +145,7 @@ class Supervisor:
         if not self.immediate:
             await self.gate.drain(STOP_DRAIN)
         self.gate.stop()
-        for listener in self.listeners:
+        for listener in self.gate.listeners:
             listener.close()
         await self.pool.stop(graceful=not self.immediate)
         if self._hub_ticks is not None:

@@ -392,6 +392,14 @@ def test_an_oversized_header_is_refused(daemon):
     still_serves(daemon)
 
 
+def test_a_silent_front_is_closed_and_frees_its_slot(daemon):
+    with raw_front(daemon) as sock:
+        sock.settimeout(30)
+        assert sock.recv(1) == b""  # HEADER_TIMEOUT (10 s), well before this deadline
+    wait_for(lambda: daemon.status()["connections"] == 0)
+    still_serves(daemon)
+
+
 def test_another_user_cannot_reach_the_front_door(daemon):
     if os.geteuid() != 0:
         pytest.skip("needs root to connect as another user")
