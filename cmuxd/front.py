@@ -22,6 +22,7 @@ This module runs before anything heavy is imported: no asyncio, argh, orjson or 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 
@@ -58,6 +59,8 @@ def join(state_dir: str | None) -> int | None:
     daemon is done with them, or None (after one line on stderr) to serve in-process."""
     dirs = [state_dir] if state_dir else [str(runtime_dir()), SYSTEM_STATE_DIR]
     reasons = []
+    # An interrupt ends this process quietly, and with it the connection it handed over.
+    interrupted = signal.signal(signal.SIGINT, signal.SIG_DFL)
     for directory in dict.fromkeys(dirs):
         try:
             sock = _connect(directory)
@@ -71,6 +74,7 @@ def join(state_dir: str | None) -> int | None:
             break
         finally:
             sock.close()
+    signal.signal(signal.SIGINT, interrupted)
     _say(f"{'; '.join(reasons)}; serving in-process (sessions end with this connection)")
     return None
 
@@ -148,6 +152,8 @@ def _hand_over(sock: socket.socket, path: str) -> int:
     try:
         socket.send_fds(sock, [header], [sys.stdin.fileno(), sys.stdout.fileno()])
         taken = lines.next()
+        while taken == READY:  # the first worker died with the handoff; another has it
+            taken = lines.next()
     except OSError as exc:
         raise Refused(f"the handoff to {path} failed ({exc.strerror or exc})") from None
     if taken != TAKEN:

@@ -41,7 +41,8 @@ async def serve_front(sock: socket.socket, make_connection) -> Connection | None
         env = parse_header(line, len(fds))
     except HandoffError as exc:
         for fd in fds:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         _refuse(sock, str(exc))
         return None
     try:
@@ -52,12 +53,17 @@ async def serve_front(sock: socket.socket, make_connection) -> Connection | None
         sock.close()
         return None
     conn = make_connection(env)
+    # The front process's end is the connection's: killed (or interrupted on a terminal),
+    # it leaves no worker reading the terminal or pipe it was given.
+    loop.add_reader(sock.fileno(), _front_gone, sock, conn)
     status = 1
     try:
         status = await serve_pipes(conn, fds[0], fds[1])
     except Exception:
         log.exception("serving a front door connection failed")
         conn.connection_lost(None)
+    finally:
+        loop.remove_reader(sock.fileno())
     try:
         sock.send(b'{"exit":%d}\n' % status)
     except OSError:
@@ -66,8 +72,20 @@ async def serve_front(sock: socket.socket, make_connection) -> Connection | None
     return conn
 
 
+def _front_gone(sock: socket.socket, conn: Connection) -> None:
+    try:
+        if sock.recv(1):
+            return  # the front says nothing after its header; a byte is no reason to stop
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        pass
+    asyncio.get_running_loop().remove_reader(sock.fileno())
+    conn.finish()
+
+
 async def _receive(sock: socket.socket, loop) -> tuple[bytes, list[int]]:
-    """The header line and the fds that came with it."""
+    """The header line and the fds that came with it (a None among them: some did not fit)."""
     buf, fds = bytearray(), []
     while b"\n" not in buf:
         ready = loop.create_future()
@@ -77,10 +95,12 @@ async def _receive(sock: socket.socket, loop) -> tuple[bytes, list[int]]:
         finally:
             loop.remove_reader(sock.fileno())
         try:
-            data, got, _, _ = socket.recv_fds(sock, MAX_HEADER, 2)
+            data, got, flags, _ = socket.recv_fds(sock, MAX_HEADER, 2)
         except (BlockingIOError, InterruptedError):
             continue
         fds.extend(got)
+        if flags & socket.MSG_CTRUNC:
+            fds.append(None)
         if not data:
             break
         buf += data
@@ -101,7 +121,8 @@ def parse_header(line: bytes, nfds: int) -> dict[str, str]:
         raise HandoffError(f"this daemon speaks front door version {PROTOCOL}; run the same "
                            "cmuxd-remote as the daemon")
     if nfds != 2:
-        raise HandoffError(f"a handoff carries stdin and stdout, 2 fds; {nfds} came")
+        raise HandoffError(f"a handoff carries stdin and stdout, 2 fds; "
+                           f"{'more' if nfds > 2 else nfds} came")
     env = header.get("env")
     if not isinstance(env, dict):
         raise HandoffError("the handoff's env must be an object of strings")

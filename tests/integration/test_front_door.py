@@ -144,6 +144,20 @@ def test_a_session_started_over_tcp_is_attached_through_the_front(daemon):
         assert fd.wait() == 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_end_of_the_front_process_ends_its_connection(daemon, sig):
+    """Killed, or interrupted on a terminal: no worker goes on reading what it was given."""
+    with front(daemon) as fd:
+        assert joined(fd)
+        wait_for(lambda: daemon.status()["connections"] == 1)
+        fd.proc.send_signal(sig)
+        assert fd.wait() == -sig
+        assert fd.at_eof()  # the worker closed its copy of stdout too
+        assert "Traceback" not in fd.stderr_text()
+    wait_for(lambda: daemon.status()["connections"] == 0)
+    still_serves(daemon)
+
+
 def test_stdout_closed_by_its_reader_exits_1(daemon):
     proc = subprocess.Popen(daemon_command("serve", "--stdio", "--state-dir",
                                            str(daemon.state_dir)),
@@ -366,6 +380,7 @@ def refusal(sock: socket.socket) -> str:
     (b"not json\n", 2, "is not JSON"),
     (b'{"v":99,"env":{}}\n', 2, "front door version 1"),
     (b'{"v":1,"env":{}}\n', 1, "2 fds; 1 came"),
+    (b'{"v":1,"env":{}}\n', 3, "2 fds; more came"),
     (b'{"v":1,"env":[]}\n', 2, "object of strings"),
     (b'{"v":1,"env":{"LD_PRELOAD":"/tmp/evil.so"}}\n', 2, "'LD_PRELOAD' is not one of them"),
     (b'{"v":1,"env":{"LANG":7}}\n', 2, "LANG must be a string"),
@@ -375,7 +390,7 @@ def test_bad_handoffs_are_refused_and_the_daemon_goes_on(daemon, header, fds, sa
     r, w = os.pipe()
     try:
         with raw_front(daemon) as sock:
-            socket.send_fds(sock, [header], [r, w][:fds])
+            socket.send_fds(sock, [header], [r, w, r][:fds])
             assert says in refusal(sock)
     finally:
         os.close(r)
