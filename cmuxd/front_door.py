@@ -31,10 +31,14 @@ async def serve_front(sock: socket.socket, make_connection) -> Connection | None
     """Serve one front door connection; `make_connection(env)` makes the Connection. The
     Connection served (finished by then), or None when the handoff was refused."""
     loop = asyncio.get_running_loop()
+    fds: list[int | None] = []
     try:
         sock.send(READY)
-        line, fds = await asyncio.wait_for(_receive(sock, loop), HEADER_TIMEOUT)
+        line = await asyncio.wait_for(_receive(sock, loop, fds), HEADER_TIMEOUT)
     except (OSError, TimeoutError):
+        for fd in fds:  # what came before the header's end, or its deadline
+            if fd is not None:
+                os.close(fd)
         sock.close()
         return None
     try:
@@ -84,9 +88,10 @@ def _front_gone(sock: socket.socket, conn: Connection) -> None:
     conn.finish()
 
 
-async def _receive(sock: socket.socket, loop) -> tuple[bytes, list[int]]:
-    """The header line and the fds that came with it (a None among them: some did not fit)."""
-    buf, fds = bytearray(), []
+async def _receive(sock: socket.socket, loop, fds: list[int | None]) -> bytes:
+    """The header line; the fds that came with it go to `fds` (a None among them: some did
+    not fit)."""
+    buf = bytearray()
     while b"\n" not in buf:
         ready = loop.create_future()
         loop.add_reader(sock.fileno(), ready.set_result, None)
@@ -106,7 +111,7 @@ async def _receive(sock: socket.socket, loop) -> tuple[bytes, list[int]]:
         buf += data
         if len(buf) > MAX_HEADER:
             break
-    return bytes(buf), fds
+    return bytes(buf)
 
 
 def parse_header(line: bytes, nfds: int) -> dict[str, str]:

@@ -18,6 +18,7 @@ from contextlib import closing
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
 
 from helpers import FrameStream, StdioDaemon, daemon_command, wait_for
@@ -407,11 +408,27 @@ def test_an_oversized_header_is_refused(daemon):
     still_serves(daemon)
 
 
-def test_a_silent_front_is_closed_and_frees_its_slot(daemon):
-    with raw_front(daemon) as sock:
-        sock.settimeout(30)
-        assert sock.recv(1) == b""  # HEADER_TIMEOUT (10 s), well before this deadline
+@pytest.mark.parametrize("sends", [b"", b'{"v":1,'])
+def test_a_silent_front_is_closed_and_keeps_no_fd(daemon, sends):
+    for _ in daemon.status()["workers"]:  # each worker linked to the hub, settled
+        with front(daemon) as fd:
+            attach(fd, "settle", "a", command="exec cat")
+            fd.close_stdin()
+            assert fd.wait() == 0
     wait_for(lambda: daemon.status()["connections"] == 0)
+    before = {w["pid"]: psutil.Process(w["pid"]).num_fds() for w in daemon.status()["workers"]}
+    r, w = os.pipe()
+    try:
+        with raw_front(daemon) as sock:
+            if sends:
+                socket.send_fds(sock, [sends], [r, w])
+            sock.settimeout(30)
+            assert sock.recv(1) == b""  # HEADER_TIMEOUT (10 s), well before this deadline
+    finally:
+        os.close(r)
+        os.close(w)
+    wait_for(lambda: daemon.status()["connections"] == 0)
+    assert {pid: psutil.Process(pid).num_fds() for pid in before} == before
     still_serves(daemon)
 
 
