@@ -61,7 +61,9 @@ def version() -> None:
     print(__version__)
 
 
-@argh.arg("--stdio", help="serve one connection on stdin/stdout (what `ssh host cmuxd-remote serve --stdio` runs)")
+@argh.arg("--stdio", help="serve one connection on stdin/stdout (what `ssh host cmuxd-remote serve --stdio` runs); with a daemon of this user running, hand stdin and stdout to it")
+@argh.arg("--standalone", help="--stdio: serve in-process, never through the running daemon; PTY sessions end with stdin")
+@argh.arg("--join", help="--stdio: hand stdin and stdout to the running daemon, else serve in-process (the default)")
 @argh.arg("--tcp", action="append", metavar="ADDR", help=":PORT (every address), HOST:PORT, [IPV6]:PORT, or tailscale:PORT (this host's tailnet addresses; tailscale4:, tailscale6: for one family); repeatable")
 @argh.arg("--socket", action="append", metavar="PATH", help="a Unix socket path; repeatable")
 @argh.arg("--workers", help="worker processes (default: the number of CPUs)")
@@ -70,7 +72,7 @@ def version() -> None:
 @argh.arg("--unix-auth", choices=["peer", "token"], help="peer: same uid or root pass; token: Unix clients run the relay handshake too")
 @argh.arg("--max-handshakes", help="unauthenticated connections in flight at once; when full, the one idle longest from the source holding the most makes room")
 @argh.arg("--backoff-failures", help="failed handshakes from one source (an address; a /64 for global IPv6) before it is refused for a while")
-@argh.arg("--state-dir", help="where the control and PTY hub sockets live, one daemon's alone (default: $XDG_RUNTIME_DIR/cmuxd, or ~/.local/state/cmux without XDG_RUNTIME_DIR)")
+@argh.arg("--state-dir", help="where the control, front door and PTY hub sockets live, one daemon's alone; --stdio: the daemon to join (default: $XDG_RUNTIME_DIR/cmuxd, or ~/.local/state/cmux without XDG_RUNTIME_DIR; --stdio: then /run/cmuxd)")
 @argh.arg("--shell", help="the shell of PTY sessions started without a command (default: $SHELL, then bash, then sh)")
 @argh.arg("--scrollback", help="bytes of output each PTY session keeps for replay")
 @argh.arg("--idle-ttl", help="seconds a PTY session with no attachment lives on")
@@ -91,15 +93,27 @@ def serve(*, stdio: bool = False, tcp: list[str] | None = None, socket: list[str
           graceful_timeout: float = 30.0, allow_from: list[str] | None = None,
           shell: str | None = None, scrollback: int = 1 << 20,
           idle_ttl: float = 86400.0, external_hub: bool = False,
-          no_cli_bridge: bool = False, devices_only: bool = False) -> None:
+          no_cli_bridge: bool = False, devices_only: bool = False, standalone: bool = False,
+          join: bool = False) -> None:
     """Serve the cmux remote protocol. Without --stdio, --tcp or --socket it listens on
     127.0.0.1:5555 and the Unix socket $XDG_RUNTIME_DIR/cmuxd/cmuxd.sock (without
     XDG_RUNTIME_DIR: ~/.local/state/cmux/cmuxd.sock)."""
+    if (standalone or join) and not stdio:
+        usage_error("--standalone and --join choose how --stdio serves; add --stdio")
     if stdio:
         if tcp or socket:
             usage_error("--stdio serves one pipe; it cannot be combined with --tcp or --socket")
+        if standalone and join:
+            usage_error("choose one of --standalone (serve in-process) and --join (through "
+                        "the running daemon)")
         if scrollback <= 0 or idle_ttl <= 0:
             usage_error("--scrollback and --idle-ttl must be positive")
+        if not standalone:
+            from .front import join as join_daemon
+
+            status = join_daemon(state_dir or None)
+            if status is not None:
+                sys.exit(status)
         sys.exit(asyncio.run(_serve_stdio(shell, scrollback, idle_ttl, not no_cli_bridge)))
     from .supervisor import run_daemon
     from .supervisor.listeners import ListenerError, default_socket_path, parse_tcp

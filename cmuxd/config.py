@@ -10,17 +10,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .paths import front_socket_path, runtime_dir
 from .tailnet import AllowList
 
 DEFAULT_PORT = 5555
-
-
-def runtime_dir() -> Path:
-    """Where the daemon keeps its sockets: $XDG_RUNTIME_DIR/cmuxd, else ~/.local/state/cmux."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base):
-        return Path(base) / "cmuxd"
-    return Path.home() / ".local" / "state" / "cmux"
 
 
 @dataclass
@@ -71,6 +64,10 @@ class Config:
     @property
     def control_path(self) -> Path:
         return Path(self.state_dir) / "control.sock"
+
+    @property
+    def front_path(self) -> Path:
+        return front_socket_path(self.state_dir)
 
     def worker_json(self) -> dict:
         keys = ("shell", "scrollback", "idle_ttl", "state_dir", "cli_bridge")

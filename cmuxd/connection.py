@@ -43,16 +43,19 @@ log = logging.getLogger("cmuxd.connection")
 class ConnectionContext:
     """All a handler knows of its connection: its kind, its state, how to push events."""
 
-    __slots__ = ("_conn", "transport", "hub", "daemon", "_state", "caller", "device")
+    __slots__ = ("_conn", "transport", "hub", "daemon", "_state", "caller", "device", "env")
 
     def __init__(self, conn: "Connection", transport: str, hub: Any, daemon: Any = None,
-                 caller: str | None = None, device: str | None = None):
+                 caller: str | None = None, device: str | None = None,
+                 env: dict[str, str] | None = None):
         self._conn = conn
         self.transport = transport
         self.hub = hub
         self.daemon = daemon  # handlers.system.DaemonFigures in a worker; None under stdio
         self.caller = caller  # "device NAME", "shared token" or "uid N"; None under stdio
         self.device = device  # the device key that authenticated it, if one did
+        self.env = env
+        """The SSH connection's variables for the sessions it starts (front door only)."""
         self._state: dict[type, Any] = {}
 
     def state(self, cls):
@@ -93,8 +96,9 @@ class Connection(asyncio.Protocol):
     stdio, where they are the stdin and stdout pipes."""
 
     def __init__(self, transport: str, hub: Any = None, initial: bytes = b"",
-                 daemon: Any = None, caller: str | None = None, device: str | None = None):
-        self.ctx = ConnectionContext(self, transport, hub, daemon, caller, device)
+                 daemon: Any = None, caller: str | None = None, device: str | None = None,
+                 env: dict[str, str] | None = None):
+        self.ctx = ConnectionContext(self, transport, hub, daemon, caller, device, env)
         self.decoder = FrameDecoder()
         self.pending: deque = deque()
         self.reader = None
@@ -469,10 +473,14 @@ class _PausableFile:
 
 async def serve_stdio(hub: Any = None) -> int:
     """Serve one connection on stdin/stdout; the exit status the process should have."""
+    return await serve_pipes(Connection("stdio", hub), os.dup(sys.stdin.fileno()),
+                             os.dup(sys.stdout.fileno()))
+
+
+async def serve_pipes(conn: Connection, in_fd: int, out_fd: int) -> int:
+    """Serve `conn` reading `in_fd` and writing `out_fd` (ours to close): a pipe, a socket,
+    a terminal, a file or /dev/null each. 0 after the input's end, 1 after an I/O error."""
     loop = asyncio.get_running_loop()
-    conn = Connection("stdio", hub)
-    in_fd = os.dup(sys.stdin.fileno())
-    out_fd = os.dup(sys.stdout.fileno())
     if _is_regular(out_fd):
         conn.writer = _FileWriter(out_fd, conn)
     elif _is_stream_socket(out_fd):
@@ -501,15 +509,17 @@ async def serve_stdio(hub: Any = None) -> int:
     if feeder is not None:
         feeder.cancel()
     if exc is not None:
-        log.error("stdio connection failed: %s", exc)
+        log.error("connection over stdin and stdout failed: %s", exc)
         return 1
     return 0
 
 
 def _is_regular(fd: int) -> bool:
+    """A regular file or /dev/null: always ready, and no event loop can watch either."""
     import stat
 
-    return stat.S_ISREG(os.fstat(fd).st_mode)
+    st = os.fstat(fd)
+    return stat.S_ISREG(st.st_mode) or os.path.samestat(st, os.stat(os.devnull))
 
 
 def _is_stream_socket(fd: int) -> bool:

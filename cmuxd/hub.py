@@ -55,6 +55,7 @@ from .protocol import (
     RPCError,
     b64,
 )
+from .front import forwarded
 from .pty_output import OutputPump
 from .pty_ring import Ring
 from .pty_rules import (
@@ -127,9 +128,14 @@ def resolve_shell(configured: str | None) -> str:
     return "/bin/sh"
 
 
-def child_environment(shell: str) -> dict[str, str]:
-    """The daemon's environment, adjusted so programs see a modern UTF-8 colour terminal."""
+def child_environment(shell: str, connection_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The daemon's environment, adjusted so programs see a modern UTF-8 colour terminal.
+    A session started through the front door takes the SSH connection's variables (and
+    none of the daemon's of the same kind) from `connection_env`."""
     env = dict(os.environ)
+    if connection_env is not None:
+        env = {k: v for k, v in env.items() if not forwarded(k)}
+        env.update(connection_env)
     env["TERM"] = "xterm-256color"
     for key, value in (("COLORTERM", "truecolor"), ("TERM_PROGRAM", "ghostty"), ("SHELL", shell)):
         if not env.get(key):
@@ -269,7 +275,8 @@ class PtySession:
 
     # process
 
-    async def start(self, command: str, cols: int, rows: int) -> None:
+    async def start(self, command: str, cols: int, rows: int,
+                    connection_env: dict[str, str] | None = None) -> None:
         loop = asyncio.get_running_loop()
         shell = resolve_shell(self.hub.shell)
         command = command.strip()
@@ -285,7 +292,7 @@ class PtySession:
         # A terminal opens in the home directory, whatever directory the daemon runs in.
         cwd = home if home and os.path.isdir(home) else None
         _set_winsize(self.master, cols, rows)
-        env = child_environment(shell)
+        env = child_environment(shell, connection_env)
         bridge = self.hub.cli
         if bridge is not None:
             try:
@@ -891,8 +898,10 @@ class Hub:
     async def attach(self, peer: int, session_id: str, attachment_id: str, token: str,
                      cols: int, rows: int, command: str | None, require_existing: bool,
                      input_seq_ack: bool, reserved: Callable[[], None] | None = None,
-                     resume_from: int | None = None, wants_exit_status: bool = False) -> dict:
-        """Attach, starting the session's process first if needed.
+                     resume_from: int | None = None, wants_exit_status: bool = False,
+                     env: dict[str, str] | None = None) -> dict:
+        """Attach, starting the session's process first if needed (with `env`, the
+        connection's variables, when it came through the front door).
 
         `reserved()` is called once the session exists in the hub (found, or created and
         starting), before any wait: from then on other calls observe it, so the caller may
@@ -923,7 +932,7 @@ class Hub:
                 ) from None
             session = self.sessions[session_id] = PtySession(self, session_id, master, slave)
             session.started = asyncio.get_running_loop().create_task(
-                self._start(session, command or "", want)
+                self._start(session, command or "", want, env)
             )
         if reserved is not None:
             reserved()
@@ -960,7 +969,8 @@ class Hub:
             "replay_bytes": want.replay,
         }
 
-    async def _start(self, session: PtySession, command: str, first: "_AttachRequest") -> str | None:
+    async def _start(self, session: PtySession, command: str, first: "_AttachRequest",
+                     env: dict[str, str] | None = None) -> str | None:
         """Start the process; the failure text, or None.
 
         Runs apart from any one attach, so a cancelled attach never leaves a half-started
@@ -968,7 +978,7 @@ class Hub:
         read, so it sees every byte the process writes live (its replay is empty).
         """
         try:
-            await session.start(command, first.cols, first.rows)
+            await session.start(command, first.cols, first.rows, env)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             session.finish()
             session.release()

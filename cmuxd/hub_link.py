@@ -49,7 +49,7 @@ from .pty_rules import MSG_NO_HUB, MSG_QUEUE_FULL, pty_error_event
 
 log = logging.getLogger("cmuxd.hub")
 
-LINK_VERSION = 2
+LINK_VERSION = 3
 """Bumped whenever a message changes shape; a hub and a worker must speak the same one."""
 CONNECT_WAIT = 5.0
 LINK_MAX_FRAME = 64 * 1024 * 1024
@@ -122,6 +122,12 @@ class _Link:
             self._supervisor_message(kind)
             return
         if not self.can_hold_leases:
+            if kind == "hello" and msg.get("role") == "supervisor":
+                # Any version: a daemon with new code must be able to ask an old hub to
+                # upgrade. The supervisor link is ping/pong, upgrade and stop, for good.
+                self.role = "supervisor"
+                self.send({"type": "hello", "version": LINK_VERSION, **self.server.figures()})
+                return
             if kind != "hello" or msg.get("version") != LINK_VERSION:
                 log.error("a worker speaking hub link version %r connected; this hub speaks "
                           "%d (a daemon mid-upgrade?); closing its link", msg.get("version"),
@@ -129,10 +135,6 @@ class _Link:
                 self.send({"type": "refused", "reason": f"the PTY hub speaks link version "
                                                         f"{LINK_VERSION}"})
                 self.channel.close()
-                return
-            if msg.get("role") == "supervisor":
-                self.role = "supervisor"
-                self.send({"type": "hello", "version": LINK_VERSION, **self.server.figures()})
                 return
             self.can_hold_leases = True
             self.worker = str(msg.get("worker", ""))
@@ -736,13 +738,15 @@ class RemoteHub:
 
     async def attach(self, peer, session_id, attachment_id, token, cols, rows, command,
                      require_existing, input_seq_ack, reserved=None, resume_from=None,
-                     wants_exit_status=False) -> dict:
-        return await self._call("attach", {
+                     wants_exit_status=False, env=None) -> dict:
+        params = {
             "peer": peer, "session_id": session_id, "attachment_id": attachment_id,
             "token": token, "cols": cols, "rows": rows, "command": command,
             "require_existing": require_existing, "input_seq_ack": input_seq_ack,
-            "resume_from": resume_from, "wants_exit_status": wants_exit_status},
-            reserved=reserved)
+            "resume_from": resume_from, "wants_exit_status": wants_exit_status}
+        if env is not None:  # only then: a hub older than the front door takes the rest
+            params["env"] = env
+        return await self._call("attach", params, reserved=reserved)
 
     async def cancel(self, peer, session_id, attachment_id, token) -> None:
         await self._call("cancel", {"peer": peer, "session_id": session_id,

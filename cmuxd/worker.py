@@ -20,6 +20,7 @@ import orjson
 from .connection import Connection
 from .handlers.system import DaemonFigures
 from . import __version__
+from .front_door import serve_front
 from .handoff import HandoffDecoder, encode_report
 from .hub_link import RemoteHub, hub_socket_path
 from .logs import setup_logging
@@ -147,6 +148,10 @@ class WorkerProcess:
     def _serve(self, fd: int, header: dict, leftover: bytes) -> None:
         loop = asyncio.get_running_loop()
         sock = socket.socket(fileno=fd)
+        if header["kind"] == "front":
+            sock.setblocking(False)
+            loop.create_task(self._serve_front(sock))
+            return
         device = header.get("device")
         conn = Connection(header["kind"], self.hub, initial=leftover, daemon=self.figures,
                           caller=caller_of(header), device=device)
@@ -157,11 +162,29 @@ class WorkerProcess:
                      extra={"DEVICE": device})
         loop.create_task(loop.connect_accepted_socket(lambda: conn, sock))
 
+    async def _serve_front(self, sock: socket.socket) -> None:
+        """A `serve --stdio` front door: its stdin and stdout are the connection."""
+
+        def make_connection(env: dict) -> Connection:
+            conn = Connection("front", self.hub, daemon=self.figures, env=env,
+                              caller=f"uid {os.getuid()}")
+            self.connections.add(conn)
+            return conn
+
+        conn = await serve_front(sock, make_connection)
+        if conn is None:
+            self._count_closed()
+        else:
+            self._closed(conn)
+
     def _closed(self, conn: Connection) -> None:
         if conn.ctx.device is not None:
             log.info("device %s disconnected", conn.ctx.device,
                      extra={"DEVICE": conn.ctx.device})
         self.connections.discard(conn)
+        self._count_closed()
+
+    def _count_closed(self) -> None:
         self.closed_since_report += 1
         if not self.report_pending:
             self.report_pending = True

@@ -453,9 +453,11 @@ def daemon_command(*args: str) -> list[str]:
 class StdioDaemon(FrameStream):
     """`cmuxd-remote serve --stdio` as a child process, spoken to through its pipes, or with
     `over_socket`, through one end of a socketpair that is both its stdin and its stdout (the
-    way inetd-style launchers run it)."""
+    way inetd-style launchers run it). In-process (--standalone) unless `standalone` is
+    False: a daemon running on the machine must not answer in its place."""
 
-    def __init__(self, *extra_args: str, env: dict | None = None, over_socket: bool = False):
+    def __init__(self, *extra_args: str, env: dict | None = None, over_socket: bool = False,
+                 standalone: bool = True):
         self.stderr_file = tempfile.TemporaryFile()
         if over_socket:
             ours, theirs = socket.socketpair()
@@ -463,7 +465,8 @@ class StdioDaemon(FrameStream):
         else:
             stdin = stdout = subprocess.PIPE
         self.proc = subprocess.Popen(
-            daemon_command("serve", "--stdio", *extra_args),
+            daemon_command("serve", "--stdio", *(["--standalone"] if standalone else []),
+                           *extra_args),
             stdin=stdin,
             stdout=stdout,
             stderr=self.stderr_file,

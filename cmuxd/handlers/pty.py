@@ -230,6 +230,7 @@ async def _attach(ctx, conn: PtyConnection, entry: _InflightAttach, command, req
         conn.peer, entry.session_id, entry.attachment_id, entry.token, cols, rows,
         command if type(command) is str else "", require_existing, input_seq_ack,
         reserved=on_reserved, resume_from=resume_from, wants_exit_status=wants_exit_status,
+        env=ctx.env,
     ))
     try:
         await asyncio.wait((reserved, call), return_when=asyncio.FIRST_COMPLETED)

@@ -20,7 +20,7 @@ from ..local_sockets import LocalSocketError, make_state_dir
 from .control import ControlError, ControlServer
 from .gate import Gate
 from .hub_keeper import HubKeeper
-from .listeners import Listener, ListenerError
+from .listeners import Listener, ListenerError, bind_unix
 from .notify import Notifier, pool_healthy, status_line
 from .pool import WorkerPool
 
@@ -56,6 +56,7 @@ class Supervisor:
         self.gate.on_device = self._device_used
         self.replaced_token: bytes | None = None  # the token `token rotate` last replaced
         self.previous_until: float | None = None  # wall clock, for status
+        self.front: Listener | None = None  # serve --stdio hands its pipes over here
         self.stop_requested: asyncio.Event | None = None
         self.notifier = Notifier()  # sd_notify; does nothing without NOTIFY_SOCKET
 
@@ -73,6 +74,7 @@ class Supervisor:
         try:
             make_state_dir(self.config.state_dir)
             await self.control.start()
+            self.front = front_door(self.config.front_path)
         except (LocalSocketError, ListenerError) as exc:
             log.error("%s", exc if isinstance(exc, LocalSocketError) else
                       f"state directory {self.config.state_dir}: {exc}; pass another --state-dir")
@@ -84,17 +86,21 @@ class Supervisor:
         except AuthError as exc:
             log.error("%s", exc)
             self.control.close()
+            self.front.close()
             for listener in self.listeners:
                 listener.close()
             return 1
         self._hub_ticks = loop.create_task(self._watch_hub())
         self.pool.start()
+        self.gate.listeners = [*self.listeners, self.front]
         self.gate.start()
         for listener in self.listeners:
             auth = "relay-token auth" if listener.kind == "tcp" or self.config.unix_auth == "token" \
                 else "peer uid check"
             log.info("listening on %s %s (%s, %s)", listener.kind, listener.address,
                      listener.origin, auth)
+        log.info("serve --stdio of this user hands its stdin and stdout over %s",
+                 self.front.address)
         log.info("cmuxd %s serving with %d workers", __version__, self.config.workers)
         self.notifier.start(lambda: status_line(self.listeners, self.pool),
                             lambda: pool_healthy(self.pool))
@@ -239,7 +245,7 @@ class Supervisor:
         if not self.immediate:
             await self.gate.drain(STOP_DRAIN)
         self.gate.stop()
-        for listener in self.listeners:
+        for listener in self.gate.listeners:
             listener.close()
         await self.pool.stop(graceful=not self.immediate)
         if self._hub_ticks is not None:
@@ -274,6 +280,16 @@ class Supervisor:
             "devices_only": self.config.devices_only,
             "device_connections": self.device_status()["connections"],
         }
+
+
+def front_door(path) -> Listener:
+    """The socket `serve --stdio` of our user hands its stdin and stdout over. A socket of
+    its own, not a marker on the Unix listeners: their clients keep getting no preamble and
+    no extra read before their handoff."""
+    listener = bind_unix(str(path), "the front door socket")
+    listener.kind = "front"
+    return listener
+
 
 PREFLIGHT_TIMEOUT = 30.0
 

@@ -39,6 +39,11 @@ NO_WORKER_REPLY = (
     b'(they are being restarted); try again shortly"}}\n'
 )
 
+FRONT_TOKEN_REPLY = (
+    b'{"ok":false,"error":{"code":"unavailable","message":"the daemon asks local clients for '
+    b'the relay token (--unix-auth token), which the front door cannot give"}}\n'
+)
+
 
 class Backoff:
     """Failure counts per source (`sources.source_key`); a source past the threshold is
@@ -225,6 +230,8 @@ class Gate:
             self.counters["accepted"] += 1
             if listener.kind == "unix":
                 self._accept_unix(conn)
+            elif listener.kind == "front":
+                self._accept_front(conn)
             else:
                 if not (ACCEPT_INHERITS_OPTIONS
                         and listener.sock.fileno() in self.backlog_drained):
@@ -248,6 +255,20 @@ class Gate:
         else:
             self._refuse("peer_uid")
             conn.close()
+
+    def _accept_front(self, conn: socket.socket) -> None:
+        """A `serve --stdio` of our user handing over its stdin and stdout: a worker reads
+        nothing but the handoff from it, so no byte of the connection passes here."""
+        uid = peer_uid(conn)
+        if uid not in (self.uid, 0):
+            self._refuse("peer_uid")
+            conn.close()
+        elif self.config.unix_auth == "token":
+            self._refuse("front_unix_auth")
+            _send_and_close(conn, FRONT_TOKEN_REPLY)
+        elif self._admit(conn):
+            self.counters["authenticated"] += 1
+            self._hand_off(conn, "front", f"uid {uid}", b"")
 
     def _accept_tcp(self, conn: socket.socket, addr, peer: str) -> None:
         host = addr[0]

@@ -1,12 +1,13 @@
 """Benchmarks of cmuxd-remote: scripts that print figures, never timed assertions.
 
     scripts/bench                       # every section (about a minute)
-    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty, flood, frames, upgrade (comma separated)
+    scripts/bench --only stdio          # sections: stdio, ssh, tcp, idle, pty, flood, frames, upgrade, front
     scripts/bench --only stdio --runs 15 --pings 50000
     scripts/bench --only ssh --connects 50
     scripts/bench --only tcp --auth-client python
     scripts/bench --only idle --idle-connections 20000
     scripts/bench --only pty --keystrokes 20000 --pty-mib 256
+    scripts/bench --only front --front-runs 25
 
 Sections
 
@@ -40,6 +41,11 @@ Sections
   another connection (a child process) streams 1 MiB writes of LFs, then of invalid frames,
   as fast as it can.
 
+* front: `serve --stdio` with the daemon running (the front door hands its stdin and stdout
+  to a worker) against `serve --stdio --standalone` (in-process) and the bare interpreter
+  (`python -I -c pass`), exec → first pong, interleaved runs and their medians; the front
+  process's RSS after its first pong; the first connection that starts a socket-activated
+  daemon (systemd-socket-activate); 200,000 pipelined pings through each.
 * flood: the auth latency of good clients (connect + handshake, one after another) without
   an attack, then while one source (loopback) holds 1,000 idle pre-auth connections and
   opens a new one for each the daemon drops (tests/idle_flood.py): from loopback, and, as
@@ -1958,6 +1964,120 @@ def pty_section(args, procs: Processes, results: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# section: front (serve --stdio handing its pipes to the running daemon)
+
+
+def exec_seconds(argv: list[str], procs: Processes) -> float:
+    """Start `argv` and wait for it to exit: its whole start-up."""
+    started = time.perf_counter()
+    proc = procs.start(argv, stdin=subprocess.DEVNULL)
+    proc.wait(timeout=30)
+    procs.forget(proc)
+    return time.perf_counter() - started
+
+
+def first_pong_and_rss(argv: list[str], procs: Processes) -> tuple[float, int]:
+    """Exec → first pong of a `serve --stdio`, and the RSS of its process after that pong
+    (the front door's, while it waits for the daemon to finish with its pipes)."""
+    with piped_process(procs, argv) as proc:
+        pipe = Pipe(proc.stdin.fileno(), proc.stdout.fileno())
+        pipe.write(PING)
+        line = pipe.readline()
+        elapsed = time.perf_counter() - proc.started
+        check_pong(line, 1)
+        rss = psutil.Process(proc.pid).memory_info().rss
+        proc.stdin.close()
+        status = proc.wait(timeout=10)
+        procs.forget(proc)
+        if status != 0:
+            raise RuntimeError(f"`{shlex.join(argv)}` exited with status {status}")
+        return elapsed, rss
+
+
+def pipelined_rate(argv: list[str], procs: Processes, count: int) -> float:
+    with piped_process(procs, argv) as proc:
+        pipe = Pipe(proc.stdin.fileno(), proc.stdout.fileno())
+        pipe.write(PING)
+        check_pong(pipe.readline(), 1)
+        seconds = pipelined(pipe, ping_batch(count), count)
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        procs.forget(proc)
+        return count / seconds
+
+
+def activated_first_pong(script: str, tmp: Path, procs: Processes) -> float | None:
+    """Exec → first pong when the front's connection starts the daemon: systemd-socket-activate
+    holds its Unix socket, as a --user unit's cmuxd.socket would. None without the tool."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        return None
+    state = tmp / f"activated-{secrets.token_hex(4)}"
+    state.mkdir(mode=0o700)
+    log = open(tmp / "activated.log", "ab")
+    holder = procs.start([activate, "-l", str(state / "cmuxd.sock"), script, "serve",
+                          "--workers", "1", "--token-file", str(tmp / "relay-token"),
+                          "--state-dir", str(state)], stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while not (state / "cmuxd.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    elapsed, _ = first_pong_and_rss([script, "serve", "--stdio", "--state-dir", str(state)],
+                                    procs)
+    procs.stop(holder)
+    subprocess.run([script, "hub", "stop", "--state-dir", str(state)], capture_output=True,
+                   timeout=30)
+    return elapsed
+
+
+def front_section(args, procs: Processes, results: dict) -> None:
+    script = daemon_argv(args)[0]
+    bare = [sys.executable, "-I", "-c", "pass"]
+    with section_dir(procs, "front") as tmp:
+        start_tcp_daemon(tmp, procs, args)
+        front = [script, "serve", "--stdio", "--state-dir", str(tmp / "state")]
+        alone = [script, "serve", "--stdio", "--standalone"]
+        print(f"front: exec → first pong, `{shlex.join(front[1:])}` (front door) and "
+              f"`{shlex.join(alone[1:])}` (in-process) beside `python -I -c pass`, "
+              f"{args.front_runs} interleaved runs")
+        figures: dict[str, list[float]] = {"bare": [], "front": [], "alone": []}
+        rss: list[int] = []
+        for run in range(1, args.front_runs + 1):
+            figures["bare"].append(exec_seconds(bare, procs))
+            seconds, front_rss = first_pong_and_rss(front, procs)
+            figures["front"].append(seconds)
+            rss.append(front_rss)
+            figures["alone"].append(first_pong_and_rss(alone, procs)[0])
+        med = {k: statistics.median(v) for k, v in figures.items()}
+        results.update(front_bare=med["bare"], front_first_pong=med["front"],
+                       front_inprocess_first_pong=med["alone"],
+                       front_rss=statistics.median(rss))
+        table([("python -I -c pass", ms(med["bare"]), "1.0×", ""),
+               ("front door", ms(med["front"]), f"{med['front'] / med['bare']:.1f}×",
+                f"RSS {statistics.median(rss) / 1e6:.1f} MB"),
+               ("in-process", ms(med["alone"]), f"{med['alone'] / med['bare']:.1f}×", "")],
+              ("", "median", "× bare", ""))
+        activated = [activated_first_pong(script, tmp, procs) for _ in range(3)]
+        if None in activated:
+            print("  socket-activated first connection: skipped (no systemd-socket-activate)")
+        else:
+            results["front_activated_first_pong"] = statistics.median(activated)
+            print("  first connection that starts a socket-activated daemon: "
+                  + ", ".join(ms(v) for v in activated))
+        count = args.front_pings
+        print(f"  {count:,} pipelined pings, {args.front_pipe_runs} interleaved runs each")
+        rates: dict[str, list[float]] = {"front": [], "alone": []}
+        for _ in range(args.front_pipe_runs):
+            rates["front"].append(pipelined_rate(front, procs, count))
+            rates["alone"].append(pipelined_rate(alone, procs, count))
+        for name, label in (("front", "front door"), ("alone", "in-process")):
+            print(f"    {label}: {rate(statistics.median(rates[name])):>12}   ("
+                  + ", ".join(rate(v) for v in rates[name]) + ")")
+        results["front_pipelined"] = statistics.median(rates["front"])
+        results["front_inprocess_pipelined"] = statistics.median(rates["alone"])
+
+
+# ---------------------------------------------------------------------------------------------
 # summary: every figure of the run next to its goal
 
 
@@ -1978,6 +2098,21 @@ def summary(r: dict) -> None:
 
     rows = [
         row("stdio: 20,000 pipelined pings", "stdio_pipelined", rate),
+        row("front: exec → first pong through the front door", "front_first_pong", ms,
+            "≤ 3× python -I -c pass",
+            lambda r: r["front_first_pong"] <= 3 * r["front_bare"],
+            x("front_first_pong", "front_bare") + " bare"),
+        row("front: exec → first pong in-process", "front_inprocess_first_pong", ms,
+            "≤ 5× python -I -c pass",
+            lambda r: r["front_inprocess_first_pong"] <= 5 * r["front_bare"],
+            x("front_inprocess_first_pong", "front_bare") + " bare"),
+        row("front: RSS of the front process", "front_rss", lambda v: f"{v / 1e6:.1f} MB"),
+        row("front: first pong starting a socket-activated daemon",
+            "front_activated_first_pong", ms),
+        row("front: pipelined pings through the front door", "front_pipelined", rate,
+            "≥ 0.9× in-process",
+            lambda r: r["front_pipelined"] >= 0.9 * r["front_inprocess_pipelined"],
+            x("front_pipelined", "front_inprocess_pipelined")),
         row("ssh: connect + first reply (fresh)", "ssh_first_reply", ms),
         row("ssh: connect + first reply (ControlMaster)", "ssh_cm_first_reply", ms),
         row("tcp: connect + auth + first reply (p50)", "tcp_first_reply", ms,
@@ -2042,7 +2177,7 @@ def summary(r: dict) -> None:
 
 SECTIONS = {"stdio": stdio_section, "ssh": ssh_section, "tcp": tcp_section,
             "idle": idle_section, "pty": pty_section, "flood": flood_section,
-            "frames": frames_section, "upgrade": upgrade_section}
+            "frames": frames_section, "upgrade": upgrade_section, "front": front_section}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -2107,6 +2242,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="MiB that `cat` writes for the throughput figure (default: %(default)s)")
     pty.add_argument("--pty-runs", type=int, default=3,
                      help="runs of the throughput figure (default: %(default)s)")
+    front = p.add_argument_group("front")
+    front.add_argument("--front-runs", type=int, default=15,
+                       help="interleaved runs of the exec → first pong figures "
+                       "(default: %(default)s)")
+    front.add_argument("--front-pings", type=int, default=200000,
+                       help="pipelined pings per throughput run (default: %(default)s)")
+    front.add_argument("--front-pipe-runs", type=int, default=3,
+                       help="interleaved throughput runs per side (default: %(default)s)")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.sections if s not in SECTIONS]
