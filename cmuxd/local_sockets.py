@@ -7,7 +7,6 @@ and each end checks the other's uid with SO_PEERCRED: the daemon's own user, or 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import stat
@@ -62,21 +61,9 @@ def check_server(sock, path: Path) -> None:
                                "the daemon, remove the directory and start the daemon again")
 
 
-async def open_trusted_unix(path: Path):
-    """asyncio.open_unix_connection to a socket in the state directory, refused unless the
-    directory and the listening process are ours."""
-    check_state_dir(path.parent)
-    reader, writer = await asyncio.open_unix_connection(str(path))
-    try:
-        check_server(writer.get_extra_info("socket"), path)
-    except LocalSocketError:
-        writer.close()
-        raise
-    return reader, writer
-
-
 def connect_trusted(path: Path, timeout: float) -> socket.socket:
-    """The blocking counterpart of open_trusted_unix, for the command line."""
+    """A connection to a socket in the state directory, refused unless the directory and
+    the listening process are ours (for the command line)."""
     check_state_dir(path.parent)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
