@@ -36,6 +36,13 @@ def set_version(site: Path, version: str) -> None:
     init.write_text(text)
 
 
+def ready(d: ListeningDaemon) -> ListeningDaemon:
+    """Workers up and the supervisor's link to the hub too (status says the hub's pid)."""
+    d.wait_ready()
+    wait_for(lambda: d.status()["hub"]["connected"], timeout=20)
+    return d
+
+
 def attach(d, name: str, **extra):
     s = d.authed()
     r = s.call("pty.attach", {"session_id": "counter", "attachment_id": name,
@@ -83,7 +90,7 @@ class Dialer(threading.Thread):
 
 
 def test_a_live_upgrade_runs_the_new_code_and_loses_nothing(installed):
-    d = ListeningDaemon(workers=2, env={"PYTHONPATH": str(installed)}).wait_ready()
+    d = ready(ListeningDaemon(workers=2, env={"PYTHONPATH": str(installed)}))
     dialer = Dialer(d)
     try:
         first = attach(d, "a", command=COUNTER)
@@ -123,7 +130,7 @@ def test_a_live_upgrade_runs_the_new_code_and_loses_nothing(installed):
 
 
 def test_a_broken_upgrade_is_refused_and_changes_nothing(installed):
-    d = ListeningDaemon(workers=1, env={"PYTHONPATH": str(installed)}).wait_ready()
+    d = ready(ListeningDaemon(workers=1, env={"PYTHONPATH": str(installed)}))
     try:
         first = attach(d, "a", command=COUNTER)
         replay_of(first, b"tick 2")
@@ -144,7 +151,7 @@ def test_a_broken_upgrade_is_refused_and_changes_nothing(installed):
 
 def test_a_hub_refuses_state_it_does_not_know(installed):
     """The hub's own pre-flight: new code that cannot adopt the sessions is not run."""
-    d = ListeningDaemon(workers=1, env={"PYTHONPATH": str(installed)}).wait_ready()
+    d = ready(ListeningDaemon(workers=1, env={"PYTHONPATH": str(installed)}))
     try:
         replay_of(attach(d, "a", command=COUNTER), b"tick 1")
         hub = installed / "cmuxd" / "hub.py"
@@ -161,7 +168,7 @@ def test_a_hub_refuses_state_it_does_not_know(installed):
 
 
 def test_stop_and_start_on_the_same_state_dir_keeps_sessions(installed):
-    d = ListeningDaemon(workers=1, env={"PYTHONPATH": str(installed)}).wait_ready()
+    d = ready(ListeningDaemon(workers=1, env={"PYTHONPATH": str(installed)}))
     try:
         out = replay_of(attach(d, "a", command=COUNTER), b"tick 2")
         pid = int(re.search(rb"pid=(\d+)", out).group(1))
