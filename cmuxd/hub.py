@@ -55,6 +55,7 @@ from .protocol import (
     RPCError,
     b64,
 )
+from .fd_store import FdStore, process_start
 from .front import forwarded
 from .pty_output import OutputPump
 from .pty_ring import Ring
@@ -114,6 +115,11 @@ def _clamp(value: int) -> int:
 
 def _set_winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _get_winsize(fd: int) -> tuple[int, int]:
+    rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
+    return cols, rows
 
 
 def resolve_shell(configured: str | None) -> str:
@@ -352,6 +358,8 @@ class PtySession:
             del hub.sessions[self.id]
             if hub.on_session_end is not None:
                 hub.on_session_end()
+        if hub.fd_store is not None and self.pid is not None:
+            hub.fd_store.drop(self.incarnation)
         if self.cli_path is not None:
             hub.cli.close_socket(self.cli_path)
         if self.idle_timer is not None:
@@ -732,6 +740,8 @@ class Hub:
         self._peer_counter = 0
         self._lease_counter = 0
         self.on_session_end: Callable[[], None] | None = None
+        self.fd_store: FdStore | None = None
+        """Where each session is stored so that it outlives a crash of this process."""
         self.pending: dict[tuple[str, int], list] = {}
         """Attachments carried across an upgrade, until their worker's peer is back."""
         self._supported: bool | None = None
@@ -995,6 +1005,8 @@ class Hub:
         else:
             session._arm_idle()
         os.set_blocking(session.master, False)
+        if self.fd_store is not None:
+            self.fd_store.keep(session)
         session.read_here()
         # Once this start is done (`started` counts), not from inside it.
         asyncio.get_running_loop().call_soon(session.consider_lease)
@@ -1129,42 +1141,74 @@ class Hub:
     def adopt_state(self, state: dict, fds: list[int]) -> None:
         """Go on with the sessions an earlier image of this process handed over."""
         check_state(state, len(fds))
-        loop = asyncio.get_running_loop()
         watcher = asyncio.get_child_watcher()
         for entry in state["sessions"]:
-            master, ring_fd = fds[entry["master"]], fds[entry["ring"]]
-            session = PtySession(self, entry["session_id"], master, None, Ring.attach(ring_fd))
-            session.pid = entry["pid"]
-            session.command = entry["command"]
-            session.script = entry["script"]
-            session.exit_status = entry["exit_status"]
-            session.sizes.last_cols, session.sizes.last_rows = entry["cols"], entry["rows"]
-            session.eof = entry["eof"]
+            session = self._adopt(entry, fds[entry["master"]], Ring.attach(fds[entry["ring"]]))
             for att in entry["attachments"]:
                 self.pending.setdefault((att["worker"], att["peer"]), []).append(
                     (session.id, entry["sent"], att))
-            if entry.get("cli_path") and self.cli is not None:
-                try:
-                    session.cli_path = self.cli.open(session.id, entry["cli_path"])
-                except (OSError, ValueError) as exc:
-                    log.warning("PTY %s: its CLI bridge socket could not be opened again: %s",
-                                session.id, exc)
-            session.started = loop.create_future()
-            session.started.set_result(None)
-            self.sessions[session.id] = session
             for data in entry["input"]:
                 session.input.append([memoryview(binascii.a2b_base64(data)), [], 0])
             if entry["exited"]:
                 session._process_exited()
             else:
                 watcher.add_child_handler(session.pid, _reaped, session)
-            if session.input:
-                session.pump_scheduled = True
-                loop.call_soon(session._pump_input)
-            session._arm_idle()
-            session.read_here()
+            self._resume(session)
         if self.pending:
-            loop.call_later(REBIND_WAIT, self.pending.clear)
+            asyncio.get_running_loop().call_later(REBIND_WAIT, self.pending.clear)
+
+    def adopt_orphans(self, stored: list[tuple[dict, int, int]]) -> None:
+        """Go on with the sessions of a hub that died, from the service manager's fd store.
+        Their processes are no longer children of this one: a pidfd tells when each ends."""
+        for meta, master, ring_fd in stored:
+            try:
+                ring = Ring.attach(ring_fd)
+            except (OSError, ValueError) as exc:
+                log.warning("PTY %s: its stored scrollback is unreadable (%s); not adopted",
+                            meta["session_id"], exc)
+                os.close(master)
+                os.close(ring_fd)
+                continue
+            if meta["session_id"] in self.sessions:
+                os.close(master)
+                ring.close()
+                continue
+            cols, rows = _get_winsize(master)
+            entry = {"session_id": meta["session_id"], "pid": meta["pid"],
+                     "command": meta["command"], "script": meta.get("script"),
+                     "exit_status": None, "cols": cols, "rows": rows, "eof": False,
+                     "cli_path": meta.get("cli_path")}
+            session = self._adopt(entry, master, ring)
+            os.set_blocking(master, False)
+            _watch_orphan(session, meta["start"])
+            self._resume(session)
+
+    def _adopt(self, entry: dict, master: int, ring: Ring) -> "PtySession":
+        session = PtySession(self, entry["session_id"], master, None, ring)
+        session.pid = entry["pid"]
+        session.command = entry["command"]
+        session.script = entry["script"]
+        session.exit_status = entry["exit_status"]
+        session.sizes.last_cols, session.sizes.last_rows = entry["cols"], entry["rows"]
+        session.eof = entry["eof"]
+        if entry.get("cli_path") and self.cli is not None:
+            try:
+                session.cli_path = self.cli.open(session.id, entry["cli_path"])
+            except (OSError, ValueError) as exc:
+                log.warning("PTY %s: its CLI bridge socket could not be opened again: %s",
+                            session.id, exc)
+        session.started = asyncio.get_running_loop().create_future()
+        session.started.set_result(None)
+        self.sessions[session.id] = session
+        return session
+
+    @staticmethod
+    def _resume(session: "PtySession") -> None:
+        if session.input:
+            session.pump_scheduled = True
+            asyncio.get_running_loop().call_soon(session._pump_input)
+        session._arm_idle()
+        session.read_here()
 
     def expects_worker(self, worker: str) -> bool:
         return any(key[0] == worker for key in self.pending)
@@ -1216,3 +1260,25 @@ def check_state(state: dict, nfds: int) -> None:
 
 def _reaped(pid: int, code: int, session: PtySession) -> None:
     session._process_exited(code)
+
+
+def _watch_orphan(session: PtySession, start: int) -> None:
+    """Learn when a process that is not our child ends. The pidfd is opened before the
+    start time is compared, so it cannot name a later process that reused the pid."""
+    try:
+        pidfd = os.pidfd_open(session.pid)
+    except OSError:
+        session._process_exited()
+        return
+    if process_start(session.pid) != start:
+        os.close(pidfd)
+        session._process_exited()
+        return
+    loop = asyncio.get_running_loop()
+
+    def ended() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        session._process_exited()
+
+    loop.add_reader(pidfd, ended)

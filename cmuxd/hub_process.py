@@ -30,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from .fd_store import FdStore, store_address, take_stored
 from .hub import Hub, check_state, watch_children_without_threads
 from .hub_link import HubServer, hub_socket_path
 from .local_sockets import LocalSocketError
@@ -51,6 +52,8 @@ class HubProcess:
                        idle_ttl=config.get("idle_ttl", 86400.0), shell=config.get("shell"),
                        cli_bridge=config.get("cli_bridge", True),
                        cli_dir=str(Path(config["state_dir"]) / "cli"))
+        if config.get("notify_socket"):
+            self.hub.fd_store = FdStore(config["notify_socket"])
         self.server = HubServer(self.hub, hub_socket_path(config["state_dir"]))
         self.server.on_upgrade = self.request_upgrade
         self.server.on_stop = self.request_stop
@@ -69,6 +72,8 @@ class HubProcess:
             self.hub.adopt_state(*adopted)
             log.info("PTY hub upgraded in place (pid %d): %d session(s) go on", os.getpid(),
                      len(self.hub.sessions))
+        elif self.hub.fd_store is not None:
+            self.adopt_stored()
         else:
             log.info("PTY hub serving on %s", self.server.path)
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
@@ -78,6 +83,19 @@ class HubProcess:
         await self.done
         await self.server.close()
         await self.hub.shutdown()
+
+    def adopt_stored(self) -> None:
+        """Sessions of a hub that died, which the service manager kept for this one."""
+        stored, broken = take_stored()
+        for incarnation in broken:
+            self.hub.fd_store.drop(incarnation)
+        self.hub.adopt_orphans(stored)
+        if stored or broken:
+            log.warning("PTY hub serving on %s after a crash of the previous one: %d "
+                        "session(s) adopted, %d stored entr%s unusable", self.server.path,
+                        len(self.hub.sessions), len(broken), "y" if len(broken) == 1 else "ies")
+        else:
+            log.info("PTY hub serving on %s", self.server.path)
 
     def request_stop(self) -> None:
         if not self.done.done():
@@ -211,8 +229,11 @@ def main(argv: list[str] | None = None) -> None:
         for fd in fds + [args.listen_fd]:
             os.set_inheritable(fd, False)
         adopted = (state, fds)
+    config = orjson.loads(args.config)
+    if adopted is None:
+        config["notify_socket"] = store_address()
     try:
-        asyncio.run(HubProcess(orjson.loads(args.config)).run(adopted, args.listen_fd))
+        asyncio.run(HubProcess(config).run(adopted, args.listen_fd))
     except LocalSocketError as exc:
         log.error("%s", exc)
         sys.exit(1)

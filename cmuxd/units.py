@@ -29,6 +29,8 @@ SYSTEM_TOKEN_FILE = Path("/etc/cmuxd/relay-token")
 FLEET_COMMAND = ["/usr/local/bin/cmuxd-remote"]
 LAUNCHD_LABEL = "com.cmux.cmuxd"
 WATCHDOG_SEC = 30
+FD_STORE_MAX = 3 * 1024
+"""Room in cmuxd-hub.service's fd store for 1,024 sessions, three fds each."""
 # Both services use the state directory (the hub's socket, the daemon's control socket, and
 # cmuxd.socket's socket file): kept when either stops, so neither pulls it from the other.
 RUNTIME_DIRECTORY = """\
@@ -172,9 +174,14 @@ ExecReload=/bin/kill -HUP $MAINPID
 # After a crash, or a `cmuxd-remote hub stop`, a new hub serves new sessions.
 Restart=always
 RestartSec=1s
-# SIGTERM to the hub only: it hangs up every session (SIGHUP, then SIGKILL); what a session
-# left behind is killed once the hub has exited.
-KillMode=mixed
+# The hub stores each session's PTY and scrollback here (3 fds a session), so that the next
+# hub adopts every session of one that crashed, even by SIGKILL.
+NotifyAccess=main
+FileDescriptorStoreMax={FD_STORE_MAX}
+# SIGTERM to the hub only: it hangs up every session (SIGHUP, then SIGKILL). As with sshd,
+# what a session started in a session of its own (setsid, a daemon) outlives the stop, and
+# the shells outlive a crash of the hub.
+KillMode=process
 TimeoutStopSec=30s
 {RUNTIME_DIRECTORY}"""
 

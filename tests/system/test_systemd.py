@@ -753,6 +753,55 @@ def test_restarts_and_reloads_keep_a_running_session_and_replay_it_whole(systemd
     assert systemd.show("ActiveState") == "active"  # the daemon goes on, without sessions
 
 
+def test_a_sigkill_of_the_hub_loses_no_session(systemd):
+    """The fd store keeps each session's PTY and ring, KillMode=process keeps the shells:
+    the restarted hub adopts the session, whose output goes on with no gap."""
+    systemd.systemctl("start", "cmuxd.service", "cmuxd-hub.service")
+    wait_active(systemd)
+    wait_active(systemd, "cmuxd-hub.service")
+    stream = systemd.authed()
+    counter = "echo pid=$$; while :; do echo tick $((i+=1)); sleep 0.2; done"
+    out = pty_output(stream, "survivor", counter, until=b"tick 3\r\n")
+    pid = int(out.split(b"pid=")[1].split()[0])
+    seen = ticks(out)[-1]
+    assert int(systemd.show("NFileDescriptorStore", "cmuxd-hub.service")) >= 3
+    old_hub = int(systemd.show("MainPID", "cmuxd-hub.service"))
+    systemd.systemctl("kill", "--signal=KILL", "--kill-who=main", "cmuxd-hub.service")
+    # The attachment ends with the hub's link; its connection stays usable.
+    assert stream.next_event("pty.exit", timeout=15)["session_id"] == "survivor"
+    stream.close()
+    wait_for(lambda: int(systemd.show("MainPID", "cmuxd-hub.service")) not in (0, old_hub),
+             timeout=30, message="the hub to be restarted")
+    assert systemd.path(f"/proc/{pid}").exists()
+
+    def reattach() -> bytes:
+        stream = systemd.authed()
+        try:
+            return pty_output(stream, "survivor", None, until=f"tick {seen + 10}\r\n".encode(),
+                              require_existing=True)
+        finally:
+            stream.close()
+
+    replay = wait_for(lambda: _or_none(reattach), timeout=30,
+                      message="the session to be adopted by the new hub")
+    assert replay.startswith(b"pid=%d" % pid), replay[:100]
+    numbers = ticks(replay)
+    assert numbers == list(range(1, len(numbers) + 1)), numbers
+    assert "1 session(s) adopted" in systemd.journal("cmuxd-hub.service")
+    assert unit_of(systemd, pid) == "cmuxd-hub.service"
+
+    stream = systemd.authed()
+    pty_output(stream, "survivor", None, until=f"tick {numbers[-1] + 1}\r\n".encode(),
+               require_existing=True)
+    stream.send({"id": 2, "method": "pty.close", "params": {"session_id": "survivor"}})
+    assert stream.next_event("pty.exit", timeout=15)
+    stream.close()
+    wait_for(lambda: not systemd.path(f"/proc/{pid}").exists(), timeout=15,
+             message="the adopted session's process to end on pty.close")
+    wait_for(lambda: systemd.show("NFileDescriptorStore", "cmuxd-hub.service") == "0",
+             timeout=15, message="the ended session to leave the fd store")
+
+
 def _or_none(attempt):
     try:
         return attempt()

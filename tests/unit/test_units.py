@@ -313,13 +313,15 @@ def test_at_boot_applies_to_systemd_only(tmp_path):
 
 def test_the_hub_unit_outlives_the_daemon_and_carries_no_sandbox():
     """Users' shells are the hub's children: whatever sandbox its unit has, they have. And a
-    restart of cmuxd.service must not reach it, while a reload upgrades both."""
+    restart of cmuxd.service must not reach it, while a reload upgrades both. Its fd store
+    and KillMode=process carry the sessions through a crash of the hub."""
     for mode in ("user", "system"):
         rendered = render(mode, user="alice" if mode == "system" else None)
         hub, service = lines(rendered["cmuxd-hub.service"]), lines(rendered["cmuxd.service"])
         exec_start = next(line for line in hub if line.startswith("ExecStart="))
         assert exec_start.endswith(" hub run --state-dir=%t/cmuxd")
-        for line in ("ExecReload=/bin/kill -HUP $MAINPID", "KillMode=mixed",
+        for line in ("ExecReload=/bin/kill -HUP $MAINPID", "KillMode=process",
+                     "NotifyAccess=main", "FileDescriptorStoreMax=3072",
                      "RuntimeDirectory=cmuxd", "RuntimeDirectoryPreserve=yes"):
             assert line in hub
         assert ("User=alice" in hub) == (mode == "system")
