@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 
 import orjson
@@ -32,13 +33,17 @@ class ControlServer:
         self.methods = methods  # name -> callable(request) returning a JSON-ready dict
         self.listener: Listener | None = None
         self.server: asyncio.AbstractServer | None = None
+        self.serving = 0  # requests being answered now
 
-    async def start(self) -> None:
-        self.listener = bind_unix(str(self.path), "the control socket")
+    async def start(self, listener: Listener | None = None) -> None:
+        """Serve on a new socket, or on `listener` (the one a previous image of this process
+        handed over across exec)."""
+        self.listener = listener or bind_unix(str(self.path), "the control socket")
         self.server = await asyncio.start_unix_server(self._serve, sock=self.listener.sock,
                                                       limit=MAX_REQUEST)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.serving += 1
         try:
             if not trusted_peer(writer.get_extra_info("socket")):
                 return
@@ -59,7 +64,16 @@ class ControlServer:
         except (OSError, TimeoutError, ValueError, orjson.JSONDecodeError):
             pass
         finally:
+            self.serving -= 1
             writer.close()
+
+    def pause(self) -> int:
+        """Stop taking requests but keep the socket bound: a duplicate of its fd, for the
+        next image of this process (or for start() again). Requests being answered finish."""
+        fd = os.dup(self.listener.sock.fileno())
+        self.server.close()
+        self.server = None
+        return fd
 
     def close(self) -> None:
         if self.server is not None:

@@ -26,6 +26,7 @@ import orjson
 from .. import __version__
 from ..hub_link import LINK_VERSION, hub_socket_path
 from ..link_channel import MessageChannel
+from .child import Child
 from .pool import CHILD_CWD, child_command, respawn_delay
 from ..local_sockets import LocalSocketError, check_server, check_state_dir
 
@@ -44,7 +45,7 @@ class HubKeeper:
         """Never start a hub: one runs elsewhere (its own unit) and is adopted when it comes."""
         self.path = hub_socket_path(config.state_dir)
         self.channel: MessageChannel | None = None
-        self.proc: subprocess.Popen | None = None
+        self.proc: Child | None = None
         """The hub we started, while it runs as our child (reaped by us)."""
         self.pid = 0
         self.version = ""
@@ -58,12 +59,18 @@ class HubKeeper:
         """Quick deaths in a row of hubs we started: each doubles the wait for the next."""
         self.respawn_at = 0.0
         self._connecting: asyncio.Task | None = None
+        self.upgrade_on_adopt = False
+        """Ask the hub adopted at start to upgrade even at our version: this supervisor
+        re-executed itself for an upgrade, and the hub's code may have changed as well."""
 
     async def start(self) -> None:
         if await self._connect():
             log.info("adopted the PTY hub serving %s (pid %d, %s): its %d session(s) go on",
                      self.path, self.pid, self.version or "?", self.sessions)
-            if self.version != __version__:
+            if self.upgrade_on_adopt:
+                self.upgrade_on_adopt = False
+                self.upgrade()
+            elif self.version != __version__:
                 # A restart is how new code at a new path (a Nix store path) arrives.
                 log.info("the PTY hub runs %s; asking it to upgrade in place to %s",
                          self.version, __version__)
@@ -87,8 +94,8 @@ class HubKeeper:
         cmd = child_command("cmuxd.hub_process",
                             "--config", orjson.dumps(self.config.worker_json()).decode())
         # Its own session: a stop of this daemon (or of its process group) leaves it running.
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
-                                     start_new_session=True, cwd=CHILD_CWD)
+        self.proc = Child.start(cmd, stdin=subprocess.DEVNULL, close_fds=True,
+                                start_new_session=True, cwd=CHILD_CWD)
         self.lost_at = self.spawned_at = time.monotonic()
         log.info("PTY hub started (pid %d)", self.proc.pid)
 
@@ -214,6 +221,27 @@ class HubKeeper:
         """Reload: the hub checks the code now installed and re-executes into it."""
         if self.channel is not None:
             self.channel.send({"type": "upgrade"})
+
+    def handover(self) -> dict:
+        """The supervisor re-executes itself: drop the link quietly (the next image links up
+        again and adopts the hub); a hub we started stays our child, reaped by the next image."""
+        self.stopping = True
+        if self.channel is not None:
+            self.channel.close()
+        return {"pid": self.proc.pid if self.proc is not None else None,
+                "spawned_at": self.spawned_at, "streak": self.streak}
+
+    def adopt(self, state: dict) -> None:
+        """Take over what handover() gave."""
+        if state["pid"] is not None:
+            self.proc = Child(state["pid"])
+        self.spawned_at = state["spawned_at"]
+        self.streak = state["streak"]
+        self.upgrade_on_adopt = True
+
+    def resume(self) -> None:
+        """The exec after handover() failed: watch the hub again."""
+        self.stopping = False
 
     def stop(self) -> None:
         """The daemon stops; the hub does not (it ends on its own once it has no session)."""

@@ -43,6 +43,11 @@ class Notifier:
         self._failed = False
 
     @property
+    def inherited(self) -> dict[str, str]:
+        """The variables this process was given, for its next image after a re-exec."""
+        return dict(self._inherited)
+
+    @property
     def enabled(self) -> bool:
         return self.address is not None
 

@@ -11,6 +11,7 @@ would block is queued and finished when the channel drains.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import random
@@ -26,6 +27,7 @@ import orjson
 import psutil
 
 from ..handoff import encode_control, encode_handoff
+from .child import Child
 
 log = logging.getLogger("cmuxd.supervisor")
 
@@ -57,7 +59,7 @@ class Worker:
     def __init__(self, index: int, generation: int):
         self.index = index
         self.generation = generation
-        self.proc: subprocess.Popen | None = None
+        self.proc: Child | None = None
         self.ps: psutil.Process | None = None
         self.chan: socket.socket | None = None
         self.started = time.time()
@@ -133,24 +135,108 @@ class WorkerPool:
             "--config", orjson.dumps(dict(self.config.worker_json(),
                                           daemon=self.figures())).decode(),
         )
-        worker.proc = subprocess.Popen(
+        worker.proc = Child.start(
             cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
             cwd=CHILD_CWD,
         )
         theirs.close()
-        try:
-            worker.ps = psutil.Process(worker.proc.pid)
-        except psutil.Error:
-            worker.ps = None
-        ours.setblocking(False)
-        worker.chan = ours
         max_served = self.config.max_connections_served
         if max_served:
             worker.serve_limit = max_served + random.randint(0, max(1, max_served // 10))
-        loop.add_reader(ours.fileno(), self._on_readable, worker)
+        self._watch(worker, ours)
         log.info("worker %d started (pid %d, generation %d)", index, worker.pid,
                  worker.generation)
         return worker
+
+    def _watch(self, worker: Worker, chan: socket.socket) -> None:
+        try:
+            worker.ps = psutil.Process(worker.pid)
+        except psutil.Error:
+            worker.ps = None
+        chan.setblocking(False)
+        worker.chan = chan
+        asyncio.get_running_loop().add_reader(chan.fileno(), self._on_readable, worker)
+
+    def state(self) -> dict:
+        """Everything the next image of this process needs to go on with the workers it
+        inherits (they stay its children across exec): each one's channel fd, counts, and what
+        was not yet sent to it or confirmed by it, fds included."""
+        rows = []
+        for worker in self.workers:
+            if worker.state == "gone":
+                continue
+            rows.append({
+                "index": worker.index, "generation": worker.generation, "pid": worker.pid,
+                "chan": worker.chan.fileno() if worker.chan else None,
+                "started": worker.started, "state": worker.state,
+                "retire_reason": worker.retire_reason, "load": worker.load,
+                "served": worker.served, "serve_limit": worker.serve_limit,
+                "ready": worker.ready, "version": worker.version, "ping_seq": worker.ping_seq,
+                "devices": worker.devices, "inbuf": _b64(worker.inbuf),
+                "out": [[_b64(data), fd] for data, fd in worker.out],
+                "unacked": [[conn_id, fd, _b64(data)]
+                            for conn_id, (fd, data) in worker.unacked.items()],
+            })
+        return {"generation": self.generation, "workers_wanted": self.config.workers,
+                "crash_streak": self._crash_streak, "workers": rows}
+
+    def handover(self) -> dict:
+        """state(), once everything queued is sent and with every fd it names inheritable;
+        a handover that does not end in exec is undone by resume()."""
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        for worker in self.workers:
+            if worker.batch:
+                self._send_batch(worker)
+            worker.proc.forget()
+        for fd in self._fds():
+            os.set_inheritable(fd, True)
+        return self.state()
+
+    def _fds(self) -> list[int]:
+        fds = []
+        for worker in self.workers:
+            if worker.state == "gone":
+                continue
+            if worker.chan is not None:
+                fds.append(worker.chan.fileno())
+            fds.extend(fd for _, fd in worker.out if fd is not None)
+            fds.extend(fd for fd, _ in worker.unacked.values())
+        return fds
+
+    def adopt(self, state: dict) -> None:
+        """Go on with the workers a previous image of this process handed over; then tick
+        as start() does."""
+        self.generation = state["generation"]
+        self.config.workers = state["workers_wanted"]
+        self._crash_streak = state["crash_streak"]
+        for row in state["workers"]:
+            worker = Worker(row["index"], row["generation"])
+            worker.proc = Child(row["pid"])
+            for name in ("started", "state", "retire_reason", "load", "served", "serve_limit",
+                         "ready", "version", "ping_seq", "devices"):
+                setattr(worker, name, row[name])
+            worker.inbuf = base64.b64decode(row["inbuf"])
+            worker.out.extend((base64.b64decode(data), fd) for data, fd in row["out"])
+            worker.unacked = {conn_id: (fd, base64.b64decode(data))
+                              for conn_id, fd, data in row["unacked"]}
+            self.workers.append(worker)
+            if row["chan"] is not None:
+                self._watch(worker, socket.socket(fileno=row["chan"]))
+                if worker.out:
+                    asyncio.get_running_loop().add_writer(worker.chan.fileno(), self._flush,
+                                                          worker)
+        for fd in self._fds():
+            os.set_inheritable(fd, False)  # no child started from now on may inherit one
+        self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
+
+    def resume(self) -> None:
+        """The exec after handover() failed: this image goes on as it was."""
+        for fd in self._fds():
+            os.set_inheritable(fd, False)
+        if self._tick is None:
+            self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
 
     def reload(self, upgrade: bool = False) -> None:
         """A new generation takes every new connection; the old one drains and exits. After
@@ -432,7 +518,7 @@ class WorkerPool:
             if now - worker.last_pong > self.config.worker_timeout:
                 log.warning("worker %d (pid %d) has not answered for %.0f s; killing it",
                             worker.index, worker.pid, now - worker.last_pong)
-                worker.proc.kill()
+                worker.proc.abort()
                 continue
             worker.ping_seq += 1
             self._queue(worker, encode_control(
@@ -517,6 +603,10 @@ class WorkerPool:
                 pass
             rows.append(row)
         return rows
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def respawn_delay(streak: int) -> float:

@@ -108,6 +108,9 @@ def test_a_live_upgrade_runs_the_new_code_and_loses_nothing(installed):
         assert any(w["version"] == cmuxd.__version__ and w["state"] == "retiring"
                    for w in status["workers"]), status["workers"]
         assert status["hub"]["pid"] == hub_pid
+        # The supervisor re-executed itself in place: same pid, the new code.
+        assert status["pid"] == d.proc.pid and status["version"] == "9.9.9"
+        assert "took over from" in d.log()
         assert old.call("ping", id=7)["ok"]
         time.sleep(1)
         dialer.stop.set()
