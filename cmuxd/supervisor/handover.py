@@ -100,9 +100,22 @@ def check_state(state) -> None:
             if (type(entry) is not list or len(entry) != 3 or type(entry[0]) is not int
                     or type(entry[1]) is not int or type(entry[2]) is not str):
                 raise HandoverError(f"state.pool.workers[{i}].unacked has a malformed entry")
+    tokens = [("state.creds.token", state["creds"]["token"] if state["creds"] else None),
+              ("state.rotation.replaced_token", state["rotation"]["replaced_token"]),
+              ("state.rotation.previous", state["rotation"]["previous"])]
+    for where, token in tokens:
+        if token is not None and not _is_hex(token):
+            raise HandoverError(f"{where} is not a hex token")
     for name, value in state["secret_env"].items():
         if type(value) is not str:
             raise HandoverError(f"state.secret_env.{name} has the wrong type")
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        return bool(bytes.fromhex(text))
+    except ValueError:
+        return False
 
 
 def listener_state(listener: Listener, fd: int | None = None) -> dict:
