@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import resource
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="{}")
     args = parser.parse_args(argv)
     setup_logging(f"cmuxd worker {args.index} [{os.getpid()}]")
+    # A worker found hung gets SIGABRT before SIGKILL: its traceback then reaches the log.
+    faulthandler.enable()
     raise_fd_limit()
     return_large_blocks()
     worker = WorkerProcess(args.channel_fd, args.index, orjson.loads(args.config))

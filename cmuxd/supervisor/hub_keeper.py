@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -96,6 +95,7 @@ class HubKeeper:
         # Its own session: a stop of this daemon (or of its process group) leaves it running.
         self.proc = Child.start(cmd, stdin=subprocess.DEVNULL, close_fds=True,
                                 start_new_session=True, cwd=CHILD_CWD)
+        self.proc.watch(self._exited)
         self.lost_at = self.spawned_at = time.monotonic()
         log.info("PTY hub started (pid %d)", self.proc.pid)
 
@@ -162,18 +162,23 @@ class HubKeeper:
             self.upgrades_refused = msg.get("upgrades_refused", self.upgrades_refused)
             self.last_pong = time.monotonic()
 
+    def _exited(self, child: Child) -> None:
+        """The hub we started ended (its pidfd said so)."""
+        if child is not self.proc:
+            return
+        log.error("the PTY hub (pid %d) exited with status %s; its sessions are lost",
+                  child.pid, child.returncode)
+        now = time.monotonic()
+        quick = now - self.spawned_at < 5
+        self.streak = self.streak + 1 if quick else 0
+        self.respawn_at = now + respawn_delay(self.streak)
+        self.proc = None
+        self.counters["hub_restarts"] += 1
+        self.sessions = 0
+
     def tick(self, now: float) -> None:
         """Ping the hub; find it again after it went away (an upgrade re-executes it, which
         drops our link for a moment); start a new one when it is gone for good."""
-        if self.proc is not None and self.proc.poll() is not None:
-            log.error("the PTY hub (pid %d) exited with status %s; its sessions are lost",
-                      self.proc.pid, self.proc.returncode)
-            quick = now - self.spawned_at < 5
-            self.streak = self.streak + 1 if quick else 0
-            self.respawn_at = now + respawn_delay(self.streak)
-            self.proc = None
-            self.counters["hub_restarts"] += 1
-            self.sessions = 0
         if self.stopping:
             return
         if self.channel is not None:
@@ -191,9 +196,7 @@ class HubKeeper:
         takes new ones."""
         log.warning("the PTY hub (pid %d) has not answered for %.0f s; killing it", self.pid,
                     now - self.last_pong)
-        pid = self.pid
-        _signal(pid, signal.SIGABRT)
-        asyncio.get_running_loop().call_later(1.0, _signal, pid, signal.SIGKILL)
+        self._process().abort()
         self.channel.close()
         if self.proc is None:
             self.counters["hub_restarts"] += 1  # ours is counted when it is reaped
@@ -207,8 +210,7 @@ class HubKeeper:
         if hub_alive and gone_for > self.config.worker_timeout and not self.stopping:
             log.warning("the PTY hub (pid %d) has not answered for %.0f s; killing it",
                         self.proc.pid, gone_for)
-            _signal(self.proc.pid, signal.SIGABRT)
-            asyncio.get_running_loop().call_later(1.0, _signal, self.proc.pid, signal.SIGKILL)
+            self.proc.abort()
             self.lost_at = time.monotonic()
             return
         if (not self.adopt_only and not hub_alive and gone_for > 1.0 and not self.stopping
@@ -216,6 +218,12 @@ class HubKeeper:
             self.sessions = 0
             self._spawn()
             self.lost_at = time.monotonic()
+
+    def _process(self) -> Child:
+        """The hub's process: ours if we started it, else watched by pid only."""
+        if self.proc is not None and self.proc.pid == self.pid:
+            return self.proc
+        return Child(self.pid, ours=False)
 
     def upgrade(self) -> None:
         """Reload: the hub checks the code now installed and re-executes into it."""
@@ -228,6 +236,8 @@ class HubKeeper:
         self.stopping = True
         if self.channel is not None:
             self.channel.close()
+        if self.proc is not None:
+            self.proc.forget()
         return {"pid": self.proc.pid if self.proc is not None else None,
                 "spawned_at": self.spawned_at, "streak": self.streak}
 
@@ -235,6 +245,7 @@ class HubKeeper:
         """Take over what handover() gave."""
         if state["pid"] is not None:
             self.proc = Child(state["pid"])
+            self.proc.watch(self._exited)
         self.spawned_at = state["spawned_at"]
         self.streak = state["streak"]
         self.upgrade_on_adopt = True
@@ -242,6 +253,8 @@ class HubKeeper:
     def resume(self) -> None:
         """The exec after handover() failed: watch the hub again."""
         self.stopping = False
+        if self.proc is not None:
+            self.proc.watch(self._exited)
 
     def stop(self) -> None:
         """The daemon stops; the hub does not (it ends on its own once it has no session)."""
@@ -254,9 +267,3 @@ class HubKeeper:
                 "connected": self.channel is not None,
                 "upgrades_refused": self.upgrades_refused}
 
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except OSError:
-        pass

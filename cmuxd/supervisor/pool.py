@@ -1,6 +1,12 @@
 """The worker pool: pre-started worker processes, fd passing, least-loaded dispatch,
 heartbeats, respawn, graceful retirement (reload, recycling, scaling down).
 
+One `Worker` per child process holds its process, its channel, the fds in flight to it and
+its liveness. `_reconcile()` is the only place that starts workers: it compares the workers
+wanted (one serving worker per index below --workers, of the current generation) with the
+ones serving, so reload, scaling, recycling and a crash only retire or forget workers and
+then reconcile. A worker's exit is an event (its pidfd), not something a timer looks for.
+
 Workers are fresh interpreters (`python -m cmuxd.worker`), not forks of the supervisor, so
 they inherit no event loop, listener or token. Each gets one end of an AF_UNIX stream
 socketpair; connections reach it over that channel as SCM_RIGHTS, with heartbeats and
@@ -31,7 +37,6 @@ from .child import Child
 
 log = logging.getLogger("cmuxd.supervisor")
 
-TICK = 0.5
 HEARTBEAT_INTERVAL = 1.0
 RECYCLE_CHECK_INTERVAL = 5.0
 RESPAWN_MAX = 10.0
@@ -82,6 +87,15 @@ class Worker:
     def pid(self) -> int:
         return self.proc.pid if self.proc else 0
 
+    @property
+    def alive(self) -> bool:
+        """Its process runs and its channel is open: it can be given a connection."""
+        return self.chan is not None and self.proc.poll() is None
+
+    def answering(self, now: float, timeout: float) -> bool:
+        """Alive, and its loop answered a heartbeat within `timeout` seconds."""
+        return self.alive and now - self.last_pong <= timeout
+
 
 class NoWorkerError(RuntimeError):
     """Every worker is gone (being restarted): a connection has nowhere to go now."""
@@ -97,17 +111,42 @@ class WorkerPool:
         self.on_change = on_change or (lambda: None)
         self._crash_streak = 0
         self._respawn_after = 0.0
+        self._respawn_timer: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
-        self._last_heartbeat = 0.0
         self._last_recycle_check = time.monotonic()
         self.started = time.time()
 
     # lifecycle
 
     def start(self) -> None:
-        for index in range(self.config.workers):
+        self._reconcile()
+        self._tick = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._on_tick)
+
+    def _reconcile(self) -> None:
+        """Start the workers wanted and not serving, retire serving ones past --workers;
+        after quick deaths in a row, only once the back-off has passed."""
+        if self.stopping:
+            return
+        serving = self.serving()
+        for worker in serving:
+            if worker.index >= self.config.workers:
+                self.retire(worker, "scaled down")
+        missing = sorted(set(range(self.config.workers)) - {w.index for w in serving})
+        if not missing:
+            return
+        wait = self._respawn_after - time.monotonic()
+        if wait > 0:
+            if self._respawn_timer is None:
+                self._respawn_timer = asyncio.get_running_loop().call_later(
+                    wait, self._respawn_due)
+            return
+        for index in missing:
             self.workers.append(self._spawn(index))
-        self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
+        self.on_change()
+
+    def _respawn_due(self) -> None:
+        self._respawn_timer = None
+        self._reconcile()
 
     async def wait_ready(self, timeout: float = 10.0) -> bool:
         """Until every serving worker has reported in, so READY=1 means it."""
@@ -122,7 +161,7 @@ class WorkerPool:
         return [w for w in self.workers if w.state == "serving"]
 
     def has_worker(self) -> bool:
-        return any(w.state == "serving" and w.chan is not None for w in self.workers)
+        return any(w.alive for w in self.serving())
 
     def _spawn(self, index: int) -> Worker:
         loop = asyncio.get_running_loop()
@@ -144,6 +183,7 @@ class WorkerPool:
         if max_served:
             worker.serve_limit = max_served + random.randint(0, max(1, max_served // 10))
         self._watch(worker, ours)
+        worker.proc.watch(lambda _: self._exited(worker))
         log.info("worker %d started (pid %d, generation %d)", index, worker.pid,
                  worker.generation)
         return worker
@@ -229,29 +269,31 @@ class WorkerPool:
                                                           worker)
         for fd in self._fds():
             os.set_inheritable(fd, False)  # no child started from now on may inherit one
-        self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
+            worker.proc.watch(lambda _, worker=worker: self._exited(worker))
+        self._tick = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._on_tick)
 
     def resume(self) -> None:
         """The exec after handover() failed: this image goes on as it was."""
         for fd in self._fds():
             os.set_inheritable(fd, False)
+        for worker in self.workers:
+            worker.proc.watch(lambda _, worker=worker: self._exited(worker))
         if self._tick is None:
-            self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
+            self._tick = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL,
+                                                               self._on_tick)
 
     def reload(self, upgrade: bool = False) -> None:
         """A new generation takes every new connection; the old one drains and exits. After
         an upgrade the old generation serves its connections until they close, however long:
         `status` shows which workers still run the old code."""
         self.generation += 1
-        old = self.serving()
-        for index in range(self.config.workers):
-            self.workers.append(self._spawn(index))
-        for worker in old:
+        for worker in self.serving():
             if upgrade:
                 self.retire(worker, "upgrade", grace=UNTIL_CLOSED)
             else:
                 self.retire(worker, "reload")
-        self.on_change()
+        self._respawn_after = 0.0
+        self._reconcile()
 
     def scale(self, delta: int) -> None:
         """SIGTTIN/SIGTTOU: one worker more or fewer."""
@@ -261,14 +303,8 @@ class WorkerPool:
         if target == self.config.workers:
             return
         self.config.workers = target
-        serving = self.serving()
-        if delta > 0:
-            used = {w.index for w in serving}
-            index = next(i for i in range(len(serving) + 1) if i not in used)
-            self.workers.append(self._spawn(index))
-        else:
-            self.retire(max(serving, key=lambda w: w.index), "scaled down")
         log.info("now %d workers", target)
+        self._reconcile()
         self.on_change()
 
     def retire(self, worker: Worker, reason: str, grace: float | None = None) -> None:
@@ -289,7 +325,9 @@ class WorkerPool:
         self.stopping = True
         if self._tick is not None:
             self._tick.cancel()
-        for worker in self.workers:
+        if self._respawn_timer is not None:
+            self._respawn_timer.cancel()
+        for worker in list(self.workers):
             if worker.proc.poll() is not None:
                 continue
             if graceful and worker.chan is not None:
@@ -298,7 +336,7 @@ class WorkerPool:
             else:
                 worker.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
-        for worker in self.workers:
+        for worker in list(self.workers):
             while worker.proc.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             if worker.proc.poll() is None:
@@ -324,7 +362,7 @@ class WorkerPool:
         """Until the worker confirms it took the fd, we keep a copy: if it dies first (also
         before the message went out), the connection goes to another worker instead of being
         lost with it."""
-        live = [w for w in self.serving() if w.chan is not None]
+        live = [w for w in self.serving() if w.alive]
         if not live:
             raise NoWorkerError("no worker is running")
         worker = min(live, key=lambda w: w.load)
@@ -490,8 +528,8 @@ class WorkerPool:
                 os.close(fd)
 
     def _replace(self, worker: Worker, reason: str) -> None:
-        self.workers.append(self._spawn(worker.index))
         self.retire(worker, reason)
+        self._reconcile()
         self.on_change()
 
     def _on_tick(self) -> None:
@@ -499,23 +537,20 @@ class WorkerPool:
         if self.stopping:
             return
         now = time.monotonic()
-        self._reap(now)
-        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
-            self._last_heartbeat = now
-            self._heartbeat(now)
+        self._heartbeat(now)
         if now - self._last_recycle_check >= RECYCLE_CHECK_INTERVAL:
             self._last_recycle_check = now
             self._recycle_big_workers()
-        self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
+        self._tick = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._on_tick)
 
     def _heartbeat(self, now: float) -> None:
         """Ping every worker; one whose loop has not answered for --worker-timeout is hung:
         kill it, and the reaper replaces it."""
         figures = self.figures()
         for worker in self.workers:
-            if worker.chan is None or worker.proc.poll() is not None:
+            if not worker.alive:
                 continue
-            if now - worker.last_pong > self.config.worker_timeout:
+            if not worker.answering(now, self.config.worker_timeout):
                 log.warning("worker %d (pid %d) has not answered for %.0f s; killing it",
                             worker.index, worker.pid, now - worker.last_pong)
                 worker.proc.abort()
@@ -545,51 +580,35 @@ class WorkerPool:
                 self._replace(worker, f"RSS {rss / 1048576:.0f} MiB is over "
                                       f"--max-worker-rss {limit}")
 
-    def _reap(self, now: float) -> None:
-        """Replace serving workers that exited, backing off when they keep crashing; forget
-        retired ones once they are gone."""
-        for worker in list(self.workers):
-            code = worker.proc.poll()
-            if code is None:
-                continue
-            self._worker_gone(worker)
-            if worker.state == "retiring":
-                log.info("worker %d (pid %d) retired (%s)", worker.index, worker.pid,
-                         worker.retire_reason)
-                worker.state = "gone"
-                self.workers.remove(worker)
-                self.on_change()
-                continue
-            if worker.state == "gone":
-                continue
-            if now < self._respawn_after:
-                continue
-            worker.state = "gone"
+    def _exited(self, worker: Worker) -> None:
+        """The worker's process ended: forget it, and if it was serving, count the crash
+        (quick ones in a row back off) and reconcile, which replaces it."""
+        self._worker_gone(worker)
+        if worker not in self.workers:
+            return
+        self.workers.remove(worker)
+        code = worker.proc.returncode
+        state, worker.state = worker.state, "gone"
+        if state == "retiring":
+            log.info("worker %d (pid %d) retired (%s)", worker.index, worker.pid,
+                     worker.retire_reason)
+        elif not self.stopping:
             self.counters["worker_restarts"] += 1
             lived = time.time() - worker.started
             self._crash_streak = self._crash_streak + 1 if lived < 5 else 0
             delay = respawn_delay(self._crash_streak)
-            self._respawn_after = now + delay
+            self._respawn_after = time.monotonic() + delay
             log.warning("worker %d (pid %d) exited with %s; %d connection(s) lost; replacing it%s",
                         worker.index, worker.pid, _describe_exit(code), worker.load,
                         f" in {delay:.1f} s" if delay else "")
-            self.workers.remove(worker)
-            if delay:
-                asyncio.get_running_loop().call_later(delay, self._respawn, worker.index)
-            else:
-                self._respawn(worker.index)
-
-    def _respawn(self, index: int) -> None:
-        if self.stopping or len(self.serving()) >= self.config.workers:
-            return
-        self.workers.append(self._spawn(index))
+            self._reconcile()
         self.on_change()
 
     def snapshot(self) -> list[dict]:
         rows = []
         for w in self.workers:
             row = {"index": w.index, "pid": w.pid, "generation": w.generation,
-                   "state": w.state, "alive": w.proc.poll() is None and w.chan is not None,
+                   "state": w.state, "alive": w.alive,
                    "version": w.version,
                    "connections": w.load, "served": w.served,
                    "age": round(time.time() - w.started, 1)}
