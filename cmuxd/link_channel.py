@@ -27,6 +27,19 @@ READ_SIZE = 262144
 MAX_FDS_PER_READ = 16
 
 
+def receive_fds(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int], bool] | None:
+    """One read of bytes and the fds that came with them, and whether the kernel dropped some
+    fds on the way (MSG_CTRUNC: we are at our fd limit). None when there is nothing to read
+    yet; b"" at the end of the stream, and on an error, which ends it as well."""
+    try:
+        data, fds, flags, _ = socket.recv_fds(sock, size, max_fds)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b"", [], False
+    return data, fds, bool(flags & socket.MSG_CTRUNC)
+
+
 class ChannelError(Exception):
     """The peer broke the channel's rules (oversized or invalid message, missing fds)."""
 
@@ -113,14 +126,12 @@ class MessageChannel:
             self._writing = False
 
     def _readable(self) -> None:
-        try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, READ_SIZE, MAX_FDS_PER_READ)
-        except (BlockingIOError, InterruptedError):
+        got = receive_fds(self.sock, READ_SIZE, MAX_FDS_PER_READ)
+        if got is None:
             return
-        except OSError:
-            data, fds, flags = b"", [], 0
+        data, fds, truncated = got
         self.fds.extend(fds)
-        if flags & socket.MSG_CTRUNC:
+        if truncated:
             log.error("fds passed over the hub link were lost (the fd limit?); closing it")
             self.close()
             return
