@@ -16,6 +16,7 @@ from collections.abc import Callable
 import orjson
 
 from ..local_sockets import trusted_peer
+from ..protocol import OVERSIZED, FrameDecoder
 from .listeners import Listener, bind_unix
 
 log = logging.getLogger("cmuxd.supervisor")
@@ -47,11 +48,14 @@ class ControlServer:
         try:
             if not trusted_peer(writer.get_extra_info("socket")):
                 return
-            line = await asyncio.wait_for(reader.readline(), 5)
-            request = orjson.loads(line) if line.strip() else {}
+            line = await asyncio.wait_for(_request_line(reader), 5)
+            request = {} if line is OVERSIZED or not line.strip() else orjson.loads(line)
             method = self.methods.get(request.get("method", "status")) \
                 if type(request) is dict else None
-            if method is None:
+            if line is OVERSIZED:
+                reply = {"ok": False, "error": f"a control request is one line of at most "
+                                               f"{MAX_REQUEST} bytes"}
+            elif method is None:
                 reply = {"ok": False, "error": "unknown control method; the daemon may be "
                                                "older than this command: restart it"}
             else:
@@ -80,3 +84,13 @@ class ControlServer:
             self.server.close()
         if self.listener is not None:
             self.listener.close()
+
+
+async def _request_line(reader: asyncio.StreamReader):
+    """The request's line (without its LF), or OVERSIZED."""
+    decoder = FrameDecoder(MAX_REQUEST)
+    while True:
+        data = await reader.read(MAX_REQUEST)
+        lines = decoder.feed(data) if data else decoder.eof()
+        if lines or not data:
+            return lines[0] if lines else b""

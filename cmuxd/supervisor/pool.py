@@ -33,6 +33,7 @@ import orjson
 import psutil
 
 from ..handoff import encode_control, encode_handoff
+from ..protocol import OVERSIZED, FrameDecoder
 from .child import Child
 
 log = logging.getLogger("cmuxd.supervisor")
@@ -43,6 +44,8 @@ RESPAWN_MAX = 10.0
 STOP_GRACE = 5.0
 UNTIL_CLOSED = -1
 """A retirement grace that lasts until the worker's connections close."""
+MAX_REPORT = 1 << 20
+"""A worker's report line is a few numbers and device names: far below this."""
 FDS_PER_SEND = 64
 """Connections handed over in one message at most: what a worker takes per read
 (cmuxd.worker.MAX_FDS_PER_READ); fds past that would be lost with MSG_CTRUNC."""
@@ -75,7 +78,7 @@ class Worker:
         self.out: deque = deque()  # (bytes, fd or None) not yet sent
         self.batch: list = []  # (bytes, borrowed fd or None) to send at the end of this pass
         self.unacked: dict[int, tuple[int, bytes]] = {}  # conn id -> (our dup of fd, message)
-        self.inbuf = b""
+        self.reports = FrameDecoder(MAX_REPORT)  # the worker's report lines
         self.last_pong = time.monotonic()
         self.ready = False  # set by the worker's first report
         self.version = ""  # the code it runs, as it reported
@@ -212,7 +215,7 @@ class WorkerPool:
                 "retire_reason": worker.retire_reason, "load": worker.load,
                 "served": worker.served, "serve_limit": worker.serve_limit,
                 "ready": worker.ready, "version": worker.version, "ping_seq": worker.ping_seq,
-                "devices": worker.devices, "inbuf": _b64(worker.inbuf),
+                "devices": worker.devices, "inbuf": _b64(worker.reports.held()),
                 "out": [[_b64(data), fd] for data, fd in worker.out],
                 "unacked": [[conn_id, fd, _b64(data)]
                             for conn_id, (fd, data) in worker.unacked.items()],
@@ -257,7 +260,7 @@ class WorkerPool:
             for name in ("started", "state", "retire_reason", "load", "served", "serve_limit",
                          "ready", "version", "ping_seq", "devices"):
                 setattr(worker, name, row[name])
-            worker.inbuf = base64.b64decode(row["inbuf"])
+            worker.reports.feed(base64.b64decode(row["inbuf"]))
             worker.out.extend((base64.b64decode(data), fd) for data, fd in row["out"])
             worker.unacked = {conn_id: (fd, base64.b64decode(data))
                               for conn_id, fd, data in row["unacked"]}
@@ -473,8 +476,9 @@ class WorkerPool:
             return False
         worker.last_pong = time.monotonic()
         worker.ready = True
-        *lines, worker.inbuf = (worker.inbuf + data).split(b"\n")
-        for line in lines:
+        for line in worker.reports.feed(data):
+            if line is OVERSIZED:
+                continue
             report = orjson.loads(line)
             if "version" in report:
                 worker.version = str(report["version"])
