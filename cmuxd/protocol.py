@@ -186,6 +186,10 @@ class AnnouncedDecoder:
             at = cut + 1
         return out
 
+    def held(self):
+        """What announce() returned for a line whose raw bytes have not all come yet."""
+        return self._held
+
 
 @dataclass(slots=True)
 class Request:
