@@ -107,7 +107,6 @@ class Supervisor:
         self._hub_ticks = loop.create_task(self._watch_hub())
         if self.adopted:
             self.pool.adopt(self.adopted["pool"])
-            self.pool.reload(upgrade=True)
         else:
             self.pool.start()
         self.gate.listeners = [*self.listeners, self.front]
@@ -116,7 +115,7 @@ class Supervisor:
             log.info("cmuxd %s took over from %s in place (pid %d): generation %d serves new "
                      "connections; %d older worker(s) keep theirs until they close",
                      __version__, self.adopted["version"], os.getpid(), self.pool.generation,
-                     len(self.adopted["pool"]["workers"]))
+                     sum(w.state == "retiring" for w in self.pool.workers))
             self.adopted = None
             self.notifier.start(lambda: status_line(self.listeners, self.pool),
                                 lambda: pool_healthy(self.pool))
@@ -213,12 +212,12 @@ class Supervisor:
         except AuthError as exc:
             log.error("reload: keeping the device keys as they were: %s", exc)
         upgrade = installed != __version__
+        self.pool.reload(upgrade=upgrade)
+        hub_asked = self.hub.upgrade()
         if upgrade:
-            await self._reexec(installed)
+            await self._reexec(installed, hub_asked)
             if self.pool.stopping or self.stop_requested.is_set():
                 return
-        self.pool.reload(upgrade=upgrade)
-        self.hub.upgrade()
         if upgrade:
             log.info("upgraded to %s: generation %d serves new connections; the old one keeps "
                      "its open connections until they close (this supervisor could not "
@@ -228,12 +227,13 @@ class Supervisor:
             log.info("reloaded: generation %d serves new connections", self.pool.generation)
         self.notifier.ready()
 
-    async def _reexec(self, installed: str) -> None:
+    async def _reexec(self, installed: str, hub_asked: bool) -> None:
         """Replace this process's code with the code installed now, keeping its pid, its
         listeners, its workers (channels, counts, fds in flight) and its token; returns only
         if exec failed, with everything as it was.
 
-        Handshakes in flight are finished first, not carried: accepting stops, so new
+        The new worker generation and the hub's upgrade are on their way already: they
+        start while this process execs. Handshakes in flight are finished first, not carried: accepting stops, so new
         connections wait in the listen backlog, and the ones in flight end (handed to a
         worker, refused, or timed out) within PREAUTH_TIMEOUT. Control requests being
         answered finish too (each has a deadline of its own)."""
@@ -248,7 +248,7 @@ class Supervisor:
         if self.stop_requested.is_set():
             await self._resume(control_fd)
             return
-        state = self._handover_state(control_fd)
+        state = self._handover_state(control_fd, hub_asked)
         state_fd = handover.write_state(state)
         listener_fds = [*(l.sock.fileno() for l in self.listeners), self.front.sock.fileno(),
                         control_fd]
@@ -265,7 +265,7 @@ class Supervisor:
             os.set_inheritable(fd, False)
         await self._resume(control_fd)
 
-    def _handover_state(self, control_fd: int) -> dict:
+    def _handover_state(self, control_fd: int, hub_asked: bool) -> dict:
         """Hand the pool and the hub over (their fds inheritable from now on) and say the
         rest of what the next image goes on with."""
         if self._hub_ticks is not None:
@@ -275,7 +275,7 @@ class Supervisor:
             self._last_used_timer = None
         self.notifier.close()
         return dict(self._state(control_fd), pool=self.pool.handover(),
-                    hub=self.hub.handover())
+                    hub=self.hub.handover(hub_asked))
 
     def _state(self, control_fd: int | None = None) -> dict:
         creds = self.creds
@@ -299,7 +299,8 @@ class Supervisor:
             "counters": dict(self.counters), "started": self.started,
             "next_id": self.gate.next_id, "notify": self.notifier.inherited,
             "last_used": self.last_used,
-            "pool": self.pool.state(), "hub": {"pid": None, "spawned_at": 0.0, "streak": 0},
+            "pool": self.pool.state(),
+            "hub": {"pid": None, "spawned_at": 0.0, "streak": 0, "upgrading": False},
         }
 
     async def _resume(self, control_fd: int) -> None:

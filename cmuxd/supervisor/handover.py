@@ -54,7 +54,7 @@ _CREDS = {"relay_id": str, "token": str, "source": str, "path": (str, None), "or
 _ROTATION = {"replaced_token": (str, None), "previous": (str, None),
              "previous_for": (float, None), "previous_until": (float, None)}
 _POOL = {"generation": int, "workers_wanted": int, "crash_streak": int, "workers": list}
-_HUB = {"pid": (int, None), "spawned_at": float, "streak": int}
+_HUB = {"pid": (int, None), "spawned_at": float, "streak": int, "upgrading": bool}
 
 
 def _check(obj, schema: dict, where: str) -> None:

@@ -58,18 +58,19 @@ class HubKeeper:
         """Quick deaths in a row of hubs we started: each doubles the wait for the next."""
         self.respawn_at = 0.0
         self._connecting: asyncio.Task | None = None
-        self.upgrade_on_adopt = False
-        """Ask the hub adopted at start to upgrade even at our version: this supervisor
-        re-executed itself for an upgrade, and the hub's code may have changed as well."""
+        self.upgrade_on_adopt: bool | None = None
+        """After a re-exec, what to ask the hub adopted at start: True, to upgrade even at
+        our version (its code may have changed as well); False, nothing (the previous image
+        asked already, and the hub may still be at it); None: upgrade if it runs other code."""
 
     async def start(self) -> None:
         if await self._connect():
             log.info("adopted the PTY hub serving %s (pid %d, %s): its %d session(s) go on",
                      self.path, self.pid, self.version or "?", self.sessions)
-            if self.upgrade_on_adopt:
-                self.upgrade_on_adopt = False
+            asked, self.upgrade_on_adopt = self.upgrade_on_adopt, None
+            if asked:
                 self.upgrade()
-            elif self.version != __version__:
+            elif asked is None and self.version != __version__:
                 # A restart is how new code at a new path (a Nix store path) arrives.
                 log.info("the PTY hub runs %s; asking it to upgrade in place to %s",
                          self.version, __version__)
@@ -225,21 +226,25 @@ class HubKeeper:
             return self.proc
         return Child(self.pid, ours=False)
 
-    def upgrade(self) -> None:
-        """Reload: the hub checks the code now installed and re-executes into it."""
-        if self.channel is not None:
-            self.channel.send({"type": "upgrade"})
+    def upgrade(self) -> bool:
+        """Reload: the hub checks the code now installed and re-executes into it; False if
+        there is no link to ask it over."""
+        if self.channel is None:
+            return False
+        self.channel.send({"type": "upgrade"})
+        return not self.channel.closed and not self.channel.out
 
-    def handover(self) -> dict:
+    def handover(self, upgrading: bool) -> dict:
         """The supervisor re-executes itself: drop the link quietly (the next image links up
-        again and adopts the hub); a hub we started stays our child, reaped by the next image."""
+        again and adopts the hub); a hub we started stays our child, reaped by the next image.
+        `upgrading`: the hub was just asked to upgrade."""
         self.stopping = True
         if self.channel is not None:
             self.channel.close()
         if self.proc is not None:
             self.proc.forget()
         return {"pid": self.proc.pid if self.proc is not None else None,
-                "spawned_at": self.spawned_at, "streak": self.streak}
+                "spawned_at": self.spawned_at, "streak": self.streak, "upgrading": upgrading}
 
     def adopt(self, state: dict) -> None:
         """Take over what handover() gave."""
@@ -248,7 +253,7 @@ class HubKeeper:
             self.proc.watch(self._exited)
         self.spawned_at = state["spawned_at"]
         self.streak = state["streak"]
-        self.upgrade_on_adopt = True
+        self.upgrade_on_adopt = not state["upgrading"]
 
     def resume(self) -> None:
         """The exec after handover() failed: watch the hub again."""

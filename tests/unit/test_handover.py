@@ -44,7 +44,7 @@ def state() -> dict:
         "last_used": {},
         "pool": {"generation": 1, "workers_wanted": 1, "crash_streak": 0,
                  "workers": [worker()]},
-        "hub": {"pid": None, "spawned_at": 0.0, "streak": 0},
+        "hub": {"pid": None, "spawned_at": 0.0, "streak": 0, "upgrading": False},
     }
 
 
