@@ -29,7 +29,8 @@ READ_SIZE = 262144
 MAX_FDS_PER_READ = 16
 
 
-def receive_fds(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int], bool] | None:
+def receive_fds(sock: socket.socket, size: int,
+                max_fds: int) -> tuple[bytes, list[int], bool] | None:
     """One read of bytes and the fds that came with them, and whether the kernel dropped some
     fds on the way (MSG_CTRUNC: we are at our fd limit). None when there is nothing to read
     yet; b"" at the end of the stream, and on an error, which ends it as well."""

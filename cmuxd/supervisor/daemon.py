@@ -157,7 +157,8 @@ class Supervisor:
         if rotation["previous"] is not None and rotation["previous_for"]:
             # rotate() makes the token in use now the accepted previous one, for the rest of
             # its grace period.
-            self.gate.creds = Credentials(self.creds.relay_id, bytes.fromhex(rotation["previous"]))
+            previous = bytes.fromhex(rotation["previous"])
+            self.gate.creds = Credentials(self.creds.relay_id, previous)
             self.gate.rotate(self.creds, rotation["previous_for"])
             self.previous_until = rotation["previous_until"]
         self.hub.adopt(state["hub"])
@@ -233,10 +234,10 @@ class Supervisor:
         if exec failed, with everything as it was.
 
         The new worker generation and the hub's upgrade are on their way already: they
-        start while this process execs. Handshakes in flight are finished first, not carried: accepting stops, so new
-        connections wait in the listen backlog, and the ones in flight end (handed to a
-        worker, refused, or timed out) within PREAUTH_TIMEOUT. Control requests being
-        answered finish too (each has a deadline of its own)."""
+        start while this process execs. Handshakes in flight are finished first, not
+        carried: accepting stops, so new connections wait in the listen backlog, and the ones
+        in flight end (handed to a worker, refused, or timed out) within PREAUTH_TIMEOUT.
+        Control requests being answered finish too (each has a deadline of its own)."""
         log.info("upgrading to %s: the supervisor re-executes itself in place (pid %d)",
                  installed, os.getpid())
         loop = asyncio.get_running_loop()
@@ -249,18 +250,20 @@ class Supervisor:
             await self._resume(control_fd)
             return
         state = self._handover_state(control_fd, hub_asked)
-        state_fd = handover.write_state(state)
         listener_fds = [*(l.sock.fileno() for l in self.listeners), self.front.sock.fileno(),
                         control_fd]
-        for fd in listener_fds:
-            os.set_inheritable(fd, True)
+        state_fd = None
         try:
+            state_fd = handover.write_state(state)
+            for fd in listener_fds:
+                os.set_inheritable(fd, True)
             handover.reexec(state_fd)
         except OSError as exc:
             log.error("could not re-execute the supervisor (%s); it goes on with %s",
                       exc.strerror or exc, __version__)
             self.counters["reexecs_failed"] += 1
-        os.close(state_fd)
+        if state_fd is not None:
+            os.close(state_fd)
         for fd in listener_fds[:-1]:
             os.set_inheritable(fd, False)
         await self._resume(control_fd)
@@ -311,10 +314,12 @@ class Supervisor:
         self.control.listener.sock = socket.socket(fileno=control_fd)
         await self.control.start(self.control.listener)
         self.gate.start()
+        if self._hub_ticks is not None:
+            self._hub_ticks.cancel()
         self._hub_ticks = asyncio.get_running_loop().create_task(self._watch_hub())
-        if self.notifier.enabled:
-            self.notifier.start(lambda: status_line(self.listeners, self.pool),
-                                lambda: pool_healthy(self.pool))
+        self.notifier.close()
+        self.notifier.start(lambda: status_line(self.listeners, self.pool),
+                            lambda: pool_healthy(self.pool))
 
     def rotate_token(self, request: dict) -> dict:
         """`token rotate`: take the new token sent over the control socket (the token file
