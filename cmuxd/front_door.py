@@ -16,6 +16,7 @@ import orjson
 
 from .connection import Connection, serve_pipes
 from .front import MAX_HEADER, PROTOCOL, READY, TAKEN, forwarded
+from .link_channel import receive_fds
 
 log = logging.getLogger("cmuxd.worker")
 
@@ -99,12 +100,12 @@ async def _receive(sock: socket.socket, loop, fds: list[int | None]) -> bytes:
             await ready
         finally:
             loop.remove_reader(sock.fileno())
-        try:
-            data, got, flags, _ = socket.recv_fds(sock, MAX_HEADER, 2)
-        except (BlockingIOError, InterruptedError):
+        received = receive_fds(sock, MAX_HEADER, 2)
+        if received is None:
             continue
+        data, got, truncated = received
         fds.extend(got)
-        if flags & socket.MSG_CTRUNC:
+        if truncated:
             fds.append(None)
         if not data:
             break

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import orjson
 
+from .protocol import AnnouncedDecoder
+
 
 def encode_handoff(conn_id: int, kind: str, peer: str, leftover: bytes,
                    device: str | None = None) -> bytes:
@@ -21,27 +23,19 @@ def encode_handoff(conn_id: int, kind: str, peer: str, leftover: bytes,
     return orjson.dumps(header, option=orjson.OPT_APPEND_NEWLINE) + leftover
 
 
-class HandoffDecoder:
-    def __init__(self):
-        self._buf = bytearray()
-        self._header: dict | None = None
+class HandoffDecoder(AnnouncedDecoder):
+    """Messages as (header, leftover bytes) pairs; the supervisor is trusted, so no line of
+    its is too long to read."""
 
-    def feed(self, data: bytes) -> list[tuple[dict, bytes]]:
-        self._buf += data
-        out = []
-        while True:
-            if self._header is None:
-                cut = self._buf.find(b"\n")
-                if cut < 0:
-                    return out
-                self._header = orjson.loads(bytes(self._buf[:cut]))
-                del self._buf[: cut + 1]
-            n = self._header["n"]
-            if len(self._buf) < n:
-                return out
-            out.append((self._header, bytes(self._buf[:n])))
-            del self._buf[:n]
-            self._header = None
+    __slots__ = ()
+
+    def __init__(self):
+        super().__init__(_header, max_frame=1 << 30)
+
+
+def _header(line: bytes) -> tuple[dict, int]:
+    header = orjson.loads(line)
+    return header, header["n"]
 
 
 def encode_control(kind: str, **fields) -> bytes:

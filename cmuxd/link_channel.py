@@ -21,10 +21,26 @@ from collections.abc import Callable
 
 import orjson
 
+from .protocol import OVERSIZED, AnnouncedDecoder
+
 log = logging.getLogger("cmuxd.hub")
 
 READ_SIZE = 262144
 MAX_FDS_PER_READ = 16
+
+
+def receive_fds(sock: socket.socket, size: int,
+                max_fds: int) -> tuple[bytes, list[int], bool] | None:
+    """One read of bytes and the fds that came with them, and whether the kernel dropped some
+    fds on the way (MSG_CTRUNC: we are at our fd limit). None when there is nothing to read
+    yet; b"" at the end of the stream, and on an error, which ends it as well."""
+    try:
+        data, fds, flags, _ = socket.recv_fds(sock, size, max_fds)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b"", [], False
+    return data, fds, bool(flags & socket.MSG_CTRUNC)
 
 
 class ChannelError(Exception):
@@ -37,7 +53,7 @@ class MessageChannel:
     or the peer misbehaves."""
 
     def __init__(self, sock: socket.socket,
-                 on_message: Callable[[dict, list[int], bytearray | None], None],
+                 on_message: Callable[[dict, list[int], bytes | None], None],
                  on_close: Callable[[], None], max_frame: int):
         sock.setblocking(False)
         self.sock = sock
@@ -48,10 +64,7 @@ class MessageChannel:
         self.out: deque[tuple[memoryview, list[int]]] = deque()
         self.buffered = 0
         self.closed = False
-        self._line = bytearray()
-        self._payload: bytearray | None = None
-        self._filled = 0
-        self._held: tuple[dict, list[int]] | None = None
+        self.decoder = AnnouncedDecoder(self._announced, max_frame)
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._readable)
         self._writing = False
@@ -113,14 +126,12 @@ class MessageChannel:
             self._writing = False
 
     def _readable(self) -> None:
-        try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, READ_SIZE, MAX_FDS_PER_READ)
-        except (BlockingIOError, InterruptedError):
+        got = receive_fds(self.sock, READ_SIZE, MAX_FDS_PER_READ)
+        if got is None:
             return
-        except OSError:
-            data, fds, flags = b"", [], 0
+        data, fds, truncated = got
         self.fds.extend(fds)
-        if flags & socket.MSG_CTRUNC:
+        if truncated:
             log.error("fds passed over the hub link were lost (the fd limit?); closing it")
             self.close()
             return
@@ -134,46 +145,40 @@ class MessageChannel:
             self.close()
 
     def _feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        at, end = 0, len(data)
-        while at < end and not self.closed:
-            if self._payload is not None:
-                take = min(end - at, len(self._payload) - self._filled)
-                self._payload[self._filled:self._filled + take] = view[at:at + take]
-                self._filled += take
-                at += take
-                if self._filled == len(self._payload):
-                    (msg, fds), payload = self._held, self._payload
-                    self._held = self._payload = None
-                    self.on_message(msg, fds, payload)
-                continue
-            cut = data.find(b"\n", at)
-            if cut < 0:
-                self._line += view[at:]
-                if len(self._line) >= self.max_frame:
+        """Deliver the messages `data` completes, in order, until one breaks the rules or
+        a handler closes the channel; the fds of messages not delivered are closed."""
+        items = self.decoder.feed(data)
+        try:
+            while items and not self.closed:
+                item = items.pop(0)
+                if item is OVERSIZED:
                     raise ChannelError("an oversized message")
-                return
-            self._line += view[at:cut]
-            at = cut + 1
-            if len(self._line) >= self.max_frame:
-                raise ChannelError("an oversized message")
-            msg = orjson.loads(self._line)
-            self._line.clear()
-            self._message(msg)
+                (msg, fds), payload = item
+                if isinstance(msg, Exception):
+                    raise msg
+                self.on_message(msg, fds, payload if msg.get("nbytes") else None)
+        finally:
+            for item in items:
+                if item is not OVERSIZED and not isinstance(item[0][0], Exception):
+                    for fd in item[0][1]:
+                        os.close(fd)
 
-    def _message(self, msg) -> None:
-        if type(msg) is not dict:
-            raise ChannelError("a message that is not an object")
-        n, size = msg.get("nfds", 0), msg.get("nbytes", 0)
-        if type(n) is not int or n < 0 or n > len(self.fds):
-            raise ChannelError("a message without the fds it announced")
-        if type(size) is not int or size < 0 or size > self.max_frame:
-            raise ChannelError("a message with a payload size out of bounds")
-        fds = [self.fds.popleft() for _ in range(n)]
-        if size:
-            self._held, self._payload, self._filled = (msg, fds), bytearray(size), 0
-        else:
-            self.on_message(msg, fds, None)
+    def _announced(self, line: bytes):
+        """A message line as the decoder reads it (so its fds are taken in order): the
+        message and its fds, and the payload's size. A line that breaks the rules comes out as
+        its error, in its place, so the messages before it are still delivered."""
+        try:
+            msg = orjson.loads(line)
+            if type(msg) is not dict:
+                raise ChannelError("a message that is not an object")
+            n, size = msg.get("nfds", 0), msg.get("nbytes", 0)
+            if type(n) is not int or n < 0 or n > len(self.fds):
+                raise ChannelError("a message without the fds it announced")
+            if type(size) is not int or size < 0 or size > self.max_frame:
+                raise ChannelError("a message with a payload size out of bounds")
+        except (ChannelError, orjson.JSONDecodeError) as exc:
+            return (exc, []), 0
+        return (msg, [self.fds.popleft() for _ in range(n)]), size
 
     def close(self) -> None:
         if self.closed:
@@ -183,11 +188,12 @@ class MessageChannel:
         if self._writing:
             self.loop.remove_writer(self.sock.fileno())
         self.sock.close()
-        held = self._held[1] if self._held is not None else []
+        held = self.decoder.held()
+        if held is not None:
+            for fd in held[1]:
+                os.close(fd)
         while self.fds:
-            held.append(self.fds.popleft())
-        for fd in held:
-            os.close(fd)
+            os.close(self.fds.popleft())
         self.out.clear()
         self.on_close()
 

@@ -136,6 +136,60 @@ class FrameDecoder:
     def buffered(self) -> int:
         return self._size
 
+    def held(self) -> bytes:
+        """The bytes of the line not finished yet (to hand to another decoder)."""
+        return b"".join(self._parts)
+
+
+class AnnouncedDecoder:
+    """FrameDecoder's lines, each possibly followed by raw bytes whose count the line
+    announces (the handoff channel, the hub link): `announce(line)` reads a line and returns
+    (what to deliver, how many raw bytes follow). `feed()` returns (delivered, raw bytes)
+    pairs, or OVERSIZED for a line over the limit. The lines go through one FrameDecoder at a
+    time, cut here only at an LF the raw bytes cannot contain."""
+
+    __slots__ = ("_lines", "_announce", "_held", "_need", "_raw")
+
+    def __init__(self, announce, max_frame: int = MAX_FRAME):
+        self._lines = FrameDecoder(max_frame)
+        self._announce = announce
+        self._held = None
+        self._need = 0
+        self._raw: list[bytes] = []
+
+    def feed(self, data: bytes) -> list:
+        out: list = []
+        at, end = 0, len(data)
+        while at < end:
+            if self._need:
+                take = min(self._need, end - at)
+                self._raw.append(data[at:at + take])
+                self._need -= take
+                at += take
+                if not self._need:
+                    out.append((self._held, b"".join(self._raw)))
+                    self._held, self._raw = None, []
+                continue
+            cut = data.find(b"\n", at)
+            if cut < 0:
+                out += self._lines.feed(data[at:])
+                return out
+            for line in self._lines.feed(data[at:cut + 1]):
+                if line is OVERSIZED:
+                    out.append(OVERSIZED)
+                    continue
+                held, need = self._announce(line)
+                if need:
+                    self._held, self._need = held, need
+                else:
+                    out.append((held, b""))
+            at = cut + 1
+        return out
+
+    def held(self):
+        """What announce() returned for a line whose raw bytes have not all come yet."""
+        return self._held
+
 
 @dataclass(slots=True)
 class Request:

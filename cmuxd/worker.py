@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import resource
@@ -23,6 +24,7 @@ from . import __version__
 from .front_door import serve_front
 from .handoff import HandoffDecoder, encode_report
 from .hub_link import RemoteHub, hub_socket_path
+from .link_channel import receive_fds
 from .logs import setup_logging
 from .memory import return_large_blocks
 
@@ -73,14 +75,12 @@ class WorkerProcess:
             self.stopped.set_result(None)
 
     def _on_channel(self) -> None:
-        try:
-            data, fds, flags, _ = socket.recv_fds(self.chan, 262144, MAX_FDS_PER_READ)
-        except (BlockingIOError, InterruptedError):
+        got = receive_fds(self.chan, 262144, MAX_FDS_PER_READ)
+        if got is None:
             return
-        except OSError:
-            data, fds, flags = b"", [], 0
+        data, fds, truncated = got
         self.fds.extend(fds)
-        if flags & socket.MSG_CTRUNC:
+        if truncated:
             self._warn_fd_limit()
         if not data:
             # The supervisor is gone: nobody can hand us work or supervise us any more.
@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="{}")
     args = parser.parse_args(argv)
     setup_logging(f"cmuxd worker {args.index} [{os.getpid()}]")
+    # A worker found hung gets SIGABRT before SIGKILL: its traceback then reaches the log.
+    faulthandler.enable()
     raise_fd_limit()
     return_large_blocks()
     worker = WorkerProcess(args.channel_fd, args.index, orjson.loads(args.config))

@@ -10,8 +10,9 @@ import asyncio
 import logging
 import os
 
-from ..auth import AuthError, server_credentials
+from ..auth import AuthError, Credentials, server_credentials
 from .activation import activated_listeners
+from .handover import HandoverError, adopt_listener, take_state
 from .listeners import ListenerError, bind_tcp, bind_unix
 from .token_env import take_token_from_environment
 
@@ -23,6 +24,13 @@ def run_daemon(config) -> int:
     the process exit status."""
     from .daemon import Supervisor
 
+    try:
+        adopted = take_state()
+    except HandoverError as exc:
+        log.error("the supervisor re-executed itself but cannot go on: %s", exc)
+        return 1
+    if adopted is not None:
+        return asyncio.run(Supervisor(config, *adopted_parts(adopted), adopted=adopted).run())
     listeners = []
     try:
         # The token must not reach the workers, the PTY hub or the shells it starts, nor stay
@@ -58,3 +66,12 @@ def run_daemon(config) -> int:
         log.info("TCP peers outside %s are closed before the handshake (--allow-from)",
                  config.allow)
     return asyncio.run(Supervisor(config, listeners, creds, secret_env).run())
+
+
+def adopted_parts(state: dict) -> tuple[list, Credentials | None, dict]:
+    """The listeners, credentials and token variables a previous image of this process
+    handed over across exec."""
+    row = state["creds"]
+    creds = None if row is None else Credentials(
+        row["relay_id"], bytes.fromhex(row["token"]), row["source"], row["path"], row["origin"])
+    return [adopt_listener(l) for l in state["listeners"]], creds, state["secret_env"]

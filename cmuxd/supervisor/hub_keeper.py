@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -26,6 +25,7 @@ import orjson
 from .. import __version__
 from ..hub_link import LINK_VERSION, hub_socket_path
 from ..link_channel import MessageChannel
+from .child import Child
 from .pool import CHILD_CWD, child_command, respawn_delay
 from ..local_sockets import LocalSocketError, check_server, check_state_dir
 
@@ -44,7 +44,7 @@ class HubKeeper:
         """Never start a hub: one runs elsewhere (its own unit) and is adopted when it comes."""
         self.path = hub_socket_path(config.state_dir)
         self.channel: MessageChannel | None = None
-        self.proc: subprocess.Popen | None = None
+        self.proc: Child | None = None
         """The hub we started, while it runs as our child (reaped by us)."""
         self.pid = 0
         self.version = ""
@@ -58,12 +58,19 @@ class HubKeeper:
         """Quick deaths in a row of hubs we started: each doubles the wait for the next."""
         self.respawn_at = 0.0
         self._connecting: asyncio.Task | None = None
+        self.upgrade_on_adopt: bool | None = None
+        """After a re-exec, what to ask the hub adopted at start: True, to upgrade even at
+        our version (its code may have changed as well); False, nothing (the previous image
+        asked already, and the hub may still be at it); None: upgrade if it runs other code."""
 
     async def start(self) -> None:
         if await self._connect():
             log.info("adopted the PTY hub serving %s (pid %d, %s): its %d session(s) go on",
                      self.path, self.pid, self.version or "?", self.sessions)
-            if self.version != __version__:
+            asked, self.upgrade_on_adopt = self.upgrade_on_adopt, None
+            if asked:
+                self.upgrade()
+            elif asked is None and self.version != __version__:
                 # A restart is how new code at a new path (a Nix store path) arrives.
                 log.info("the PTY hub runs %s; asking it to upgrade in place to %s",
                          self.version, __version__)
@@ -87,8 +94,9 @@ class HubKeeper:
         cmd = child_command("cmuxd.hub_process",
                             "--config", orjson.dumps(self.config.worker_json()).decode())
         # Its own session: a stop of this daemon (or of its process group) leaves it running.
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
-                                     start_new_session=True, cwd=CHILD_CWD)
+        self.proc = Child.start(cmd, stdin=subprocess.DEVNULL, close_fds=True,
+                                start_new_session=True, cwd=CHILD_CWD)
+        self.proc.watch(self._exited)
         self.lost_at = self.spawned_at = time.monotonic()
         log.info("PTY hub started (pid %d)", self.proc.pid)
 
@@ -155,18 +163,23 @@ class HubKeeper:
             self.upgrades_refused = msg.get("upgrades_refused", self.upgrades_refused)
             self.last_pong = time.monotonic()
 
+    def _exited(self, child: Child) -> None:
+        """The hub we started ended (its pidfd said so)."""
+        if child is not self.proc:
+            return
+        log.error("the PTY hub (pid %d) exited with status %s; its sessions are lost",
+                  child.pid, child.returncode)
+        now = time.monotonic()
+        quick = now - self.spawned_at < 5
+        self.streak = self.streak + 1 if quick else 0
+        self.respawn_at = now + respawn_delay(self.streak)
+        self.proc = None
+        self.counters["hub_restarts"] += 1
+        self.sessions = 0
+
     def tick(self, now: float) -> None:
         """Ping the hub; find it again after it went away (an upgrade re-executes it, which
         drops our link for a moment); start a new one when it is gone for good."""
-        if self.proc is not None and self.proc.poll() is not None:
-            log.error("the PTY hub (pid %d) exited with status %s; its sessions are lost",
-                      self.proc.pid, self.proc.returncode)
-            quick = now - self.spawned_at < 5
-            self.streak = self.streak + 1 if quick else 0
-            self.respawn_at = now + respawn_delay(self.streak)
-            self.proc = None
-            self.counters["hub_restarts"] += 1
-            self.sessions = 0
         if self.stopping:
             return
         if self.channel is not None:
@@ -184,9 +197,7 @@ class HubKeeper:
         takes new ones."""
         log.warning("the PTY hub (pid %d) has not answered for %.0f s; killing it", self.pid,
                     now - self.last_pong)
-        pid = self.pid
-        _signal(pid, signal.SIGABRT)
-        asyncio.get_running_loop().call_later(1.0, _signal, pid, signal.SIGKILL)
+        self._process().abort()
         self.channel.close()
         if self.proc is None:
             self.counters["hub_restarts"] += 1  # ours is counted when it is reaped
@@ -200,8 +211,7 @@ class HubKeeper:
         if hub_alive and gone_for > self.config.worker_timeout and not self.stopping:
             log.warning("the PTY hub (pid %d) has not answered for %.0f s; killing it",
                         self.proc.pid, gone_for)
-            _signal(self.proc.pid, signal.SIGABRT)
-            asyncio.get_running_loop().call_later(1.0, _signal, self.proc.pid, signal.SIGKILL)
+            self.proc.abort()
             self.lost_at = time.monotonic()
             return
         if (not self.adopt_only and not hub_alive and gone_for > 1.0 and not self.stopping
@@ -210,10 +220,46 @@ class HubKeeper:
             self._spawn()
             self.lost_at = time.monotonic()
 
-    def upgrade(self) -> None:
-        """Reload: the hub checks the code now installed and re-executes into it."""
+    def _process(self) -> Child:
+        """The hub's process: ours if we started it, else watched by pid only."""
+        if self.proc is not None and self.proc.pid == self.pid:
+            return self.proc
+        return Child(self.pid, ours=False)
+
+    def upgrade(self) -> bool:
+        """Reload: the hub checks the code now installed and re-executes into it; False if
+        there is no link to ask it over."""
+        if self.channel is None:
+            return False
+        self.channel.send({"type": "upgrade"})
+        return not self.channel.closed and not self.channel.out
+
+    def handover(self, upgrading: bool) -> dict:
+        """The supervisor re-executes itself: drop the link quietly (the next image links up
+        again and adopts the hub); a hub we started stays our child, reaped by the next image.
+        `upgrading`: the hub was just asked to upgrade."""
+        self.stopping = True
         if self.channel is not None:
-            self.channel.send({"type": "upgrade"})
+            self.channel.close()
+        if self.proc is not None:
+            self.proc.forget()
+        return {"pid": self.proc.pid if self.proc is not None else None,
+                "spawned_at": self.spawned_at, "streak": self.streak, "upgrading": upgrading}
+
+    def adopt(self, state: dict) -> None:
+        """Take over what handover() gave."""
+        if state["pid"] is not None:
+            self.proc = Child(state["pid"])
+            self.proc.watch(self._exited)
+        self.spawned_at = state["spawned_at"]
+        self.streak = state["streak"]
+        self.upgrade_on_adopt = not state["upgrading"]
+
+    def resume(self) -> None:
+        """The exec after handover() failed: watch the hub again."""
+        self.stopping = False
+        if self.proc is not None:
+            self.proc.watch(self._exited)
 
     def stop(self) -> None:
         """The daemon stops; the hub does not (it ends on its own once it has no session)."""
@@ -226,9 +272,3 @@ class HubKeeper:
                 "connected": self.channel is not None,
                 "upgrades_refused": self.upgrades_refused}
 
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except OSError:
-        pass

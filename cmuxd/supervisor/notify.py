@@ -43,6 +43,11 @@ class Notifier:
         self._failed = False
 
     @property
+    def inherited(self) -> dict[str, str]:
+        """The variables this process was given, for its next image after a re-exec."""
+        return dict(self._inherited)
+
+    @property
     def enabled(self) -> bool:
         return self.address is not None
 
@@ -152,7 +157,7 @@ class Notifier:
 def status_line(listeners, pool) -> str:
     """What `systemctl status` shows: open connections, serving workers, listeners."""
     connections = pool.total_load()
-    serving = [w for w in pool.serving() if w.proc.poll() is None and w.chan is not None]
+    serving = [w for w in pool.serving() if w.alive]
     where = ", ".join(f"{l.kind} {l.address}" for l in listeners) or "no listeners"
     return (f"{connections} connection{'s' if connections != 1 else ''}, "
             f"{len(serving)}/{pool.config.workers} workers, listening on {where}")
@@ -162,9 +167,7 @@ def pool_healthy(pool) -> bool:
     """At least one serving worker runs and has answered its heartbeats: the daemon can
     still serve a new connection."""
     now = time.monotonic()
-    return any(w.proc.poll() is None and w.chan is not None
-               and now - w.last_pong <= pool.config.worker_timeout
-               for w in pool.serving())
+    return any(w.answering(now, pool.config.worker_timeout) for w in pool.serving())
 
 
 def _socket_address(text: str) -> str | None:

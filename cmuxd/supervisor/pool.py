@@ -1,6 +1,12 @@
 """The worker pool: pre-started worker processes, fd passing, least-loaded dispatch,
 heartbeats, respawn, graceful retirement (reload, recycling, scaling down).
 
+One `Worker` per child process holds its process, its channel, the fds in flight to it and
+its liveness. `_reconcile()` is the only place that starts workers: it compares the workers
+wanted (one serving worker per index below --workers, of the current generation) with the
+ones serving, so reload, scaling, recycling and a crash only retire or forget workers and
+then reconcile. A worker's exit is an event (its pidfd), not something a timer looks for.
+
 Workers are fresh interpreters (`python -m cmuxd.worker`), not forks of the supervisor, so
 they inherit no event loop, listener or token. Each gets one end of an AF_UNIX stream
 socketpair; connections reach it over that channel as SCM_RIGHTS, with heartbeats and
@@ -11,6 +17,7 @@ would block is queued and finished when the channel drains.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import random
@@ -26,16 +33,19 @@ import orjson
 import psutil
 
 from ..handoff import encode_control, encode_handoff
+from ..protocol import OVERSIZED, FrameDecoder
+from .child import Child
 
 log = logging.getLogger("cmuxd.supervisor")
 
-TICK = 0.5
 HEARTBEAT_INTERVAL = 1.0
 RECYCLE_CHECK_INTERVAL = 5.0
 RESPAWN_MAX = 10.0
 STOP_GRACE = 5.0
 UNTIL_CLOSED = -1
 """A retirement grace that lasts until the worker's connections close."""
+MAX_REPORT = 1 << 20
+"""A worker's report line is a few numbers and device names: far below this."""
 FDS_PER_SEND = 64
 """Connections handed over in one message at most: what a worker takes per read
 (cmuxd.worker.MAX_FDS_PER_READ); fds past that would be lost with MSG_CTRUNC."""
@@ -57,7 +67,7 @@ class Worker:
     def __init__(self, index: int, generation: int):
         self.index = index
         self.generation = generation
-        self.proc: subprocess.Popen | None = None
+        self.proc: Child | None = None
         self.ps: psutil.Process | None = None
         self.chan: socket.socket | None = None
         self.started = time.time()
@@ -68,7 +78,7 @@ class Worker:
         self.out: deque = deque()  # (bytes, fd or None) not yet sent
         self.batch: list = []  # (bytes, borrowed fd or None) to send at the end of this pass
         self.unacked: dict[int, tuple[int, bytes]] = {}  # conn id -> (our dup of fd, message)
-        self.inbuf = b""
+        self.reports = FrameDecoder(MAX_REPORT)  # the worker's report lines
         self.last_pong = time.monotonic()
         self.ready = False  # set by the worker's first report
         self.version = ""  # the code it runs, as it reported
@@ -79,6 +89,15 @@ class Worker:
     @property
     def pid(self) -> int:
         return self.proc.pid if self.proc else 0
+
+    @property
+    def alive(self) -> bool:
+        """Its process runs and its channel is open: it can be given a connection."""
+        return self.chan is not None and self.proc.poll() is None
+
+    def answering(self, now: float, timeout: float) -> bool:
+        """Alive, and its loop answered a heartbeat within `timeout` seconds."""
+        return self.alive and now - self.last_pong <= timeout
 
 
 class NoWorkerError(RuntimeError):
@@ -95,17 +114,42 @@ class WorkerPool:
         self.on_change = on_change or (lambda: None)
         self._crash_streak = 0
         self._respawn_after = 0.0
+        self._respawn_timer: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
-        self._last_heartbeat = 0.0
         self._last_recycle_check = time.monotonic()
         self.started = time.time()
 
     # lifecycle
 
     def start(self) -> None:
-        for index in range(self.config.workers):
+        self._reconcile()
+        self._tick = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._on_tick)
+
+    def _reconcile(self) -> None:
+        """Start the workers wanted and not serving, retire serving ones past --workers;
+        after quick deaths in a row, only once the back-off has passed."""
+        if self.stopping:
+            return
+        serving = self.serving()
+        for worker in serving:
+            if worker.index >= self.config.workers:
+                self.retire(worker, "scaled down")
+        missing = sorted(set(range(self.config.workers)) - {w.index for w in serving})
+        if not missing:
+            return
+        wait = self._respawn_after - time.monotonic()
+        if wait > 0:
+            if self._respawn_timer is None:
+                self._respawn_timer = asyncio.get_running_loop().call_later(
+                    wait, self._respawn_due)
+            return
+        for index in missing:
             self.workers.append(self._spawn(index))
-        self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
+        self.on_change()
+
+    def _respawn_due(self) -> None:
+        self._respawn_timer = None
+        self._reconcile()
 
     async def wait_ready(self, timeout: float = 10.0) -> bool:
         """Until every serving worker has reported in, so READY=1 means it."""
@@ -120,7 +164,7 @@ class WorkerPool:
         return [w for w in self.workers if w.state == "serving"]
 
     def has_worker(self) -> bool:
-        return any(w.state == "serving" and w.chan is not None for w in self.workers)
+        return any(w.alive for w in self.serving())
 
     def _spawn(self, index: int) -> Worker:
         loop = asyncio.get_running_loop()
@@ -133,39 +177,126 @@ class WorkerPool:
             "--config", orjson.dumps(dict(self.config.worker_json(),
                                           daemon=self.figures())).decode(),
         )
-        worker.proc = subprocess.Popen(
+        worker.proc = Child.start(
             cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
             cwd=CHILD_CWD,
         )
         theirs.close()
-        try:
-            worker.ps = psutil.Process(worker.proc.pid)
-        except psutil.Error:
-            worker.ps = None
-        ours.setblocking(False)
-        worker.chan = ours
         max_served = self.config.max_connections_served
         if max_served:
             worker.serve_limit = max_served + random.randint(0, max(1, max_served // 10))
-        loop.add_reader(ours.fileno(), self._on_readable, worker)
+        self._watch(worker, ours)
+        worker.proc.watch(lambda _: self._exited(worker))
         log.info("worker %d started (pid %d, generation %d)", index, worker.pid,
                  worker.generation)
         return worker
+
+    def _watch(self, worker: Worker, chan: socket.socket) -> None:
+        try:
+            worker.ps = psutil.Process(worker.pid)
+        except psutil.Error:
+            worker.ps = None
+        chan.setblocking(False)
+        worker.chan = chan
+        asyncio.get_running_loop().add_reader(chan.fileno(), self._on_readable, worker)
+
+    def state(self) -> dict:
+        """Everything the next image of this process needs to go on with the workers it
+        inherits (they stay its children across exec): each one's channel fd, counts, and what
+        was not yet sent to it or confirmed by it, fds included."""
+        rows = []
+        for worker in self.workers:
+            if worker.state == "gone":
+                continue
+            rows.append({
+                "index": worker.index, "generation": worker.generation, "pid": worker.pid,
+                "chan": worker.chan.fileno() if worker.chan else None,
+                "started": worker.started, "state": worker.state,
+                "retire_reason": worker.retire_reason, "load": worker.load,
+                "served": worker.served, "serve_limit": worker.serve_limit,
+                "ready": worker.ready, "version": worker.version, "ping_seq": worker.ping_seq,
+                "devices": worker.devices, "inbuf": _b64(worker.reports.held()),
+                "out": [[_b64(data), fd] for data, fd in worker.out],
+                "unacked": [[conn_id, fd, _b64(data)]
+                            for conn_id, (fd, data) in worker.unacked.items()],
+            })
+        return {"generation": self.generation, "workers_wanted": self.config.workers,
+                "crash_streak": self._crash_streak, "workers": rows}
+
+    def handover(self) -> dict:
+        """state(), once everything queued is sent and with every fd it names inheritable;
+        a handover that does not end in exec is undone by resume()."""
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        for worker in self.workers:
+            if worker.batch:
+                self._send_batch(worker)
+            worker.proc.forget()
+        for fd in self._fds():
+            os.set_inheritable(fd, True)
+        return self.state()
+
+    def _fds(self) -> list[int]:
+        fds = []
+        for worker in self.workers:
+            if worker.state == "gone":
+                continue
+            if worker.chan is not None:
+                fds.append(worker.chan.fileno())
+            fds.extend(fd for _, fd in worker.out if fd is not None)
+            fds.extend(fd for fd, _ in worker.unacked.values())
+        return fds
+
+    def adopt(self, state: dict) -> None:
+        """Go on with the workers a previous image of this process handed over; then tick
+        as start() does."""
+        self.generation = state["generation"]
+        self.config.workers = state["workers_wanted"]
+        self._crash_streak = state["crash_streak"]
+        for row in state["workers"]:
+            worker = Worker(row["index"], row["generation"])
+            worker.proc = Child(row["pid"])
+            for name in ("started", "state", "retire_reason", "load", "served", "serve_limit",
+                         "ready", "version", "ping_seq", "devices"):
+                setattr(worker, name, row[name])
+            worker.reports.feed(base64.b64decode(row["inbuf"]))
+            worker.out.extend((base64.b64decode(data), fd) for data, fd in row["out"])
+            worker.unacked = {conn_id: (fd, base64.b64decode(data))
+                              for conn_id, fd, data in row["unacked"]}
+            self.workers.append(worker)
+            if row["chan"] is not None:
+                self._watch(worker, socket.socket(fileno=row["chan"]))
+                if worker.out:
+                    asyncio.get_running_loop().add_writer(worker.chan.fileno(), self._flush,
+                                                          worker)
+        for fd in self._fds():
+            os.set_inheritable(fd, False)  # no child started from now on may inherit one
+            worker.proc.watch(lambda _, worker=worker: self._exited(worker))
+        self._tick = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._on_tick)
+
+    def resume(self) -> None:
+        """The exec after handover() failed: this image goes on as it was."""
+        for fd in self._fds():
+            os.set_inheritable(fd, False)
+        for worker in self.workers:
+            worker.proc.watch(lambda _, worker=worker: self._exited(worker))
+        if self._tick is None:
+            self._tick = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL,
+                                                               self._on_tick)
 
     def reload(self, upgrade: bool = False) -> None:
         """A new generation takes every new connection; the old one drains and exits. After
         an upgrade the old generation serves its connections until they close, however long:
         `status` shows which workers still run the old code."""
         self.generation += 1
-        old = self.serving()
-        for index in range(self.config.workers):
-            self.workers.append(self._spawn(index))
-        for worker in old:
+        for worker in self.serving():
             if upgrade:
                 self.retire(worker, "upgrade", grace=UNTIL_CLOSED)
             else:
                 self.retire(worker, "reload")
-        self.on_change()
+        self._respawn_after = 0.0
+        self._reconcile()
 
     def scale(self, delta: int) -> None:
         """SIGTTIN/SIGTTOU: one worker more or fewer."""
@@ -175,14 +306,8 @@ class WorkerPool:
         if target == self.config.workers:
             return
         self.config.workers = target
-        serving = self.serving()
-        if delta > 0:
-            used = {w.index for w in serving}
-            index = next(i for i in range(len(serving) + 1) if i not in used)
-            self.workers.append(self._spawn(index))
-        else:
-            self.retire(max(serving, key=lambda w: w.index), "scaled down")
         log.info("now %d workers", target)
+        self._reconcile()
         self.on_change()
 
     def retire(self, worker: Worker, reason: str, grace: float | None = None) -> None:
@@ -203,7 +328,9 @@ class WorkerPool:
         self.stopping = True
         if self._tick is not None:
             self._tick.cancel()
-        for worker in self.workers:
+        if self._respawn_timer is not None:
+            self._respawn_timer.cancel()
+        for worker in list(self.workers):
             if worker.proc.poll() is not None:
                 continue
             if graceful and worker.chan is not None:
@@ -212,7 +339,7 @@ class WorkerPool:
             else:
                 worker.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
-        for worker in self.workers:
+        for worker in list(self.workers):
             while worker.proc.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             if worker.proc.poll() is None:
@@ -238,7 +365,7 @@ class WorkerPool:
         """Until the worker confirms it took the fd, we keep a copy: if it dies first (also
         before the message went out), the connection goes to another worker instead of being
         lost with it."""
-        live = [w for w in self.serving() if w.chan is not None]
+        live = [w for w in self.serving() if w.alive]
         if not live:
             raise NoWorkerError("no worker is running")
         worker = min(live, key=lambda w: w.load)
@@ -349,8 +476,9 @@ class WorkerPool:
             return False
         worker.last_pong = time.monotonic()
         worker.ready = True
-        *lines, worker.inbuf = (worker.inbuf + data).split(b"\n")
-        for line in lines:
+        for line in worker.reports.feed(data):
+            if line is OVERSIZED:
+                continue
             report = orjson.loads(line)
             if "version" in report:
                 worker.version = str(report["version"])
@@ -404,8 +532,8 @@ class WorkerPool:
                 os.close(fd)
 
     def _replace(self, worker: Worker, reason: str) -> None:
-        self.workers.append(self._spawn(worker.index))
         self.retire(worker, reason)
+        self._reconcile()
         self.on_change()
 
     def _on_tick(self) -> None:
@@ -413,26 +541,23 @@ class WorkerPool:
         if self.stopping:
             return
         now = time.monotonic()
-        self._reap(now)
-        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
-            self._last_heartbeat = now
-            self._heartbeat(now)
+        self._heartbeat(now)
         if now - self._last_recycle_check >= RECYCLE_CHECK_INTERVAL:
             self._last_recycle_check = now
             self._recycle_big_workers()
-        self._tick = asyncio.get_running_loop().call_later(TICK, self._on_tick)
+        self._tick = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._on_tick)
 
     def _heartbeat(self, now: float) -> None:
         """Ping every worker; one whose loop has not answered for --worker-timeout is hung:
         kill it, and the reaper replaces it."""
         figures = self.figures()
         for worker in self.workers:
-            if worker.chan is None or worker.proc.poll() is not None:
+            if not worker.alive:
                 continue
-            if now - worker.last_pong > self.config.worker_timeout:
+            if not worker.answering(now, self.config.worker_timeout):
                 log.warning("worker %d (pid %d) has not answered for %.0f s; killing it",
                             worker.index, worker.pid, now - worker.last_pong)
-                worker.proc.kill()
+                worker.proc.abort()
                 continue
             worker.ping_seq += 1
             self._queue(worker, encode_control(
@@ -459,51 +584,35 @@ class WorkerPool:
                 self._replace(worker, f"RSS {rss / 1048576:.0f} MiB is over "
                                       f"--max-worker-rss {limit}")
 
-    def _reap(self, now: float) -> None:
-        """Replace serving workers that exited, backing off when they keep crashing; forget
-        retired ones once they are gone."""
-        for worker in list(self.workers):
-            code = worker.proc.poll()
-            if code is None:
-                continue
-            self._worker_gone(worker)
-            if worker.state == "retiring":
-                log.info("worker %d (pid %d) retired (%s)", worker.index, worker.pid,
-                         worker.retire_reason)
-                worker.state = "gone"
-                self.workers.remove(worker)
-                self.on_change()
-                continue
-            if worker.state == "gone":
-                continue
-            if now < self._respawn_after:
-                continue
-            worker.state = "gone"
+    def _exited(self, worker: Worker) -> None:
+        """The worker's process ended: forget it, and if it was serving, count the crash
+        (quick ones in a row back off) and reconcile, which replaces it."""
+        self._worker_gone(worker)
+        if worker not in self.workers:
+            return
+        self.workers.remove(worker)
+        code = worker.proc.returncode
+        state, worker.state = worker.state, "gone"
+        if state == "retiring":
+            log.info("worker %d (pid %d) retired (%s)", worker.index, worker.pid,
+                     worker.retire_reason)
+        elif not self.stopping:
             self.counters["worker_restarts"] += 1
             lived = time.time() - worker.started
             self._crash_streak = self._crash_streak + 1 if lived < 5 else 0
             delay = respawn_delay(self._crash_streak)
-            self._respawn_after = now + delay
+            self._respawn_after = time.monotonic() + delay
             log.warning("worker %d (pid %d) exited with %s; %d connection(s) lost; replacing it%s",
                         worker.index, worker.pid, _describe_exit(code), worker.load,
                         f" in {delay:.1f} s" if delay else "")
-            self.workers.remove(worker)
-            if delay:
-                asyncio.get_running_loop().call_later(delay, self._respawn, worker.index)
-            else:
-                self._respawn(worker.index)
-
-    def _respawn(self, index: int) -> None:
-        if self.stopping or len(self.serving()) >= self.config.workers:
-            return
-        self.workers.append(self._spawn(index))
+            self._reconcile()
         self.on_change()
 
     def snapshot(self) -> list[dict]:
         rows = []
         for w in self.workers:
             row = {"index": w.index, "pid": w.pid, "generation": w.generation,
-                   "state": w.state, "alive": w.proc.poll() is None and w.chan is not None,
+                   "state": w.state, "alive": w.alive,
                    "version": w.version,
                    "connections": w.load, "served": w.served,
                    "age": round(time.time() - w.started, 1)}
@@ -517,6 +626,10 @@ class WorkerPool:
                 pass
             rows.append(row)
         return rows
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def respawn_delay(streak: int) -> float:

@@ -1449,14 +1449,15 @@ def _upgrade_output(pipe: Pipe, end: int) -> tuple[str, bytes, int]:
 
 
 def _runs_everywhere(control: Path, version: str) -> bool:
-    """The hub and every serving worker run `version` (the supervisor keeps its code)."""
+    """The supervisor (re-executed in place), the hub and every serving worker run
+    `version`."""
     try:
         status = query_status(control)
     except OSError:
         return False
     serving = [w for w in status["workers"] if w["state"] == "serving"]
-    return status["hub"]["version"] == version and serving and all(
-        w["version"] == version for w in serving)
+    return status["version"] == version and status["hub"]["version"] == version and serving \
+        and all(w["version"] == version for w in serving)
 
 
 # ---------------------------------------------------------------------------------------------

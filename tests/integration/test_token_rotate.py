@@ -150,6 +150,7 @@ def test_a_token_file_with_loose_modes_is_refused(daemon):
     ({"method": "rotate_token", "token": "ab" * 32, "grace": -1}, "grace period"),
     ({"method": "rotate_token", "token": "ab" * 32, "grace": "600"}, "grace period"),
     ({"method": "no_such_thing"}, "unknown control method"),
+    ({"method": "rotate_token", "token": "ab" * 40000, "grace": 0}, "at most 65536 bytes"),
 ])
 def test_bad_control_requests_get_a_sentence_and_change_nothing(daemon, request_, message):
     with pytest.raises(OSError) as err:

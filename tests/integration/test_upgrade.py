@@ -4,6 +4,7 @@ a stop and start, against a copy of the package installed where the test can cha
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -11,12 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import psutil
 import pytest
 
 import cmuxd
-from helpers import stop_process, wait_for
-from listening import ListeningDaemon
+from helpers import FrameStream, stop_process, wait_for
+from listening import RELAY_ID, ListeningDaemon, mac_for, read_line
 
 COUNTER = "echo pid=$$; while :; do echo tick $((i+=1)); sleep 0.2; done"
 
@@ -108,6 +110,9 @@ def test_a_live_upgrade_runs_the_new_code_and_loses_nothing(installed):
         assert any(w["version"] == cmuxd.__version__ and w["state"] == "retiring"
                    for w in status["workers"]), status["workers"]
         assert status["hub"]["pid"] == hub_pid
+        # The supervisor re-executed itself in place: same pid, the new code.
+        assert status["pid"] == d.proc.pid and status["version"] == "9.9.9"
+        assert "took over from" in d.log()
         assert old.call("ping", id=7)["ok"]
         time.sleep(1)
         dialer.stop.set()
@@ -188,6 +193,88 @@ def test_stop_and_start_on_the_same_state_dir_keeps_sessions(installed):
         assert_no_gap(out)
         assert "adopted the PTY hub" in d.log()
         assert d.status()["version"] == "9.9.2"
+    finally:
+        stop_process(d.proc)
+        d.close()
+
+
+def handshake_started(d):
+    """A TCP connection that has its challenge and has not answered yet, with its nonce."""
+    sock = d.tcp_connect()
+    return sock, d.challenge(sock)["nonce"]
+
+
+def test_a_handshake_in_flight_is_finished_before_the_supervisor_re_executes(installed):
+    d = ready(ListeningDaemon(workers=1, env={"PYTHONPATH": str(installed)}))
+    try:
+        sock, nonce = handshake_started(d)
+        set_version(installed, "9.9.9")
+        d.proc.send_signal(1)
+        # Accepting has stopped and the exec waits for this handshake to end.
+        wait_for(lambda: "re-executes itself in place" in d.log(), timeout=20)
+        sock.sendall(orjson.dumps({"mac": mac_for(d.token, RELAY_ID, nonce),
+                                   "relay_id": RELAY_ID}) + b"\n")
+        assert json.loads(read_line(sock)) == {"ok": True}
+        stream = FrameStream(sock)
+        assert stream.call("ping", id=1)["ok"]
+        wait_for(lambda: d.status()["version"] == "9.9.9", timeout=20)
+        assert d.status()["pid"] == d.proc.pid
+        assert stream.call("ping", id=2)["ok"]  # its worker was adopted, not replaced
+    finally:
+        d.close()
+
+
+def test_a_rotated_token_and_its_grace_cross_the_re_exec(installed):
+    d = ready(ListeningDaemon(workers=1, env={"PYTHONPATH": str(installed)}))
+    try:
+        old = d.token
+        assert d.authed().call("ping", id=1)["ok"]
+        rotated = d.cli("token", "rotate", "--grace", "600", "--state-dir", str(d.state_dir))
+        assert rotated.returncode == 0, rotated.stderr
+        new = d.token_file.read_text().strip()
+        until = d.status()["previous_token_until"]
+        set_version(installed, "9.9.9")
+        d.proc.send_signal(1)
+        wait_for(lambda: d.status()["version"] == "9.9.9", timeout=20)
+        status = d.status()
+        assert status["pid"] == d.proc.pid
+        assert status["previous_token_until"] == until
+        assert status["counters"]["accepted"] >= 1  # the counters went on, not from zero
+        for token in (new, old):
+            d.token = token
+            assert d.authed().call("ping", id=1)["ok"]
+        proc = psutil.Process(d.proc.pid)
+        seen = " ".join(proc.cmdline()) + repr(proc.environ()) + d.log()
+        assert old not in seen and new not in seen
+    finally:
+        d.close()
+
+
+def test_a_supervisor_that_fails_after_exec_leaves_the_sessions_to_the_next_start(installed):
+    """The new image fails before it serves (the pre-flight cannot catch everything): the
+    process ends, its workers see their channel close and stop, and the hub keeps the
+    sessions for the next start, which adopts them."""
+    d = ready(ListeningDaemon(workers=1, env={"PYTHONPATH": str(installed)}))
+    try:
+        out = replay_of(attach(d, "a", command=COUNTER), b"tick 2")
+        pid = int(re.search(rb"pid=(\d+)", out).group(1))
+        init = installed / "cmuxd" / "supervisor" / "__init__.py"
+        good = init.read_text()
+        init.write_text(good.replace('    row = state["creds"]\n',
+                                     '    raise RuntimeError("broken on purpose")\n'))
+        set_version(installed, "9.9.9")
+        d.proc.send_signal(1)
+        assert d.proc.wait(timeout=30) != 0
+        assert "broken on purpose" in d.log()
+        init.write_text(good)
+        d.proc = subprocess.Popen(d.proc.args, stdin=subprocess.DEVNULL, stdout=d.stderr_file,
+                                  stderr=d.stderr_file, env=d.env, cwd="/")
+        ready(d)
+        wait_for(lambda: d.status()["hub"]["sessions"] == 1, timeout=15)
+        again = attach(d, "b", require_existing=True)
+        out = replay_of(again, b"tick") + replay_of(again, b"tick")
+        assert f"pid={pid}".encode() in out
+        assert_no_gap(out)
     finally:
         stop_process(d.proc)
         d.close()

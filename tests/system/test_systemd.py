@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cmuxd import units
+from cmuxd import __version__, units
 from cmuxd.status import query_status
 from helpers import FrameStream, wait_for, write_token_file
 from listening import RELAY_ID, free_port, mac_for, proof_for, read_line
@@ -341,6 +341,52 @@ def test_reload_keeps_every_open_connection_serving(systemd):
         stream.close()
     ping_ok(systemd.authed(), id=200)
     assert "reloaded: generation" in systemd.journal()
+
+
+def test_an_upgrade_reload_re_executes_the_supervisor_in_place(systemd):
+    """The service runs a copy of the package (bound into its sandbox) whose version string
+    changes; `systemctl reload` then execs the new code in the same main process, which
+    says READY=1 again, while a client connecting all along sees no failure."""
+    site = systemd.work / "site"
+    shutil.copytree(Path(units.__file__).parent, site / "cmuxd",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    dropin = systemd.path("/run/systemd/system/cmuxd.service.d/upgrade.conf")
+    dropin.write_text(f"[Service]\nEnvironment=PYTHONPATH={site}\nBindReadOnlyPaths={site}\n")
+    systemd.systemctl("daemon-reload")
+    systemd.systemctl("start", "cmuxd-hub.service")
+    systemd.systemctl("restart", "cmuxd.service")
+    loop = ConnectLoop(systemd)
+    try:
+        wait_serving(systemd)
+        stream = systemd.authed()
+        out = pty_output(stream, "upgraded", "echo pid=$$; while :; do echo tick; sleep 0.2; done",
+                         until=b"tick")
+        pid = int(out.split(b"pid=")[1].split()[0])
+        main_pid = systemd.main_pid()
+        loop.start()
+        wait_for(lambda: loop.ok >= 20 or loop.failures, timeout=30,
+                 message="the connect loop to get going")
+        init = site / "cmuxd" / "__init__.py"
+        init.write_text(init.read_text().replace(f'"{__version__}"', '"9.9.9"'))
+        systemd.systemctl("reload", "cmuxd.service")
+        wait_for(lambda: systemd.control_status()["version"] == "9.9.9", timeout=30,
+                 message="the supervisor to run the new code")
+        wait_serving(systemd)  # READY=1 again: the reload is over for systemd
+        after = loop.ok
+        wait_for(lambda: loop.ok >= after + 20 or loop.failures, timeout=30,
+                 message="connections to the re-executed supervisor")
+        assert systemd.main_pid() == main_pid
+        assert "took over from" in systemd.journal()
+        ping_ok(stream, id=5)  # opened before the reload: its old worker still serves it
+        assert systemd.path(f"/proc/{pid}").exists()
+    finally:
+        loop.stop.set()
+        loop.join(30)
+        dropin.unlink()
+        systemd.systemctl("daemon-reload")
+        systemd.systemctl("restart", "cmuxd.service")
+    assert loop.failures == [], f"{len(loop.failures)} of {loop.ok + len(loop.failures)} " \
+                                f"attempts failed: {loop.failures[:5]}"
 
 
 def test_a_new_token_takes_a_restart_under_the_unit(systemd):
