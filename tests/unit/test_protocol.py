@@ -17,6 +17,7 @@ from cmuxd.protocol import (
     FrameDecoder,
     Request,
     RPCError,
+    drop_empty_frames,
     error_response,
     event,
     ok_response,
@@ -78,6 +79,19 @@ def test_crlf_is_left_to_parse_request():
     req = parse_request(frames[0])
     assert isinstance(req, Request) and req.method == "ping"
     assert parse_request(frames[1]) is None
+
+
+@given(st.lists(st.sampled_from([b"a", b"{}", b"\r", b"\n", b"\r\n", b" "]), max_size=30))
+def test_dropping_empty_frames_keeps_every_frame_that_is_not_empty(parts):
+    data = b"".join(parts)
+    def kept(stream: bytes) -> list[bytes]:
+        frames = FrameDecoder().feed(stream)
+        return [f for f in frames if f not in (b"", b"\r")]
+    assert kept(drop_empty_frames(data)) == kept(data)
+
+
+def test_runs_of_empty_lines_cost_no_frame_each():
+    assert drop_empty_frames(b"a\n\r\n\n\r\n\r\n\nb\n") == b"a\nb\n"
 
 
 def test_final_frame_without_lf_is_returned_at_eof():
@@ -232,6 +246,25 @@ def test_byte_at_a_time_matches_the_reference(data, max_frame):
 
 # ---------------------------------------------------------------------------------------------
 # Requests and parse errors (§2.3, §3.1)
+
+
+@given(st.text(alphabet='{}[]":, \t\r1x\\', max_size=12).map(str.encode))
+@example(b"{x}")
+@example(b' { "id" : 1 } \r')
+@example(b"{}\t")
+def test_junk_is_told_from_requests_without_a_parse_as_a_full_parse_would(frame):
+    """The cheap checks that answer junk without a parse reject only what a parse rejects."""
+    try:
+        obj = json.loads(frame)
+        valid = type(obj) is dict and type(obj.get("method") or "") is str and \
+            type(obj.get("params") or {}) is dict
+    except ValueError:
+        valid = False
+    got = parse_request(frame)
+    if valid:
+        assert type(got) is Request
+    else:
+        assert got is INVALID_JSON_RESPONSE or (got is None and frame in (b"", b"\r"))
 
 
 def test_parse_request_fields():
