@@ -256,8 +256,8 @@ def test_junk_is_told_from_requests_without_a_parse_as_a_full_parse_would(frame)
     """The cheap checks that answer junk without a parse reject only what a parse rejects."""
     try:
         obj = json.loads(frame)
-        valid = type(obj) is dict and type(obj.get("method") or "") is str and \
-            type(obj.get("params") or {}) is dict
+        valid = type(obj) is dict and type(obj.get("method", "")) in (str, type(None)) and \
+            type(obj.get("params", {})) in (dict, type(None))
     except ValueError:
         valid = False
     got = parse_request(frame)
