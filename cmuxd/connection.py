@@ -21,6 +21,7 @@ from typing import Any
 from .handlers import METHODS
 from .protocol import (
     INVALID_REQUEST,
+    LARGE_FRAME,
     METHOD_NOT_FOUND,
     MSG_METHOD_REQUIRED,
     NO_RESPONSE,
@@ -34,6 +35,7 @@ from .protocol import (
     encode,
     error_response,
     ok_response,
+    parse_large_request,
     parse_request,
     unknown_method_message,
 )
@@ -147,6 +149,7 @@ class Connection(asyncio.Protocol):
             self._charge(started, (size - len(data)) / size)
         if frames:
             self.pending.extend(frames)
+            del frames  # the queue holds them now; a frame's handler may release it
             if not self.busy:
                 self._run()
 
@@ -223,7 +226,8 @@ class Connection(asyncio.Protocol):
         if frame is OVERSIZED:
             self.junk += 1
             return OVERSIZED_RESPONSE
-        req = parse_request(frame)
+        req = parse_request(frame) if len(frame) <= LARGE_FRAME else parse_large_request(frame)
+        del frame  # a large request is held once, as parsed, while its handler runs
         if type(req) is not Request:
             self.junk += 1
             return req

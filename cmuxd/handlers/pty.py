@@ -332,7 +332,9 @@ def _error_event(ctx, params: dict, code: str, message: str) -> None:
 def _write(ctx, req) -> dict:
     params = req.params
     sid, aid, token = _identity("pty.write", params)
-    data = param_base64(params, "data_base64", "pty.write requires data_base64")
+    data = req.payload
+    if data is None:
+        data = param_base64(params, "data_base64", "pty.write requires data_base64")
     seq = None
     if "seq" in params:
         seq = param_int(params, "seq")

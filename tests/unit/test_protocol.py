@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -25,6 +26,7 @@ from cmuxd.protocol import (
     param_bool,
     param_int,
     param_str,
+    parse_large_request,
     parse_request,
     unknown_method_message,
 )
@@ -265,6 +267,51 @@ def test_junk_is_told_from_requests_without_a_parse_as_a_full_parse_would(frame)
         assert type(got) is Request
     else:
         assert got is INVALID_JSON_RESPONSE or (got is None and frame in (b"", b"\r"))
+
+
+def written(req) -> tuple:
+    """What a pty.write request amounts to: its method, id, other params and decoded data."""
+    if type(req) is not Request:
+        return (req,)
+    params = dict(req.params)
+    data = params.pop("data_base64", None)
+    if req.payload is not None:
+        assert data == ""
+        data = req.payload
+    else:
+        try:
+            data = param_base64(req.params, "data_base64", "missing")
+        except RPCError as exc:
+            data = exc.message
+    return req.method, req.id, req.has_id, params, data
+
+
+BIG = base64.b64encode(bytes(range(256)) * 400).decode()
+
+
+@pytest.mark.parametrize("frame", [
+    b'{"method":"pty.write","params":{"session_id":"s","data_base64":"%s"}}' % BIG.encode(),
+    b'{"id":3,"method":"pty.write","params":{"data_base64":"%s","seq":1}}\r' % BIG.encode(),
+    b'{"method":"pty.write","params":{"data_base64":"%s"}}' % BIG.replace("/", "\\/").encode(),
+    b'{"method":"pty.write","params":{"data_base64":"%s!"}}' % BIG.encode(),
+    b'{"method":"pty.write","params":{"data_base64":"%s","data_base64":"QQ=="}}' % BIG.encode(),
+    b'{"method":"pty.write","params":{"data_base64" : "", "x":{"data_base64":"%s"}}}' % BIG.encode(),
+    b'{"data_base64":"%s","method":"pty.write","params":{}}' % BIG.encode(),
+    b'{"method":"pty.write","params":{"data_base\\u0036\\u0034":"", "x":"\\"data_base64\\":\\"%s"}}'
+    % BIG.encode(),
+    b'{"method":"pty.write","params":{"data_base64":"%s"}' % BIG.encode(),
+    b'["data_base64":"%s"]' % BIG.encode(),
+], ids=["plain", "id-and-cr", "escaped", "invalid", "twice", "nested", "top-level",
+        "escaped-key", "truncated", "not-an-object"])
+def test_a_large_frame_means_what_it_means_parsed_whole(frame):
+    large = parse_large_request(frame)
+    assert written(large) == written(parse_request(frame))
+
+
+def test_a_plain_large_write_is_decoded_from_the_frame():
+    frame = b'{"method":"pty.write","params":{"data_base64":"%s"}}' % BIG.encode()
+    req = parse_large_request(bytearray(frame))
+    assert req.payload == bytes(range(256)) * 400 and req.params == {"data_base64": ""}
 
 
 def test_parse_request_fields():
