@@ -93,9 +93,9 @@ class ConnectionContext:
         return self._conn.closing
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One RPC connection. `reader` and `writer` are the same socket transport except under
-    stdio, where they are the stdin and stdout pipes."""
+    stdio, where they are the stdin and stdout pipes (which call `data_received`)."""
 
     def __init__(self, transport: str, hub: Any = None, initial: bytes = b"",
                  daemon: Any = None, caller: str | None = None, device: str | None = None,
@@ -139,6 +139,12 @@ class Connection(asyncio.Protocol):
         if self._initial:
             initial, self._initial = self._initial, b""
             self.data_received(initial)
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_VIEW[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         size = len(data)
@@ -414,6 +420,15 @@ PASS_BUDGET = 0.001
 """Seconds one connection may spend on the frames it has read before the worker's other
 connections get the event loop (checked every 32 frames)."""
 
+READ_SIZE = 256 * 1024
+"""Bytes a socket read may return: asyncio's own read size."""
+
+_READ_BUFFER = bytearray(READ_SIZE)
+_READ_VIEW = memoryview(_READ_BUFFER)
+"""Every socket connection of the process reads into this one buffer, and takes a copy of
+what it read at once: a read of its own would allocate READ_SIZE each time, a mapping and a
+page fault for every keystroke."""
+
 JUNK_SHARE = 0.25
 """Largest share of a worker's time that one connection's empty and invalid frames get."""
 
@@ -462,6 +477,12 @@ class _StdinSide(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.conn.connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_VIEW[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.conn.data_received(data)

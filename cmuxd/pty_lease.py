@@ -108,7 +108,7 @@ class WorkerLease:
         self.give_back()
 
     def drained(self) -> None:
-        self.pump.update()
+        self.pump.drained()
 
     # input
 
