@@ -568,7 +568,9 @@ class RemoteHub:
             return True
         key = (event["session_id"], event["attachment_id"], event["attachment_token"])
         kind = event["event"]
-        live = self.attachments.setdefault(peer, set())
+        live = self.attachments.get(peer)
+        if live is None:
+            live = self.attachments[peer] = set()
         if kind == "pty.exit":
             deliver(event)
             live.discard(key)

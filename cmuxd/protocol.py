@@ -100,6 +100,8 @@ class FrameDecoder:
         else:
             out.append(OVERSIZED if cut >= limit else data[:cut])
         self._buf = None
+        if cut == len(data) - 1:  # a read of one frame (a keystroke) or of the end of one
+            return out
         lines = data[cut + 1 :].split(b"\n")
         tail = lines.pop()
         if len(data) <= limit:  # no line of it can be oversized: skip the check per line
@@ -395,6 +397,14 @@ def param_base64(params: dict, key: str, missing_message: str) -> bytes:
         return binascii.a2b_base64(value, strict_mode=True)
     except ValueError:
         raise RPCError(INVALID_PARAMS, MSG_BAD_BASE64) from None
+
+
+def request_base64(req: Request, missing_message: str) -> bytes:
+    """A request's `params.data_base64`, decoded: taken from the frame already when it was a
+    large one (parse_large_request), else decoded here with the spec's errors."""
+    if req.payload is not None:
+        return req.payload
+    return param_base64(req.params, "data_base64", missing_message)
 
 
 def b64(data: bytes) -> str:

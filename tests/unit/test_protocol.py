@@ -28,6 +28,7 @@ from cmuxd.protocol import (
     param_str,
     parse_large_request,
     parse_request,
+    request_base64,
     unknown_method_message,
 )
 
@@ -274,15 +275,12 @@ def written(req) -> tuple:
     if type(req) is not Request:
         return (req,)
     params = dict(req.params)
-    data = params.pop("data_base64", None)
-    if req.payload is not None:
-        assert data == ""
-        data = req.payload
-    else:
-        try:
-            data = param_base64(req.params, "data_base64", "missing")
-        except RPCError as exc:
-            data = exc.message
+    if params.pop("data_base64", None) == "" and req.payload is None:
+        params["empty"] = True
+    try:
+        data = request_base64(req, "missing")
+    except RPCError as exc:
+        data = exc.message
     return req.method, req.id, req.has_id, params, data
 
 
