@@ -21,6 +21,7 @@ from typing import Any
 from .handlers import METHODS
 from .protocol import (
     INVALID_REQUEST,
+    LARGE_FRAME,
     METHOD_NOT_FOUND,
     MSG_METHOD_REQUIRED,
     NO_RESPONSE,
@@ -34,6 +35,7 @@ from .protocol import (
     encode,
     error_response,
     ok_response,
+    parse_large_request,
     parse_request,
     unknown_method_message,
 )
@@ -91,9 +93,9 @@ class ConnectionContext:
         return self._conn.closing
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One RPC connection. `reader` and `writer` are the same socket transport except under
-    stdio, where they are the stdin and stdout pipes."""
+    stdio, where they are the stdin and stdout pipes (which call `data_received`)."""
 
     def __init__(self, transport: str, hub: Any = None, initial: bytes = b"",
                  daemon: Any = None, caller: str | None = None, device: str | None = None,
@@ -115,6 +117,12 @@ class Connection(asyncio.Protocol):
         self.paused_replies = 0
         """Reply bytes written since the peer stopped keeping up (see REPLY_ALLOWANCE)."""
         self.reading_paused = False
+        self.junk = 0
+        """Empty or invalid frames met in the current pass."""
+        self.junk_debt = 0.0
+        self.junk_at = 0.0
+        self.throttled: asyncio.TimerHandle | None = None
+        """Set while the connection rests to pay for the junk it sent (see JUNK_SHARE)."""
         self.tasks: set[asyncio.Task] = set()
         self._writable: asyncio.Future | None = None
         self._blocking: asyncio.Task | None = None
@@ -132,10 +140,22 @@ class Connection(asyncio.Protocol):
             initial, self._initial = self._initial, b""
             self.data_received(initial)
 
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_VIEW[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
-        frames = self.decoder.feed(drop_empty_frames(data))
+        size = len(data)
+        started = time.monotonic()
+        data = drop_empty_frames(data)
+        frames = self.decoder.feed(data)
+        if len(data) < size:
+            self._charge(started, (size - len(data)) / size)
         if frames:
             self.pending.extend(frames)
+            del frames  # the queue holds them now; a frame's handler may release it
             if not self.busy:
                 self._run()
 
@@ -174,9 +194,11 @@ class Connection(asyncio.Protocol):
         dispatch = self.dispatch
         self.batching = True
         handled = 0
-        deadline = time.monotonic() + PASS_BUDGET
+        self.junk = 0
+        started = time.monotonic()
+        deadline = started + PASS_BUDGET
         try:
-            while pending and not self._replies_held():
+            while pending and self.throttled is None and not self._replies_held():
                 handled += 1
                 if not handled % 32 and time.monotonic() > deadline:
                     # Let the other connections of this worker have the loop; reading
@@ -198,6 +220,8 @@ class Connection(asyncio.Protocol):
         finally:
             self.batching = False
             self._flush()
+        if self.junk:
+            self._charge(started, self.junk / handled)
         if self.input_eof and not pending and not self.busy:
             self._close(None)
         else:
@@ -206,9 +230,12 @@ class Connection(asyncio.Protocol):
     def dispatch(self, frame) -> bytes | None | Any:
         """Answer one frame: encoded reply bytes, None for no reply, or a coroutine."""
         if frame is OVERSIZED:
+            self.junk += 1
             return OVERSIZED_RESPONSE
-        req = parse_request(frame)
+        req = parse_request(frame) if len(frame) <= LARGE_FRAME else parse_large_request(frame)
+        del frame  # a large request is held once, as parsed, while its handler runs
         if type(req) is not Request:
+            self.junk += 1
             return req
         rid = req.id
         if not req.method:
@@ -263,6 +290,30 @@ class Connection(asyncio.Protocol):
         self.busy = False
         asyncio.get_running_loop().call_soon(self._resume)
 
+    def _charge(self, started: float, share: float) -> None:
+        """Count the time since `started`, `share` of which went on junk, against the
+        connection; once it owes more than JUNK_GRACE of rest, stop reading and handling its
+        frames for that long. A client streaming junk then takes at most about JUNK_SHARE of
+        the worker (and, blocked in its writes, no more of the machine's CPU either), and the
+        worker's other connections keep their latency. The bytes still get their replies."""
+        now = time.monotonic()
+        debt = self.junk_debt - (now - self.junk_at)
+        debt = (debt if debt > 0 else 0.0) + (now - started) * share * (1 / JUNK_SHARE - 1)
+        self.junk_debt, self.junk_at = debt, now
+        if debt > JUNK_GRACE and self.throttled is None and not self.closing:
+            self.throttled = asyncio.get_running_loop().call_later(debt, self._rested)
+            self._update_reading()
+
+    def _rested(self) -> None:
+        self.throttled = None
+        self.junk_debt, self.junk_at = 0.0, time.monotonic()
+        if self.closing:
+            return
+        if self.busy:
+            self._update_reading()
+        else:
+            self._run()
+
     def _next_pass(self) -> None:
         self.busy = False
         self._resume()
@@ -303,7 +354,7 @@ class Connection(asyncio.Protocol):
         return self.write_paused and self.paused_replies >= REPLY_ALLOWANCE
 
     def _update_reading(self) -> None:
-        want_paused = self.busy or self._replies_held()
+        want_paused = self.busy or self.throttled is not None or self._replies_held()
         if want_paused == self.reading_paused or self.reader is None or self.input_eof:
             return
         self.reading_paused = want_paused
@@ -345,6 +396,9 @@ class Connection(asyncio.Protocol):
             return
         self._flush()
         self.closing = True
+        if self.throttled is not None:
+            self.throttled.cancel()
+            self.throttled = None
         for task in list(self.tasks):
             task.cancel()
         if self._writable is not None and not self._writable.done():
@@ -365,6 +419,22 @@ INTERNAL_ERROR = "internal error in the daemon; see its log"
 PASS_BUDGET = 0.001
 """Seconds one connection may spend on the frames it has read before the worker's other
 connections get the event loop (checked every 32 frames)."""
+
+READ_SIZE = 256 * 1024
+"""Bytes a socket read may return: asyncio's own read size."""
+
+_READ_BUFFER = bytearray(READ_SIZE)
+_READ_VIEW = memoryview(_READ_BUFFER)
+"""Every socket connection of the process reads into this one buffer, and takes a copy of
+what it read at once: a read of its own would allocate READ_SIZE each time, a mapping and a
+page fault for every keystroke."""
+
+JUNK_SHARE = 0.25
+"""Largest share of a worker's time that one connection's empty and invalid frames get."""
+
+JUNK_GRACE = 0.002
+"""Seconds of rest a connection may owe for junk before it has to take them: a stray blank
+line or bad request costs a well-behaved client nothing."""
 
 REPLY_ALLOWANCE = 64 * 1024
 """Reply bytes a connection may add past the write buffer's high-water mark before it stops
@@ -408,6 +478,12 @@ class _StdinSide(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.conn.connection_made(transport)
 
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_VIEW[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
         self.conn.data_received(data)
 
@@ -448,7 +524,7 @@ async def _feed_from_file(fd: int, conn: Connection) -> None:
     """Read a regular-file stdin in a thread; a file never blocks long, but asyncio refuses it."""
     loop = asyncio.get_running_loop()
     while not conn.closing:
-        if conn.busy or conn.write_paused:
+        if conn.busy or conn.write_paused or conn.throttled is not None:
             await asyncio.sleep(0.001)
             continue
         data = await loop.run_in_executor(None, os.read, fd, 262144)

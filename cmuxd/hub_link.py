@@ -568,7 +568,9 @@ class RemoteHub:
             return True
         key = (event["session_id"], event["attachment_id"], event["attachment_token"])
         kind = event["event"]
-        live = self.attachments.setdefault(peer, set())
+        live = self.attachments.get(peer)
+        if live is None:
+            live = self.attachments[peer] = set()
         if kind == "pty.exit":
             deliver(event)
             live.discard(key)
@@ -725,12 +727,17 @@ class RemoteHub:
     def drained(self, peer: int, session_id: str, attachment_id: str, token: str,
                 frames: int) -> None:
         key = (session_id, attachment_id, token)
-        if key in self.behind:
-            self.behind[key] = max(0, self.behind[key] - frames)
+        behind = self.behind.get(key)
+        if behind is not None:
+            self.behind[key] = behind - frames if behind > frames else 0
         lease = self.leases.get(session_id)
-        if lease is not None and lease.find(attachment_id, token) is not None:
-            lease.drained()
-            return
+        if lease is not None:
+            # The key is the connection's own queue key, made from an event we sent, not
+            # a client's claim: a plain compare, no constant-time one, is right here.
+            att = lease.attachments.get(attachment_id)
+            if att is not None and att.key == key:
+                lease.drained()
+                return
         if self.upgrading:
             return  # the upgraded hub starts counting afresh
         self._send({"type": "drained", "peer": peer, "session_id": session_id,

@@ -68,39 +68,40 @@ class FrameDecoder:
     """Splits a byte stream into LF-terminated frames, enforcing the size limit.
 
     A frame longer than the limit is reported once as OVERSIZED and the rest of its line is
-    discarded, so one bad line never desynchronises the stream. A partial line is kept as a
-    list of chunks so that a large frame arriving in many reads is joined once, not per read.
+    discarded, so one bad line never desynchronises the stream. A partial line grows in one
+    bytearray, which is then the frame itself: a large frame arriving in many reads is never
+    held twice (its reads and their join), nor copied once per read.
     """
 
-    __slots__ = ("_parts", "_size", "_discarding", "max_frame")
+    __slots__ = ("_buf", "_discarding", "max_frame")
 
     def __init__(self, max_frame: int = MAX_FRAME):
         self.max_frame = max_frame
-        self._parts: list[bytes] = []
-        self._size = 0
+        self._buf: bytearray | None = None
         self._discarding = False
 
-    def feed(self, data: bytes) -> list[bytes | Oversized]:
+    def feed(self, data: bytes) -> list[bytes | bytearray | Oversized]:
         """Return every frame completed by `data` (without its LF), in order."""
-        out: list[bytes | Oversized] = []
+        out: list[bytes | bytearray | Oversized] = []
         limit = self.max_frame
         cut = data.find(b"\n")
         if cut < 0:
             self._hold(data, out)
             return out
-        head = data[:cut]
+        buf = self._buf
         if self._discarding:
             self._discarding = False
-        elif self._parts:
-            if self._size + len(head) >= limit:
+        elif buf is not None:
+            if len(buf) + cut >= limit:
                 out.append(OVERSIZED)
             else:
-                self._parts.append(head)
-                out.append(b"".join(self._parts))
+                buf += memoryview(data)[:cut]
+                out.append(buf)
         else:
-            out.append(OVERSIZED if len(head) >= limit else head)
-        self._parts = []
-        self._size = 0
+            out.append(OVERSIZED if cut >= limit else data[:cut])
+        self._buf = None
+        if cut == len(data) - 1:  # a read of one frame (a keystroke) or of the end of one
+            return out
         lines = data[cut + 1 :].split(b"\n")
         tail = lines.pop()
         if len(data) <= limit:  # no line of it can be oversized: skip the check per line
@@ -115,26 +116,27 @@ class FrameDecoder:
     def _hold(self, data: bytes, out: list) -> None:
         if self._discarding or not data:
             return
-        self._size += len(data)
+        buf = self._buf
         # Held bytes have no LF yet: at exactly the limit they can still end the stream as a
         # final frame; one more byte (an LF included) makes the frame oversized.
-        if self._size > self.max_frame:
+        if (len(buf) if buf is not None else 0) + len(data) > self.max_frame:
             out.append(OVERSIZED)
             self._discarding = True
-            self._parts = []
-            self._size = 0
+            self._buf = None
+        elif buf is None:
+            self._buf = bytearray(data)
         else:
-            self._parts.append(data)
+            buf += data
 
-    def eof(self) -> list[bytes | Oversized]:
+    def eof(self) -> list[bytes | bytearray | Oversized]:
         """The bytes left after the last LF form one final frame."""
-        parts = self._parts
-        self._parts, self._size, self._discarding = [], 0, False
-        return [b"".join(parts)] if parts else []
+        buf = self._buf
+        self._buf, self._discarding = None, False
+        return [buf] if buf else []
 
     @property
     def buffered(self) -> int:
-        return self._size
+        return len(self._buf) if self._buf is not None else 0
 
     def held(self) -> bytes:
         """The bytes of the line not finished yet (to hand to another decoder)."""
@@ -199,6 +201,9 @@ class Request:
     has_id: bool = False
     """True when the `id` key was present at all (even as null): such a request is never a
     notification."""
+    payload: bytes | None = None
+    """The decoded `params.data_base64` of a large frame, taken out before the parse (whose
+    `params` then hold it as an empty string); see `parse_large_request`."""
 
 
 def _loads(frame: bytes) -> Any:
@@ -260,21 +265,40 @@ def _loads_lone_surrogates(text: str) -> Any:
 
 
 def drop_empty_frames(data: bytes) -> bytes:
-    """`data` with each run of LFs made one: every frame that is not empty is kept as it
-    is, and empty ones, skipped anyway (§2.1), no longer cost a list item and a pass of the
-    connection loop each, which made a client streaming LFs cost a second per megabyte."""
+    """`data` with each run of empty lines (LF or CRLF) made one LF: every frame that is not
+    empty is kept as it is, and empty ones, skipped anyway (§2.1), no longer cost a list item
+    and a pass of the connection loop each, which made a client streaming LFs cost a second
+    per megabyte."""
     while b"\n\n" in data:
         data = data.replace(b"\n\n", b"\n")
+    if b"\n\r\n" in data:
+        while b"\n\r\n" in data:
+            data = data.replace(b"\n\r\n", b"\n")
+        while b"\n\n" in data:
+            data = data.replace(b"\n\n", b"\n")
     return data
+
+
+_OBJECT_START = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*["}]')
+"""How every JSON object starts: a brace, then a key or the closing brace."""
+
+
+def _ends_object(frame: bytes) -> bool:
+    if frame[-1:] == b"}":
+        return True
+    # Copies the frame only when it ends in whitespace other than a CRLF's CR.
+    return frame[-2:] == b"}\r" or frame.rstrip(b" \t\r\n")[-1:] == b"}"
 
 
 def parse_request(frame: bytes) -> Request | bytes | None:
     """Turn one frame into a Request, an encoded error response, or None (empty frame)."""
     if not frame:
         return None
-    if frame.lstrip(b" \t\r\n")[:1] != b"{":
+    if frame[:2] != b'{"' and (frame.lstrip(b" \t\r\n")[:1] != b"{"
+                               or not _OBJECT_START.match(frame)) or not _ends_object(frame):
         # Empty after its CR, blank, garbage or not an object: answered without a parse (a
-        # failed parse costs microseconds), so a client streaming junk costs little.
+        # failed parse raises, which costs microseconds), so a client streaming junk costs
+        # little.
         return None if frame == b"\r" else INVALID_JSON_RESPONSE
     try:
         obj = orjson.loads(frame)  # the hot path: most frames parse as they are
@@ -297,6 +321,37 @@ def parse_request(frame: bytes) -> Request | bytes | None:
         return INVALID_JSON_RESPONSE
     has_id = "id" in obj
     return Request(method or "", params or {}, obj.get("id"), has_id)
+
+
+LARGE_FRAME = 64 * 1024
+"""Frames above this size have their `data_base64` decoded straight from the frame."""
+
+_BASE64_KEY = b'"data_base64":"'
+
+
+def parse_large_request(frame: bytes | bytearray) -> Request | bytes | None:
+    """parse_request for a large frame, holding less at once: when `params.data_base64` is
+    written plainly (no escapes, the key spelled once), it is decoded from the frame's own
+    bytes and the rest parsed without it, so the frame, its text and its decoded bytes are
+    never alive together (4 + 4 + 3 MiB for a 3 MB pty.write). Anything else parses as
+    usual."""
+    at = frame.find(_BASE64_KEY)
+    start = at + len(_BASE64_KEY)
+    end = frame.find(b'"', start) if at >= 0 else -1
+    if end < 0:
+        return parse_request(frame)
+    try:
+        with memoryview(frame) as view:
+            payload = binascii.a2b_base64(view[start:end], strict_mode=True)
+    except binascii.Error:
+        return parse_request(frame)
+    rest = frame[:start] + frame[end:]
+    req = parse_request(rest)
+    if (type(req) is Request and req.params.get("data_base64") == "" and b"\\u" not in rest
+            and rest.count(b'"data_base64"') == 1):
+        req.payload = payload
+        return req
+    return parse_request(frame)
 
 
 def encode(message: dict) -> bytes:
@@ -391,9 +446,19 @@ def param_base64(params: dict, key: str, missing_message: str) -> bytes:
     if "\r" in value or "\n" in value:
         value = value.replace("\r", "").replace("\n", "")
     try:
-        return binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
-    except (binascii.Error, UnicodeEncodeError):
+        # Decoded from the str itself (ValueError unless it is ASCII): a copy of it as bytes
+        # would be one more megabyte per megabyte written, alive with the rest.
+        return binascii.a2b_base64(value, strict_mode=True)
+    except ValueError:
         raise RPCError(INVALID_PARAMS, MSG_BAD_BASE64) from None
+
+
+def request_base64(req: Request, missing_message: str) -> bytes:
+    """A request's `params.data_base64`, decoded: taken from the frame already when it was a
+    large one (parse_large_request), else decoded here with the spec's errors."""
+    if req.payload is not None:
+        return req.payload
+    return param_base64(req.params, "data_base64", missing_message)
 
 
 def b64(data: bytes) -> str:

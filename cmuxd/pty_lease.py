@@ -13,6 +13,7 @@ attachments changes), when an attachment here must be dropped, or at the PTY's e
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 
@@ -25,20 +26,21 @@ from .pty_rules import (
     STALL_TIMEOUT,
     attachment_event,
     data_event,
-    tokens_equal,
+    token_bytes,
 )
 
 log = logging.getLogger("cmuxd.worker")
 
 
 class LeasedAttachment:
-    __slots__ = ("lease", "id", "token", "peer", "key", "next_seq", "acked", "seq_ack", "slow",
-                 "ext")
+    __slots__ = ("lease", "id", "token", "token_bytes", "peer", "key", "next_seq", "acked",
+                 "seq_ack", "slow", "ext")
 
     def __init__(self, lease: "WorkerLease", entry: dict):
         self.lease = lease
         self.id = entry["attachment_id"]
         self.token = entry["token"]
+        self.token_bytes = token_bytes(self.token)
         self.peer = entry["peer"]
         self.key = (lease.session_id, self.id, self.token)
         self.next_seq = entry["next_seq"]
@@ -84,7 +86,7 @@ class WorkerLease:
 
     def find(self, attachment_id: str, token: str) -> LeasedAttachment | None:
         att = self.attachments.get(attachment_id)
-        if att is None or not tokens_equal(att.token, token):
+        if att is None or not hmac.compare_digest(att.token_bytes, token_bytes(token)):
             return None
         return att
 
@@ -108,7 +110,7 @@ class WorkerLease:
         self.give_back()
 
     def drained(self) -> None:
-        self.pump.update()
+        self.pump.drained()
 
     # input
 

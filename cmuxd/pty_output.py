@@ -121,6 +121,12 @@ class OutputPump:
                 self.stall_timer = None
             self._read_on()
 
+    def drained(self) -> None:
+        """An attachment caught up. That can only end a hold, so while the PTY is read
+        (every keystroke's echo) there is nothing to look at."""
+        if not self.reading or self.stall_timer is not None:
+            self.update()
+
     def _stalled(self) -> None:
         """Held back for the whole stall timeout. If some attachment is keeping up, the ones
         behind stop counting, and will be dropped when their queues overflow. If every one is

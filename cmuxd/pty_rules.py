@@ -53,4 +53,9 @@ def data_event(sid: str, aid: str, token: str, encoded: str, offset: int, ext: b
 
 def tokens_equal(a: str, b: str) -> bool:
     """Attachment tokens are capabilities: compared in constant time."""
-    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+    return hmac.compare_digest(token_bytes(a), token_bytes(b))
+
+
+def token_bytes(token: str) -> bytes:
+    """What tokens_equal compares: the holder of a token can keep it, made once."""
+    return token.encode("utf-8", "surrogatepass")

@@ -5,7 +5,7 @@ what the connection says and how a cli.request reaches it."""
 from __future__ import annotations
 
 from ..cli_bridge import CAPABILITY, MSG_BRIDGE_OFF
-from ..protocol import INVALID_PARAMS, UNAVAILABLE, RPCError, param_base64, param_str
+from ..protocol import INVALID_PARAMS, UNAVAILABLE, RPCError, param_str, request_base64
 from .pty import PtyConnection
 
 
@@ -35,8 +35,7 @@ def cli_response(ctx, req):
     if request_id is None:
         raise RPCError(INVALID_PARAMS, "cli.response requires request_id")
     ok = params.get("ok") is not False  # anything but false is upstream's default, true
-    data = param_base64(params, "data_base64", "cli.response requires data_base64") \
-        if ok else None
+    data = request_base64(req, "cli.response requires data_base64") if ok else None
     return ctx.hub.cli_response(peer, request_id, ok, data, params.get("error"))
 
 

@@ -20,9 +20,9 @@ from ..protocol import (
     RPCError,
     b64,
     event,
-    param_base64,
     param_int,
     param_str,
+    request_base64,
 )
 
 EVENT_CHUNK = 32768
@@ -240,7 +240,7 @@ def proxy_write(ctx, req):
     stream_id = param_str(params, "stream_id")
     if stream_id is None:
         raise RPCError(INVALID_PARAMS, "proxy.write requires stream_id")
-    data = param_base64(params, "data_base64", "proxy.write requires data_base64")
+    data = request_base64(req, "proxy.write requires data_base64")
     stream = ctx.state(ProxyStreams).get(stream_id)
     if not data:
         return {"written": 0}

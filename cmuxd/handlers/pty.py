@@ -18,10 +18,10 @@ from ..protocol import (
     NOT_FOUND,
     UNAVAILABLE,
     RPCError,
-    param_base64,
     param_bool,
     param_int,
     param_str,
+    request_base64,
     require_size,
 )
 from ..pty_rules import (
@@ -332,7 +332,7 @@ def _error_event(ctx, params: dict, code: str, message: str) -> None:
 def _write(ctx, req) -> dict:
     params = req.params
     sid, aid, token = _identity("pty.write", params)
-    data = param_base64(params, "data_base64", "pty.write requires data_base64")
+    data = request_base64(req, "pty.write requires data_base64")
     seq = None
     if "seq" in params:
         seq = param_int(params, "seq")

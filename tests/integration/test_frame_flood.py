@@ -81,3 +81,36 @@ def test_a_flooding_client_does_not_stall_another_on_the_same_worker(chunk):
         assert b'{"id":"last","ok":true' in read_until(flooder.sock, b'"id":"last"')
     finally:
         d.close()
+
+
+def test_a_connection_resting_for_its_junk_still_answers_every_frame_in_order():
+    """The rest a junk stream earns delays its replies, never drops or reorders one."""
+    d = ListeningDaemon(workers=1).wait_ready()
+    try:
+        s = d.authed()
+        junk = 60_000
+        stream = (b"{x}\n" * junk + b'{"id":1,"method":"ping"}\n' + b"\r\n" * 200_000
+                  + b"\n" * 200_000 + b"garbage\n" * junk + b'{"id":2,"method":"ping"}\r\n')
+        replies = []
+
+        def read_all():
+            buf = b""
+            while b'"id":2' not in buf:
+                assert select.select([s.sock], [], [], 120)[0], "the daemon stopped answering"
+                data = s.sock.recv(1 << 20)
+                assert data, "the connection was closed"
+                buf += data
+            replies.append(buf)
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        s.sock.sendall(stream)
+        reader.join(180)
+        lines = replies[0].splitlines()
+        ids = [i for i, line in enumerate(lines) if b'"id":' in line]
+        assert [lines[i][:8] for i in ids] == [b'{"id":1,', b'{"id":2,']
+        assert ids == [junk, 2 * junk + 1]
+        assert all(b'"invalid JSON request"' in line for i, line in enumerate(lines)
+                   if i not in ids)
+    finally:
+        d.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -17,6 +18,7 @@ from cmuxd.protocol import (
     FrameDecoder,
     Request,
     RPCError,
+    drop_empty_frames,
     error_response,
     event,
     ok_response,
@@ -24,7 +26,9 @@ from cmuxd.protocol import (
     param_bool,
     param_int,
     param_str,
+    parse_large_request,
     parse_request,
+    request_base64,
     unknown_method_message,
 )
 
@@ -78,6 +82,19 @@ def test_crlf_is_left_to_parse_request():
     req = parse_request(frames[0])
     assert isinstance(req, Request) and req.method == "ping"
     assert parse_request(frames[1]) is None
+
+
+@given(st.lists(st.sampled_from([b"a", b"{}", b"\r", b"\n", b"\r\n", b" "]), max_size=30))
+def test_dropping_empty_frames_keeps_every_frame_that_is_not_empty(parts):
+    data = b"".join(parts)
+    def kept(stream: bytes) -> list[bytes]:
+        frames = FrameDecoder().feed(stream)
+        return [f for f in frames if f not in (b"", b"\r")]
+    assert kept(drop_empty_frames(data)) == kept(data)
+
+
+def test_runs_of_empty_lines_cost_no_frame_each():
+    assert drop_empty_frames(b"a\n\r\n\n\r\n\r\n\nb\n") == b"a\nb\n"
 
 
 def test_final_frame_without_lf_is_returned_at_eof():
@@ -232,6 +249,67 @@ def test_byte_at_a_time_matches_the_reference(data, max_frame):
 
 # ---------------------------------------------------------------------------------------------
 # Requests and parse errors (§2.3, §3.1)
+
+
+@given(st.text(alphabet='{}[]":, \t\r1x\\', max_size=12).map(str.encode))
+@example(b"{x}")
+@example(b' { "id" : 1 } \r')
+@example(b"{}\t")
+def test_junk_is_told_from_requests_without_a_parse_as_a_full_parse_would(frame):
+    """The cheap checks that answer junk without a parse reject only what a parse rejects."""
+    try:
+        obj = json.loads(frame)
+        valid = type(obj) is dict and type(obj.get("method", "")) in (str, type(None)) and \
+            type(obj.get("params", {})) in (dict, type(None))
+    except ValueError:
+        valid = False
+    got = parse_request(frame)
+    if valid:
+        assert type(got) is Request
+    else:
+        assert got is INVALID_JSON_RESPONSE or (got is None and frame in (b"", b"\r"))
+
+
+def written(req) -> tuple:
+    """What a pty.write request amounts to: its method, id, other params and decoded data."""
+    if type(req) is not Request:
+        return (req,)
+    params = dict(req.params)
+    if params.pop("data_base64", None) == "" and req.payload is None:
+        params["empty"] = True
+    try:
+        data = request_base64(req, "missing")
+    except RPCError as exc:
+        data = exc.message
+    return req.method, req.id, req.has_id, params, data
+
+
+BIG = base64.b64encode(bytes(range(256)) * 400).decode()
+
+
+@pytest.mark.parametrize("frame", [
+    b'{"method":"pty.write","params":{"session_id":"s","data_base64":"%s"}}' % BIG.encode(),
+    b'{"id":3,"method":"pty.write","params":{"data_base64":"%s","seq":1}}\r' % BIG.encode(),
+    b'{"method":"pty.write","params":{"data_base64":"%s"}}' % BIG.replace("/", "\\/").encode(),
+    b'{"method":"pty.write","params":{"data_base64":"%s!"}}' % BIG.encode(),
+    b'{"method":"pty.write","params":{"data_base64":"%s","data_base64":"QQ=="}}' % BIG.encode(),
+    b'{"method":"pty.write","params":{"data_base64" : "", "x":{"data_base64":"%s"}}}' % BIG.encode(),
+    b'{"data_base64":"%s","method":"pty.write","params":{}}' % BIG.encode(),
+    b'{"method":"pty.write","params":{"data_base\\u0036\\u0034":"", "x":"\\"data_base64\\":\\"%s"}}'
+    % BIG.encode(),
+    b'{"method":"pty.write","params":{"data_base64":"%s"}' % BIG.encode(),
+    b'["data_base64":"%s"]' % BIG.encode(),
+], ids=["plain", "id-and-cr", "escaped", "invalid", "twice", "nested", "top-level",
+        "escaped-key", "truncated", "not-an-object"])
+def test_a_large_frame_means_what_it_means_parsed_whole(frame):
+    large = parse_large_request(frame)
+    assert written(large) == written(parse_request(frame))
+
+
+def test_a_plain_large_write_is_decoded_from_the_frame():
+    frame = b'{"method":"pty.write","params":{"data_base64":"%s"}}' % BIG.encode()
+    req = parse_large_request(bytearray(frame))
+    assert req.payload == bytes(range(256)) * 400 and req.params == {"data_base64": ""}
 
 
 def test_parse_request_fields():
