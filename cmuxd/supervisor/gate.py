@@ -35,6 +35,9 @@ log = logging.getLogger("cmuxd.supervisor")
 REFUSAL_LOG_INTERVAL = 10.0
 ACCEPT_INHERITS_OPTIONS = sys.platform.startswith("linux")
 BACKOFF_TABLE_MAX = 10000
+EXPIRE_BATCH = 32
+EXPIRE_PAUSE = 0.005
+"""Expired handshakes are closed EXPIRE_BATCH per EXPIRE_PAUSE seconds at most (6,400/s)."""
 NO_WORKER_REPLY = (
     b'{"ok":false,"error":{"code":"unavailable","message":"the daemon has no worker running '
     b'(they are being restarted); try again shortly"}}\n'
@@ -346,6 +349,7 @@ class Gate:
         shows whether its refusal may say `ext_busy` or its deadline passes. The evicted are
         capped too (`evicted_limit`), oldest out first."""
         pending.hs.busy()
+        self.counters["evicted"] += 1
         self.evicted[pending.fd] = pending
         if len(self.evicted) > self.evicted_limit:
             self._fail(next(iter(self.evicted.values())), "capacity")
@@ -353,15 +357,22 @@ class Gate:
     def _expire(self) -> None:
         """Fail the handshakes past the pre-auth deadline. `pending` is in the order the
         challenges went out, so one timer for its oldest entry serves every connection
-        instead of a timer made and cancelled per connection."""
+        instead of a timer made and cancelled per connection. At most EXPIRE_BATCH go per
+        pass, the rest a moment later: a flood opened at once expires at once and would
+        reconnect at once, and a good client's connection waits behind every one of those
+        in the listen backlog."""
         self._deadline = None
         loop = asyncio.get_running_loop()
-        while self.pending:
+        for _ in range(EXPIRE_BATCH):
+            if not self.pending:
+                return
             oldest = next(iter(self.pending.values()))
             if oldest.started + PREAUTH_TIMEOUT > loop.time():
                 self._deadline = loop.call_at(oldest.started + PREAUTH_TIMEOUT, self._expire)
                 return
             self._fail(oldest, "timeout")
+        if self.pending:
+            self._deadline = loop.call_later(EXPIRE_PAUSE, self._expire)
 
     def _readable(self, pending: "_Pending") -> None:
         try:
