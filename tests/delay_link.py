@@ -3,8 +3,9 @@ this namespace and the network namespace NETNS: what `tc qdisc ... netem delay` 
 kernels built without netem. Two TUN devices, ROOT_IF here and PEER_IF in NETNS, and this
 process copying packets between them after the delay. Unlike a delaying TCP forwarder, the
 SYN and SYN-ACK wait too, so a connect costs its round trip and the daemon sees each packet
-as late as over a long path. The devices go away with this process. Prints `ready` once
-both exist (they are configured by the caller).
+as late as over a long path. The devices go away with this process, which ends when its
+stdin does (its maker died) or on SIGTERM. Prints `ready` once both exist (they are
+configured by the caller).
 
     python tests/delay_link.py NETNS ROOT_IF PEER_IF DELAY_MS
 """
@@ -71,12 +72,15 @@ def main() -> None:
     sel = selectors.DefaultSelector()
     for fd in (root, peer):
         sel.register(fd, selectors.EVENT_READ)
+    sel.register(sys.stdin.fileno(), selectors.EVENT_READ)
     print("ready", flush=True)
     while True:
         now = time.monotonic()
         due = [q[0][0] for q in queues.values() if q]
         timeout = max(0.0, min(due) - now) if due else None
         for key, _ in sel.select(timeout):
+            if key.fd == sys.stdin.fileno():
+                return
             while True:
                 try:
                     packet = os.read(key.fd, 65536)

@@ -104,7 +104,7 @@ class DelayedNamespace:
             self.link = subprocess.Popen(
                 [sys.executable, str(Path(__file__).with_name("delay_link.py")), self.name,
                  root_if, peer_if, str(delay_ms)],
-                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+                stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
             if self.link.stdout.readline().strip() != "ready":
                 raise RuntimeError("the delaying link did not start (its error is above)")
             ip("addr", "add", self.root_address, "peer", self.peer_address, "dev", root_if)
@@ -120,7 +120,8 @@ class DelayedNamespace:
     socket = PeerNamespace.socket
 
     def close(self) -> None:
-        if self.link is not None and self.link.poll() is None:
-            self.link.terminate()
+        if self.link is not None:
+            self.link.stdin.close()
             self.link.wait(30)
+            self.link.stdout.close()
         ip("netns", "del", self.name, check=False)
