@@ -9,7 +9,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
+from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 
@@ -81,3 +83,45 @@ class PeerNamespace:
     def close(self) -> None:
         ip("netns", "del", self.name, check=False)
         ip("link", "del", self.link, check=False)  # gone with its peer, usually
+
+
+class DelayedNamespace:
+    """A namespace joined to ours by a link that delays each packet `delay_ms` each way (a
+    round trip of twice that, handshake packets included): the long path `tc netem` would
+    make, from tests/delay_link.py since this kernel may have no netem. We are
+    `root_address`; sockets made by `socket()` or programs run with `prefix` come from
+    `peer_address`."""
+
+    def __init__(self, tag: str, delay_ms: int, subnet: int = 218):
+        self.name = f"cmuxd-far-{tag}"
+        self.root_address = f"10.{subnet}.{int(tag) % 250}.1"
+        self.peer_address = f"10.{subnet}.{int(tag) % 250}.2"
+        self.prefix = ["ip", "netns", "exec", self.name]
+        root_if, peer_if = f"cxd{tag}", f"cxd{tag}p"
+        self.link = None
+        ip("netns", "add", self.name)
+        try:
+            self.link = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("delay_link.py")), self.name,
+                 root_if, peer_if, str(delay_ms)],
+                stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+            if self.link.stdout.readline().strip() != "ready":
+                raise RuntimeError("the delaying link did not start (its error is above)")
+            ip("addr", "add", self.root_address, "peer", self.peer_address, "dev", root_if)
+            ip("link", "set", root_if, "up")
+            ip("-n", self.name, "addr", "add", self.peer_address, "peer", self.root_address,
+               "dev", peer_if)
+            ip("-n", self.name, "link", "set", peer_if, "up")
+            ip("-n", self.name, "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    socket = PeerNamespace.socket
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.stdin.close()
+            self.link.wait(30)
+            self.link.stdout.close()
+        ip("netns", "del", self.name, check=False)

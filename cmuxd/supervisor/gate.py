@@ -12,6 +12,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import socket
 import sys
 import time
@@ -34,6 +35,9 @@ log = logging.getLogger("cmuxd.supervisor")
 REFUSAL_LOG_INTERVAL = 10.0
 ACCEPT_INHERITS_OPTIONS = sys.platform.startswith("linux")
 BACKOFF_TABLE_MAX = 10000
+EXPIRE_BATCH = 32
+EXPIRE_PAUSE = 0.005
+"""Expired handshakes are closed EXPIRE_BATCH per EXPIRE_PAUSE seconds at most (6,400/s)."""
 NO_WORKER_REPLY = (
     b'{"ok":false,"error":{"code":"unavailable","message":"the daemon has no worker running '
     b'(they are being restarted); try again shortly"}}\n'
@@ -127,8 +131,11 @@ class Gate:
         self.pending: dict[int, _Pending] = {}  # fd -> handshake waiting for its auth line
         self.table = HandshakeTable(config.max_handshakes)  # the pending that hold a slot
         # fd -> pending that lost its slot to a newcomer, oldest first: it gets its capacity
-        # refusal when its auth line shows whether it understands `ext_busy`.
+        # refusal when its auth line shows whether it understands `ext_busy`, or at its
+        # deadline. Closing it sooner would only invite its reconnect: the churn of a flood
+        # that reconnects at once is what costs the gate its CPU and good clients their time.
         self.evicted: OrderedDict[int, _Pending] = OrderedDict()
+        self.evicted_limit = evicted_limit(config)
         self._deadline: asyncio.TimerHandle | None = None  # for the oldest entry of `pending`
         self.failing: dict[int, _Pending] = {}  # fd -> refused, waiting out FAILURE_DELAY
         self.next_id = 0
@@ -338,25 +345,34 @@ class Gate:
             self._evict(dropped)
 
     def _evict(self, pending: "_Pending") -> None:
-        """`pending` lost its slot: it stays only to learn from its auth line whether its
-        refusal may say `ext_busy`, and the evicted are capped too, oldest out first."""
+        """`pending` lost its slot: it stays, costing an fd but no CPU, until its auth line
+        shows whether its refusal may say `ext_busy` or its deadline passes. The evicted are
+        capped too (`evicted_limit`), oldest out first."""
         pending.hs.busy()
+        self.counters["evicted"] += 1
         self.evicted[pending.fd] = pending
-        if len(self.evicted) > self.config.max_handshakes:
+        if len(self.evicted) > self.evicted_limit:
             self._fail(next(iter(self.evicted.values())), "capacity")
 
     def _expire(self) -> None:
         """Fail the handshakes past the pre-auth deadline. `pending` is in the order the
         challenges went out, so one timer for its oldest entry serves every connection
-        instead of a timer made and cancelled per connection."""
+        instead of a timer made and cancelled per connection. At most EXPIRE_BATCH go per
+        pass, the rest a moment later: a flood opened at once expires at once and would
+        reconnect at once, and a good client's connection waits behind every one of those
+        in the listen backlog."""
         self._deadline = None
         loop = asyncio.get_running_loop()
-        while self.pending:
+        for _ in range(EXPIRE_BATCH):
+            if not self.pending:
+                return
             oldest = next(iter(self.pending.values()))
             if oldest.started + PREAUTH_TIMEOUT > loop.time():
                 self._deadline = loop.call_at(oldest.started + PREAUTH_TIMEOUT, self._expire)
                 return
             self._fail(oldest, "timeout")
+        if self.pending:
+            self._deadline = loop.call_later(EXPIRE_PAUSE, self._expire)
 
     def _readable(self, pending: "_Pending") -> None:
         try:
@@ -463,6 +479,17 @@ class Gate:
                     REFUSAL_LOG_INTERVAL, detail)
         self._refusals.clear()
         self._device_failures.clear()
+
+
+def evicted_limit(config) -> int:
+    """How many evicted handshakes may wait out their deadline: a quarter of the connections
+    the daemon may hold (--max-connections, and the fd limit, whichever is lower), and never
+    fewer than the table holds."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    room = config.max_connections
+    if soft != resource.RLIM_INFINITY:
+        room = min(room, soft)
+    return max(config.max_handshakes, room // 4)
 
 
 def _tune_tcp(conn: socket.socket) -> None:

@@ -49,9 +49,10 @@ Sections
 * flood: the auth latency of good clients (connect + handshake, one after another) without
   an attack, then while one source (loopback) holds 1,000 idle pre-auth connections and
   opens a new one for each the daemon drops (tests/idle_flood.py): from loopback, and, as
-  root with `ip netns`, from a network namespace over a 200 ms round trip made by a
-  delaying forwarder in it (tests/delay_proxy.py; no tc netem needed). The namespace's
-  address is the one exception to loopback only: a veth pair of this host's own.
+  root with `ip netns`, from a network namespace over a 200 ms round trip: a link that
+  delays every packet 100 ms each way, the handshake's included (tests/delay_link.py, two
+  TUN devices; this kernel has no tc netem). The namespace's address is the one exception
+  to loopback only: a link of this host's own.
 
 The idle, pty and flood sections always start their own daemon (they read its processes' memory
 and CPU), also when --tcp-addr names one for the tcp section.
@@ -1257,21 +1258,21 @@ def _good_clients(procs: Processes, prefix: list[str], host: str, port: int, cou
 def flood_section(args, procs: Processes, results: dict) -> None:
     """Good clients' auth latency without and under an idle pre-auth flood from one source."""
     sys.path.insert(0, str(TESTS_DIR))
-    from netns import PeerNamespace, netns_permitted
+    from netns import DelayedNamespace, netns_permitted
 
     count, held = args.flood_clients, args.flood_connections
     raise_fd_limit(held + 4096)
     tag = str(os.getpid() % 100000)
-    why = netns_permitted(f"cmuxd-peer-{tag}-probe")
-    ns = PeerNamespace(tag, subnet=215) if why is None else None
+    why = netns_permitted(f"cmuxd-far-{tag}-probe")
+    ns = DelayedNamespace(tag, 100, subnet=219) if why is None else None
     print(f"flood: {count} good clients one after another, without and while loopback holds "
           f"{held:,} idle pre-auth connections")
     try:
         with section_dir(procs, "flood") as tmp:
             if ns:
                 with socket.create_server((ns.root_address, 0)) as probe:
-                    peer_port = probe.getsockname()[1]
-            extra = ("--tcp", f"{ns.root_address}:{peer_port}") if ns else ()
+                    far_port = probe.getsockname()[1]
+            extra = ("--tcp", f"{ns.root_address}:{far_port}") if ns else ()
             target = start_tcp_daemon(Path(tmp), procs, args, extra)
             # The good clients (children) read the credentials from the environment.
             saved = dict(os.environ)
@@ -1279,16 +1280,10 @@ def flood_section(args, procs: Processes, results: dict) -> None:
                               PYTHONPATH=str(TESTS_DIR.parent))
             paths = [("loopback", [], "127.0.0.1", target.port)]
             if ns:
-                with piped_process(procs, ["ip", "netns", "exec", ns.name, sys.executable,
-                                           str(TESTS_DIR / "delay_proxy.py"), ns.root_address,
-                                           str(peer_port), "100"]) as proxy:
-                    proxy_port = int(proxy.stdout.readline().split()[1])
-                    paths.append(("200 ms round trip", ["ip", "netns", "exec", ns.name],
-                                  "127.0.0.1", proxy_port))
-                    _flood_rows(procs, results, paths, count, held, target)
+                paths.append(("200 ms round trip", ns.prefix, ns.root_address, far_port))
             else:
                 print(f"  no 200 ms path: {why}")
-                _flood_rows(procs, results, paths, count, held, target)
+            _flood_rows(procs, results, paths, count, held, target)
     finally:
         if "saved" in locals():
             os.environ.clear()
