@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 import orjson
+import psutil
 
 from cmuxd.status import query_status
 
-from helpers import (DEFAULT_TIMEOUT, FrameStream, daemon_command, end_hubs, stop_process,
-                     wait_for, write_token_file)
+from helpers import (DEFAULT_TIMEOUT, FrameStream, daemon_command, end_hubs, hub_processes,
+                     stop_process, wait_for, write_token_file)
 
 RELAY_ID = "relay-test"
 
@@ -97,6 +98,7 @@ class ListeningDaemon:
         self.proc = subprocess.Popen([*(wrap or ()), *daemon_command(*args)], stdin=subprocess.DEVNULL,
                                      stdout=self.stderr_file, stderr=self.stderr_file,
                                      env=full_env, preexec_fn=limit, cwd=cwd)
+        self.ready = False
 
     def wait_ready(self) -> "ListeningDaemon":
         """Ready once the control socket answers with every worker alive."""
@@ -109,6 +111,7 @@ class ListeningDaemon:
                 return False
             return all(w["alive"] for w in status["workers"])
         wait_for(ready, timeout=15)
+        self.ready = True
         return self
 
     def status(self) -> dict:
@@ -182,8 +185,19 @@ class ListeningDaemon:
             raise
 
     def close(self) -> None:
+        """Stop the daemon and its hubs at once. A ready daemon gets SIGQUIT, which skips the
+        drain a SIGTERM grants open connections (a second with clients left open): a test that
+        is done has no request to finish, and tests of a graceful stop call `stop()`."""
+        hubs = hub_processes(str(self.dir))
+        if self.ready and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+        for hub in hubs:
+            try:
+                hub.terminate()
+            except psutil.Error:
+                pass
         stop_process(self.proc)
-        end_hubs(str(self.dir))
+        end_hubs(str(self.dir), hubs)
         self.stderr_file.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
