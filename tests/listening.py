@@ -61,6 +61,9 @@ def read_line(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> bytes:
 class ListeningDaemon:
     """`cmuxd-remote serve` with its own token, state dir and free ports."""
 
+    ready = False
+    """Set once `wait_ready` saw every worker alive, so its signal handlers are in place."""
+
     def __init__(self, *extra: str, tcp: list[str] | None = None, v6: bool = False,
                  unix: bool = True, workers: int = 2, env: dict | None = None,
                  token_mode: int = 0o600, fd_limit: tuple[int, int] | None = None,
@@ -98,7 +101,6 @@ class ListeningDaemon:
         self.proc = subprocess.Popen([*(wrap or ()), *daemon_command(*args)], stdin=subprocess.DEVNULL,
                                      stdout=self.stderr_file, stderr=self.stderr_file,
                                      env=full_env, preexec_fn=limit, cwd=cwd)
-        self.ready = False
 
     def wait_ready(self) -> "ListeningDaemon":
         """Ready once the control socket answers with every worker alive."""
