@@ -408,8 +408,19 @@ def test_an_oversized_header_is_refused(daemon):
     still_serves(daemon)
 
 
+@pytest.fixture
+def impatient_daemon():
+    """A daemon giving a front 2 s for its header instead of 10 s."""
+    d = ListeningDaemon(env={"CMUXD_FRONT_HEADER_TIMEOUT": "2"}).wait_ready()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
 @pytest.mark.parametrize("sends", [b"", b'{"v":1,'])
-def test_a_silent_front_is_closed_and_keeps_no_fd(daemon, sends):
+def test_a_silent_front_is_closed_and_keeps_no_fd(impatient_daemon, sends):
+    daemon = impatient_daemon
     for _ in daemon.status()["workers"]:  # each worker linked to the hub, settled
         with front(daemon) as fd:
             attach(fd, "settle", "a", command="exec cat")
@@ -423,7 +434,7 @@ def test_a_silent_front_is_closed_and_keeps_no_fd(daemon, sends):
             if sends:
                 socket.send_fds(sock, [sends], [r, w])
             sock.settimeout(30)
-            assert sock.recv(1) == b""  # HEADER_TIMEOUT (10 s), well before this deadline
+            assert sock.recv(1) == b""  # HEADER_TIMEOUT (2 s here), well before this deadline
     finally:
         os.close(r)
         os.close(w)
