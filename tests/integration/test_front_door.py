@@ -421,11 +421,18 @@ def impatient_daemon():
 @pytest.mark.parametrize("sends", [b"", b'{"v":1,'])
 def test_a_silent_front_is_closed_and_keeps_no_fd(impatient_daemon, sends):
     daemon = impatient_daemon
-    for _ in daemon.status()["workers"]:  # each worker linked to the hub, settled
-        with front(daemon) as fd:
-            attach(fd, "settle", "a", command="exec cat")
+    # Each worker linked to the hub and settled: fronts open at once go one to each worker.
+    fronts = [front(daemon) for _ in daemon.status()["workers"]]
+    try:
+        for n, fd in enumerate(fronts):
+            attach(fd, "settle", f"a{n}", command="exec cat")
+        assert all(w["connections"] == 1 for w in daemon.status()["workers"])
+        for fd in fronts:
             fd.close_stdin()
             assert fd.wait() == 0
+    finally:
+        for fd in fronts:
+            fd.close()
     wait_for(lambda: daemon.status()["connections"] == 0)
     before = {w["pid"]: psutil.Process(w["pid"]).num_fds() for w in daemon.status()["workers"]}
     r, w = os.pipe()
