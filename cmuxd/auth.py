@@ -714,7 +714,7 @@ def write_new_token(path: os.PathLike | str | None = None, *, force: bool = Fals
         raise AuthError(f"token file {path} already exists; keep using it, or replace it with "
                         "`cmuxd-remote token new --force` (clients holding the old one will "
                         "then be refused)")
-    _write_private_file(path, (secrets.token_hex(32) + "\n").encode("ascii"), replace=force)
+    _write_token_file(path, (secrets.token_hex(32) + "\n").encode("ascii"), replace=force)
     return path
 
 
@@ -733,27 +733,19 @@ def rotate_token_file(path: os.PathLike | str) -> bytes:
     else:
         data = orjson.dumps({"relay_id": relay_id, "relay_token": token.hex()},
                             option=orjson.OPT_APPEND_NEWLINE)
-    _write_private_file(path, data, replace=True, owner=(owner.st_uid, owner.st_gid))
+    _write_token_file(path, data, replace=True, owner=(owner.st_uid, owner.st_gid))
     return token
 
 
-def _write_private_file(path: Path, data: bytes, *, replace: bool,
-                        owner: tuple[int, int] | None = None) -> None:
+def write_private_file(path: Path, data: bytes, *, replace: bool = True,
+                       owner: tuple[int, int] | None = None) -> None:
     """Write a secret file created 0600 (never chmod-ed later, so it is never readable by
     others, not even for a moment). Replacing goes through a private temporary file and a
-    rename, so a crash cannot leave a half-written token behind."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_directories(path, "token file")
+    rename, so a crash cannot leave a half-written file behind; without `replace` an existing
+    file is an error (FileExistsError)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if replace else path
-    try:
-        fd = os.open(target, flags, 0o600)
-    except FileExistsError:
-        raise AuthError(f"token file {path} was created by someone else just now; check it, "
-                        "then run the command again") from None
-    except PermissionError:
-        raise AuthError(f"cannot write in {path.parent} as this user; run the command as the "
-                        "owner of the token file") from None
+    fd = os.open(target, flags, 0o600)
     try:
         os.fchmod(fd, 0o600)  # the umask can only remove bits, but make the mode exact anyway
         if owner is not None and owner != (os.geteuid(), os.getegid()):
@@ -767,6 +759,21 @@ def _write_private_file(path: Path, data: bytes, *, replace: bool,
     os.close(fd)
     if target != path:
         os.replace(target, path)
+
+
+def _write_token_file(path: Path, data: bytes, *, replace: bool,
+                      owner: tuple[int, int] | None = None) -> None:
+    """`write_private_file` for a token: only below directories nobody else can write to."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_directories(path, "token file")
+    try:
+        write_private_file(path, data, replace=replace, owner=owner)
+    except FileExistsError:
+        raise AuthError(f"token file {path} was created by someone else just now; check it, "
+                        "then run the command again") from None
+    except PermissionError:
+        raise AuthError(f"cannot write in {path.parent} as this user; run the command as the "
+                        "owner of the token file") from None
 
 
 def _env_value(env: Mapping[str, str], name: str) -> str:

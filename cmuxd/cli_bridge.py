@@ -32,8 +32,9 @@ from .protocol import MAX_FRAME, NOT_FOUND, OVERSIZED, FrameDecoder, RPCError, b
 log = logging.getLogger("cmuxd.cli_bridge")
 
 CAPABILITY = "cli.bridge"
-REPLY_TIMEOUT = 15.0
-"""How long a CLI waits for the app, as upstream's CLI does."""
+REPLY_TIMEOUT = float(os.environ.get("CMUXD_CLI_REPLY_TIMEOUT") or 15.0)
+"""How long a CLI waits for the app, as upstream's CLI does; $CMUXD_CLI_REPLY_TIMEOUT changes
+it, so the tests need not wait 15 s to see the timeout."""
 MAX_PENDING = 16
 """Requests one session may have waiting for the app; more are refused at once."""
 READ_CHUNK = 65536

@@ -13,7 +13,6 @@ import binascii
 import fcntl
 import os
 import re
-import secrets
 import stat
 import time
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from typing import Mapping
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .auth import AuthError, config_home, fingerprint, read_private_file
+from .auth import AuthError, config_home, fingerprint, read_private_file, write_private_file
 
 DEVICE_LINE_TYPE = "cmuxd-device-ed25519"
 HOST_LINE_TYPE = "cmuxd-host-ed25519"
@@ -123,13 +122,7 @@ def _create_private_key(path: Path) -> Ed25519PrivateKey:
     key = Ed25519PrivateKey.generate()
     seed = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, (seed.hex() + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_private_file(path, (seed.hex() + "\n").encode(), replace=False)
     return key
 
 
@@ -210,18 +203,7 @@ def _locked(path: Path):
 
 
 def _replace_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, "".join(line + "\n" for line in lines).encode())
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
+    write_private_file(path, "".join(line + "\n" for line in lines).encode())
 
 
 def _line(device: AuthorizedDevice) -> str:

@@ -20,8 +20,9 @@ from .link_channel import receive_fds
 
 log = logging.getLogger("cmuxd.worker")
 
-HEADER_TIMEOUT = 10.0
-"""Seconds a front has to send its header once the worker is ready."""
+HEADER_TIMEOUT = float(os.environ.get("CMUXD_FRONT_HEADER_TIMEOUT") or 10.0)
+"""Seconds a front has to send its header once the worker is ready; tests shorten it with
+$CMUXD_FRONT_HEADER_TIMEOUT rather than wait 10 s for a silent front."""
 
 
 class HandoffError(Exception):

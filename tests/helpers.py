@@ -424,17 +424,34 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
             proc.wait(timeout)
 
 
-def end_hubs(under: str) -> None:
-    """End the PTY hubs (and their sessions) serving a state directory under `under`: a hub
-    outlives the daemon that started it, on purpose, so a test that is done must end it."""
+def hub_processes(under: str) -> list:
+    """The PTY hubs (psutil processes) serving a state directory under `under`."""
     import psutil
 
+    hubs = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or ())
-        if "cmuxd.hub_process" not in cmdline or under not in cmdline:
-            continue
+        if "cmuxd.hub_process" in cmdline and under in cmdline:
+            hubs.append(proc)
+    return hubs
+
+
+def end_hubs(under: str, hubs: list | None = None) -> None:
+    """End the PTY hubs (and their sessions) serving a state directory under `under`: a hub
+    outlives the daemon that started it, on purpose, so a test that is done must end it.
+    `hubs` already sent SIGTERM are waited for, and any other hub found is ended too."""
+    import psutil
+
+    signalled = list(hubs or ())
+    for proc in hub_processes(under):
+        if proc not in signalled:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                continue
+            signalled.append(proc)
+    for proc in signalled:
         try:
-            proc.terminate()
             proc.wait(10)
         except psutil.TimeoutExpired:
             proc.kill()

@@ -120,8 +120,14 @@ def test_ctrl_right_bracket_detaches_while_reconnecting(spawn_listening, stopped
         detach(term)
         stopped.cont()
         s = d.authed()  # the session runs on, unattached
-        [entry] = s.call("pty.list")["result"]["sessions"]
-        assert entry["session_id"] == "s" and entry["attachments"] == []
+
+        def unattached():
+            """The client left while the daemon was stopped: seen once it runs again."""
+            sessions = s.call("pty.list")["result"]["sessions"]
+            return sessions if [e["attachments"] for e in sessions] == [[]] else None
+
+        [entry] = wait_for(unattached, message="the detach")
+        assert entry["session_id"] == "s"
         s.close()
     finally:
         term.close()

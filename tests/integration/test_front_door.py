@@ -432,13 +432,31 @@ def test_an_oversized_header_is_refused(daemon):
     still_serves(daemon)
 
 
+@pytest.fixture
+def impatient_daemon():
+    """A daemon giving a front 2 s for its header instead of 10 s."""
+    d = ListeningDaemon(env={"CMUXD_FRONT_HEADER_TIMEOUT": "2"}).wait_ready()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
 @pytest.mark.parametrize("sends", [b"", b'{"v":1,'])
-def test_a_silent_front_is_closed_and_keeps_no_fd(daemon, sends):
-    for _ in daemon.status()["workers"]:  # each worker linked to the hub, settled
-        with front(daemon) as fd:
-            attach(fd, "settle", "a", command="exec cat")
+def test_a_silent_front_is_closed_and_keeps_no_fd(impatient_daemon, sends):
+    daemon = impatient_daemon
+    # Each worker linked to the hub and settled: fronts open at once go one to each worker.
+    fronts = [front(daemon) for _ in daemon.status()["workers"]]
+    try:
+        for n, fd in enumerate(fronts):
+            attach(fd, "settle", f"a{n}", command="exec cat")
+        assert all(w["connections"] == 1 for w in daemon.status()["workers"])
+        for fd in fronts:
             fd.close_stdin()
             assert fd.wait() == 0
+    finally:
+        for fd in fronts:
+            fd.close()
     wait_for(lambda: daemon.status()["connections"] == 0)
     before = {w["pid"]: psutil.Process(w["pid"]).num_fds() for w in daemon.status()["workers"]}
     r, w = os.pipe()
@@ -447,7 +465,7 @@ def test_a_silent_front_is_closed_and_keeps_no_fd(daemon, sends):
             if sends:
                 socket.send_fds(sock, [sends], [r, w])
             sock.settimeout(30)
-            assert sock.recv(1) == b""  # HEADER_TIMEOUT (10 s), well before this deadline
+            assert sock.recv(1) == b""  # HEADER_TIMEOUT (2 s here), well before this deadline
     finally:
         os.close(r)
         os.close(w)

@@ -287,6 +287,8 @@ def test_hung_pty_hub_is_replaced_after_the_timeout(spawn_listening):
                 continue
         return hubs[0] if len(hubs) == 1 else None
 
+    # Hung once it serves: a hub stopped while starting is waited for as a slow start (10 s).
+    wait_for(lambda: d.status()["hub"]["connected"], message="the hub link")
     victim = wait_for(hub_pid)
     os.kill(victim, signal.SIGSTOP)
     try:

@@ -258,6 +258,10 @@ def flood_writes(sock: socket.socket, frame: bytes, seconds: float) -> dict:
     return stats
 
 
+FLOOD_SECONDS = 4.0
+"""Dozens of 3 MB writes: enough for a copy kept per write to show between halfway and the end."""
+
+
 @pytest.mark.parametrize("spanning", [False, True], ids=["leased", "two-workers"])
 def test_streamed_input_at_a_session_that_reads_nothing_keeps_memory_flat(spanning):
     d = ListeningDaemon(workers=2).wait_ready()
@@ -271,14 +275,14 @@ def test_streamed_input_at_a_session_that_reads_nothing_keeps_memory_flat(spanni
         before = process_rss(d)
         frame = orjson.dumps({"method": "pty.write", "params": dict(
             ident("a", "ta"), data_base64=base64.b64encode(b"x" * 3_000_000).decode())}) + b"\n"
-        stats = flood_writes(s.sock, frame, 8)
+        stats = flood_writes(s.sock, frame, FLOOD_SECONDS)
         peak = dict(before)
         halfway = None
         started = time.monotonic()
         while stats["thread"].is_alive():
             now = process_rss(d)
             peak = {pid: max(peak.get(pid, 0), rss) for pid, rss in now.items()}
-            if halfway is None and time.monotonic() - started > 4:
+            if halfway is None and time.monotonic() - started > FLOOD_SECONDS / 2:
                 halfway = dict(peak)
             assert other.call("ping", timeout=30)["ok"]
             time.sleep(0.2)
