@@ -130,19 +130,24 @@ class WorkerPool:
         after quick deaths in a row, only once the back-off has passed."""
         if self.stopping:
             return
-        serving = self.serving()
-        for worker in serving:
+        running = [w for w in self.serving() if w.proc.poll() is None]
+        for worker in running:
             if worker.index >= self.config.workers:
                 self.retire(worker, "scaled down")
-        missing = sorted(set(range(self.config.workers)) - {w.index for w in serving})
+        missing = sorted(set(range(self.config.workers)) - {w.index for w in running})
         if not missing:
             return
         wait = self._respawn_after - time.monotonic()
         if wait > 0:
+            # A crashed worker stays listed (not alive) until then: `status` shows the gap.
             if self._respawn_timer is None:
                 self._respawn_timer = asyncio.get_running_loop().call_later(
                     wait, self._respawn_due)
             return
+        for worker in self.serving():
+            if worker not in running:
+                worker.state = "gone"
+                self.workers.remove(worker)
         for index in missing:
             self.workers.append(self._spawn(index))
         self.on_change()
@@ -206,8 +211,8 @@ class WorkerPool:
         was not yet sent to it or confirmed by it, fds included."""
         rows = []
         for worker in self.workers:
-            if worker.state == "gone":
-                continue
+            if worker.state == "gone" or worker.proc.returncode is not None:
+                continue  # crashed, waiting for its replacement: the next image starts one
             rows.append({
                 "index": worker.index, "generation": worker.generation, "pid": worker.pid,
                 "chan": worker.chan.fileno() if worker.chan else None,
@@ -314,6 +319,10 @@ class WorkerPool:
         """Stop giving the worker connections; it serves its open ones until they close or
         the grace period (--graceful-timeout by default) passes, then exits by itself."""
         if worker.state != "serving":
+            return
+        if worker.proc.poll() is not None:  # crashed already: nothing left to retire
+            worker.state = "gone"
+            self.workers.remove(worker)
             return
         worker.state = "retiring"
         worker.retire_reason = reason
@@ -590,13 +599,14 @@ class WorkerPool:
         self._worker_gone(worker)
         if worker not in self.workers:
             return
-        self.workers.remove(worker)
         code = worker.proc.returncode
-        state, worker.state = worker.state, "gone"
-        if state == "retiring":
-            log.info("worker %d (pid %d) retired (%s)", worker.index, worker.pid,
-                     worker.retire_reason)
-        elif not self.stopping:
+        if worker.state != "serving" or self.stopping:
+            if worker.state == "retiring":
+                log.info("worker %d (pid %d) retired (%s)", worker.index, worker.pid,
+                         worker.retire_reason)
+            worker.state = "gone"
+            self.workers.remove(worker)
+        else:
             self.counters["worker_restarts"] += 1
             lived = time.time() - worker.started
             self._crash_streak = self._crash_streak + 1 if lived < 5 else 0
