@@ -458,7 +458,18 @@ def test_a_silent_front_is_closed_and_keeps_no_fd(impatient_daemon, sends):
         for fd in fronts:
             fd.close()
     wait_for(lambda: daemon.status()["connections"] == 0)
-    before = {w["pid"]: psutil.Process(w["pid"]).num_fds() for w in daemon.status()["workers"]}
+    pids = [w["pid"] for w in daemon.status()["workers"]]
+
+    def fds() -> dict:
+        return {pid: psutil.Process(pid).num_fds() for pid in pids}
+
+    def settled() -> dict | None:
+        """The workers may still be letting go of the settling session's fds."""
+        first = fds()
+        time.sleep(0.2)
+        return first if fds() == first else None
+
+    before = wait_for(settled, message="steady fd counts")
     r, w = os.pipe()
     try:
         with raw_front(daemon) as sock:
@@ -470,7 +481,7 @@ def test_a_silent_front_is_closed_and_keeps_no_fd(impatient_daemon, sends):
         os.close(r)
         os.close(w)
     wait_for(lambda: daemon.status()["connections"] == 0)
-    assert {pid: psutil.Process(pid).num_fds() for pid in before} == before
+    wait_for(lambda: fds() == before, message=f"fd counts back to {before}")
     still_serves(daemon)
 
 

@@ -319,8 +319,14 @@ def test_requests_get_through_to_a_slow_reader_of_a_flooding_terminal():
                 time.sleep(0.005)
 
         def flooding() -> list:
-            return [p for p in psutil.Process(d.proc.pid).children(recursive=True)
-                    if p.name() == "yes" and p.status() != psutil.STATUS_ZOMBIE]
+            found = []
+            for p in psutil.Process(d.proc.pid).children(recursive=True):
+                try:
+                    if p.name() == "yes" and p.status() != psutil.STATUS_ZOMBIE:
+                        found.append(p)
+                except psutil.NoSuchProcess:  # one that ended since it was listed
+                    pass
+            return found
 
         read_slowly(lambda: b'"pty.data"' in seen and flooding(), 10, "no output")
         t0 = time.monotonic()
