@@ -140,7 +140,7 @@ class FrameDecoder:
 
     def held(self) -> bytes:
         """The bytes of the line not finished yet (to hand to another decoder)."""
-        return b"".join(self._parts)
+        return bytes(self._buf) if self._buf is not None else b""
 
 
 class AnnouncedDecoder:

@@ -667,3 +667,13 @@ def test_parse_request_on_json_objects(obj, method, crlf):
 @given(st.text(max_size=100))
 def test_parse_request_never_raises_on_text(text):
     check_parse_result(parse_request(text.encode()))
+
+
+def test_held_is_the_unfinished_line_to_hand_another_decoder():
+    decoder = FrameDecoder()
+    assert decoder.held() == b""
+    assert decoder.feed(b'{"a":1}\n{"b"') == [b'{"a":1}']
+    decoder.feed(b":2")
+    assert decoder.held() == b'{"b":2'
+    other = FrameDecoder()
+    assert other.feed(decoder.held() + b"}\n") == [b'{"b":2}']
