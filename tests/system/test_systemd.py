@@ -346,7 +346,9 @@ def test_reload_keeps_every_open_connection_serving(systemd):
 def test_an_upgrade_reload_re_executes_the_supervisor_in_place(systemd):
     """The service runs a copy of the package (bound into its sandbox) whose version string
     changes; `systemctl reload` then execs the new code in the same main process, which
-    says READY=1 again, while a client connecting all along sees no failure."""
+    says READY=1 again, while a client connecting all along sees no failure. A broken
+    package after it is refused, and nothing changes: same process, same version, the
+    session's output replayed with no gap."""
     site = systemd.work / "site"
     shutil.copytree(Path(units.__file__).parent, site / "cmuxd",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -359,8 +361,9 @@ def test_an_upgrade_reload_re_executes_the_supervisor_in_place(systemd):
     try:
         wait_serving(systemd)
         stream = systemd.authed()
-        out = pty_output(stream, "upgraded", "echo pid=$$; while :; do echo tick; sleep 0.2; done",
-                         until=b"tick")
+        out = pty_output(stream, "upgraded",
+                         "echo pid=$$; while :; do echo tick $((i+=1)); sleep 0.2; done",
+                         until=b"tick 1\r\n")
         pid = int(out.split(b"pid=")[1].split()[0])
         main_pid = systemd.main_pid()
         loop.start()
@@ -379,6 +382,35 @@ def test_an_upgrade_reload_re_executes_the_supervisor_in_place(systemd):
         assert "took over from" in systemd.journal()
         ping_ok(stream, id=5)  # opened before the reload: its old worker still serves it
         assert systemd.path(f"/proc/{pid}").exists()
+
+        def replay(until: int) -> bytes:
+            reattach = systemd.authed()
+            try:
+                return pty_output(reattach, "upgraded", None, until=b"tick %d\r\n" % until,
+                                  require_existing=True)
+            finally:
+                reattach.close()
+
+        seen = ticks(replay(1))[-1]
+        generation = systemd.control_status()["generation"]
+        init.write_text(init.read_text().replace('"9.9.9"', '"9.9.10"'))
+        broken = site / "cmuxd" / "hub_process.py"
+        broken.write_text(broken.read_text() + "\nraise ImportError('broken on purpose')\n")
+        systemd.systemctl("reload", "cmuxd.service")
+        wait_for(lambda: systemd.control_status()["counters"].get("reloads_refused") == 1,
+                 timeout=30, message="the broken reload to be refused")
+        wait_serving(systemd)  # READY=1 after the refusal too: systemd's reload job ends
+        status = systemd.control_status()
+        assert (status["version"], status["generation"]) == ("9.9.9", generation)
+        assert systemd.main_pid() == main_pid
+        assert "broken on purpose" in systemd.journal()
+        after = loop.ok
+        wait_for(lambda: loop.ok >= after + 20 or loop.failures, timeout=30,
+                 message="connections after the refused reload")
+        whole = replay(seen + 5)
+        assert whole.startswith(b"pid=%d" % pid), whole[:100]
+        numbers = ticks(whole)
+        assert numbers == list(range(1, len(numbers) + 1)), numbers
     finally:
         loop.stop.set()
         loop.join(30)
