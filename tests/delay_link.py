@@ -13,20 +13,19 @@ configured by the caller).
 from __future__ import annotations
 
 import collections
-import ctypes
 import fcntl
 import os
 import selectors
 import signal
 import struct
 import sys
-import threading
 import time
+
+from netns import in_namespace
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
-CLONE_NEWNET = 0x40000000
 
 
 def open_tun(name: str) -> int:
@@ -36,29 +35,7 @@ def open_tun(name: str) -> int:
 
 
 def open_tun_in(netns: str, name: str) -> int:
-    """A TUN device is made in the namespace of the thread that asks: ask from a thread that
-    joined `netns`, and leave this one where it is."""
-    made: list = []
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        ns = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        try:
-            if libc.setns(ns, CLONE_NEWNET) != 0:
-                made.append(OSError(ctypes.get_errno(), "setns failed"))
-                return
-            made.append(open_tun(name))
-        except OSError as exc:
-            made.append(exc)
-        finally:
-            os.close(ns)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
+    return in_namespace(netns, lambda: open_tun(name))
 
 
 def main() -> None:

@@ -58,31 +58,38 @@ class PeerNamespace:
             raise
 
     def socket(self) -> socket.socket:
-        """A TCP socket of the namespace (made on a thread that joined it; a socket keeps
-        the namespace it was made in, whichever thread uses it later)."""
-        made: list = []
-
-        def run() -> None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    made.append(OSError(ctypes.get_errno(), "setns failed"))
-                    return
-                made.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            finally:
-                os.close(fd)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        thread.join()
-        if isinstance(made[0], BaseException):
-            raise made[0]
-        return made[0]
+        """A TCP socket of the namespace."""
+        return in_namespace(self.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
 
     def close(self) -> None:
         ip("netns", "del", self.name, check=False)
         ip("link", "del", self.link, check=False)  # gone with its peer, usually
+
+
+def in_namespace(name: str, make):
+    """What `make()` returns, made on a thread that joined network namespace `name`: a socket
+    or a device keeps the namespace it was made in, whichever thread uses it later, and this
+    thread stays where it is."""
+    made: list = []
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns failed")
+            made.append(make())
+        except OSError as exc:
+            made.append(exc)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 class DelayedNamespace:

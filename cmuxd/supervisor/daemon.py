@@ -117,21 +117,15 @@ class Supervisor:
                      __version__, self.adopted["version"], os.getpid(), self.pool.generation,
                      sum(w.state == "retiring" for w in self.pool.workers))
             self.adopted = None
-            self.notifier.start(lambda: status_line(self.listeners, self.pool),
-                                lambda: pool_healthy(self.pool))
-            await self._ready()
-            await self.stop_requested.wait()
-            log.info("stopping")
-            await self.shutdown()
-            return 0
-        for listener in self.listeners:
-            auth = "relay-token auth" if listener.kind == "tcp" or self.config.unix_auth == "token" \
-                else "peer uid check"
-            log.info("listening on %s %s (%s, %s)", listener.kind, listener.address,
-                     listener.origin, auth)
-        log.info("serve --stdio of this user hands its stdin and stdout over %s",
-                 self.front.address)
-        log.info("cmuxd %s serving with %d workers", __version__, self.config.workers)
+        else:
+            for listener in self.listeners:
+                auth = "relay-token auth" if listener.kind == "tcp" \
+                    or self.config.unix_auth == "token" else "peer uid check"
+                log.info("listening on %s %s (%s, %s)", listener.kind, listener.address,
+                         listener.origin, auth)
+            log.info("serve --stdio of this user hands its stdin and stdout over %s",
+                     self.front.address)
+            log.info("cmuxd %s serving with %d workers", __version__, self.config.workers)
         self.notifier.start(lambda: status_line(self.listeners, self.pool),
                             lambda: pool_healthy(self.pool))
         await self._ready()
