@@ -1688,12 +1688,16 @@ def echo_rounds(sides: list[EchoSide], count: int, block: int, warmup: int) -> N
 
 
 @contextmanager
-def relay_connection(argv: list[str], procs: Processes) -> Iterator[socket.socket]:
+def relay_connection(argv: list[str], procs: Processes, started: list | None = None
+                     ) -> Iterator[socket.socket]:
     """A client connection to a reference relay (`argv` prints its loopback port and serves
     one client), so that what this machine allows is known next to what cmuxd does:
     ptyrelay.c is the least any daemon can do (one C process copying raw bytes, no protocol),
-    pyrelay.py the least a Python daemon of this protocol can do (one asyncio process)."""
+    pyrelay.py the least a Python daemon of this protocol can do (one asyncio process). The
+    relay's process goes in `started`, if given."""
     proc = procs.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    if started is not None:
+        started.append(proc)
     try:
         port = int(proc.stdout.readline())
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -1783,10 +1787,15 @@ def cmuxd_throughput(target: TCPTarget, path: Path, size: int) -> tuple[float, d
     return seconds, cpu
 
 
-def pyrelay_throughput(procs: Processes, path: Path, size: int) -> float:
-    """`protocol_cat_seconds` through the Python reference relay."""
-    with relay_connection(PYRELAY, procs) as sock:
-        return protocol_cat_seconds(Pipe(sock.fileno(), sock.fileno()), path, size)
+def pyrelay_throughput(procs: Processes, path: Path, size: int) -> tuple[float, float]:
+    """`protocol_cat_seconds` through the Python reference relay, and the CPU seconds the
+    relay used (what cmuxd's worker spends is set beside it)."""
+    started: list = []
+    with relay_connection(PYRELAY, procs, started) as sock:
+        relay = psutil.Process(started[0].pid)
+        cpu0 = _cpu(relay)
+        seconds = protocol_cat_seconds(Pipe(sock.fileno(), sock.fileno()), path, size)
+        return seconds, _cpu(relay) - cpu0
 
 
 DAEMON_ROLES = ("supervisor", "worker", "PTY hub")
@@ -1895,10 +1904,12 @@ def pty_section(args, procs: Processes, results: dict) -> None:
                 f.write(os.urandom(1 << 20))
         runs, rates = [], {"cmuxd tcp": [], "Python reference": [], "bare os.read loop": [],
                            "C relay": []}
+        pyref_runs = []
         for _ in range(args.pty_runs):
             runs.append(cmuxd_throughput(target, path, size))
             rates["cmuxd tcp"].append(size / runs[-1][0])
-            rates["Python reference"].append(size / pyrelay_throughput(procs, path, size))
+            pyref_runs.append(pyrelay_throughput(procs, path, size))
+            rates["Python reference"].append(size / pyref_runs[-1][0])
             rates["bare os.read loop"].append(size / bare_throughput(procs, path, size))
             if relay is not None:
                 rates["C relay"].append(size / relay_throughput(relay, procs, path, size))
@@ -1951,7 +1962,9 @@ def pty_section(args, procs: Processes, results: dict) -> None:
             r[keys[label]] = statistics.median(got)
     seconds, cpu_used = sorted(runs)[len(runs) // 2]
     print("  cmuxd's CPU in its median run: "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in cpu_used.items() if v >= 0.01))
+          + ", ".join(f"{k} {v:.2f} s" for k, v in cpu_used.items() if v >= 0.01)
+          + f"; the Python reference's in its median run: "
+          f"{sorted(pyref_runs)[len(pyref_runs) // 2][1]:.2f} s")
     ratio = r["pty_throughput"] / r["pyref_throughput"]
     print(f"  cmuxd / Python reference: {ratio:.2f} (goal ≥ 0.9: {_met(ratio >= 0.9)})")
     print(f"  goal: echo p50 under 1 ms: {_met(r['pty_echo_p50'] < 1e-3)}; at least 5× lower "
