@@ -22,6 +22,8 @@ from .listeners import Listener, bind_unix
 log = logging.getLogger("cmuxd.supervisor")
 
 MAX_REQUEST = 65536
+ACCEPTED_SETTLE = 0.02
+"""Seconds for connections accepted before a pause to reach their handler."""
 
 
 class ControlError(Exception):
@@ -71,12 +73,15 @@ class ControlServer:
             self.serving -= 1
             writer.close()
 
-    def pause(self) -> int:
+    async def pause(self) -> int:
         """Stop taking requests but keep the socket bound: a duplicate of its fd, for the
-        next image of this process (or for start() again). Requests being answered finish."""
+        next image of this process (or for start() again). Requests being answered finish,
+        and so do those accepted just before: such a connection counts in `serving` only
+        once its handler runs, a few loop passes after the accept, so they are let run."""
         fd = os.dup(self.listener.sock.fileno())
         self.server.close()
         self.server = None
+        await asyncio.sleep(ACCEPTED_SETTLE)
         return fd
 
     def close(self) -> None:

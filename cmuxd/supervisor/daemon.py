@@ -236,7 +236,7 @@ class Supervisor:
                  installed, os.getpid())
         loop = asyncio.get_running_loop()
         self.gate.stop_accepting()
-        control_fd = self.control.pause()
+        control_fd = await self.control.pause()
         deadline = loop.time() + PREAUTH_TIMEOUT + FAILURE_DELAY + 1.0
         while (self.gate.in_flight or self.control.serving) and loop.time() < deadline:
             await asyncio.sleep(0.005)
