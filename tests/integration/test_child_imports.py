@@ -72,7 +72,9 @@ def test_planted_module_is_never_imported_by_a_child(planted):
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: all(w["alive"] and w["pid"] != victim
                              for w in daemon.status()["workers"]), timeout=15)
-        [(hub, _)] = children(daemon, "cmuxd.hub_process")
+        # The reload also has the hub re-execute in place: its command line may be
+        # unreadable for a moment.
+        [(hub, _)] = wait_for(lambda: children(daemon, "cmuxd.hub_process"), timeout=15)
         hub.kill()
         wait_for(lambda: any(p.pid != hub.pid for p, _ in children(daemon, "cmuxd.hub_process")),
                  timeout=15)
