@@ -478,12 +478,6 @@ class _StdinSide(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.conn.connection_made(transport)
 
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return _READ_BUFFER
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_READ_VIEW[:nbytes]))
-
     def data_received(self, data: bytes) -> None:
         self.conn.data_received(data)
 
