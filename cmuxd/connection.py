@@ -10,6 +10,7 @@ buffer without bound.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 import os
 import socket
@@ -37,6 +38,7 @@ from .protocol import (
     ok_response,
     parse_large_request,
     parse_request,
+    repeat_shape,
     unknown_method_message,
 )
 
@@ -70,6 +72,10 @@ class ConnectionContext:
     def send_event(self, message: dict) -> None:
         self._conn.send(encode(message))
 
+    def send_frame(self, frame: bytes) -> None:
+        """An event already encoded, LF included."""
+        self._conn.send(frame)
+
     def writable(self):
         """Awaitable that completes once the peer is reading what we write."""
         return self._conn.writable()
@@ -82,6 +88,12 @@ class ConnectionContext:
     def spawn(self, coro) -> asyncio.Task:
         """Run a task that lives no longer than the connection."""
         return self._conn.spawn(coro)
+
+    def repeatable(self, req: Request, key: str, run) -> None:
+        """Called from the handler of a notification `req` that it has validated: a frame
+        like it but for `params[key]` (base64) may go straight to `run(decoded bytes)`,
+        which does what the handler would, unparsed (see Connection.express)."""
+        self._conn.offer_express(req, key, run)
 
     def unblock(self) -> None:
         """Called from inside an awaiting handler: let the connection read the next request
@@ -124,6 +136,11 @@ class Connection(asyncio.BufferedProtocol):
         self.throttled: asyncio.TimerHandle | None = None
         """Set while the connection rests to pay for the junk it sent (see JUNK_SHARE)."""
         self.tasks: set[asyncio.Task] = set()
+        self.express: _Express | None = None
+        """The shape of the last repeatable notification (a keystroke's pty.write): a read
+        that is one frame of that shape is handled without decoding or parsing it."""
+        self._frame: bytes | None = None
+        """The frame being dispatched, for `offer_express`."""
         self._writable: asyncio.Future | None = None
         self._blocking: asyncio.Task | None = None
         self._initial = initial
@@ -147,6 +164,10 @@ class Connection(asyncio.BufferedProtocol):
         self.data_received(bytes(_READ_VIEW[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
+        express = self.express
+        if (express is not None and not self.pending and not self.busy and self.throttled is None
+                and not self.decoder.buffered and not self.closing and express.take(data)):
+            return
         size = len(data)
         started = time.monotonic()
         data = drop_empty_frames(data)
@@ -232,7 +253,11 @@ class Connection(asyncio.BufferedProtocol):
         if frame is OVERSIZED:
             self.junk += 1
             return OVERSIZED_RESPONSE
-        req = parse_request(frame) if len(frame) <= LARGE_FRAME else parse_large_request(frame)
+        if len(frame) <= LARGE_FRAME:
+            req = parse_request(frame)
+            self._frame = frame
+        else:
+            req = parse_large_request(frame)
         del frame  # a large request is held once, as parsed, while its handler runs
         if type(req) is not Request:
             self.junk += 1
@@ -250,11 +275,24 @@ class Connection(asyncio.BufferedProtocol):
         except Exception:
             log.exception("handler for %s failed", req.method)
             return error_response(rid, UNAVAILABLE, INTERNAL_ERROR)
+        finally:
+            self._frame = None
         if type(result) is dict:
             return ok_response(rid, result)
         if result is NO_RESPONSE:
             return None
         return self._await_reply(req, result)
+
+    def offer_express(self, req: Request, key: str, run) -> None:
+        frame = self._frame
+        if frame is None:
+            return
+        express = self.express
+        if express is not None and express.fits(frame):
+            return  # the same notification again (a read of several keystrokes)
+        shape = repeat_shape(bytes(frame), req, key)
+        if shape is not None:
+            self.express = _Express(*shape, run)
 
     async def _await_reply(self, req: Request, awaitable) -> bytes | None:
         try:
@@ -412,6 +450,40 @@ class Connection(asyncio.BufferedProtocol):
             self.writer.close()
         if self.reader is not None and self.reader is not self.writer:
             self.reader.close()
+
+
+class _Express:
+    """One frame shape that goes straight to its handler's `run`: the frame's bytes around
+    one base64 value (see protocol.repeat_shape). A read of exactly one frame of that shape,
+    whose value decodes, is that notification with new data; anything else (several frames,
+    part of one, another request, text that is not strict base64) takes the usual path, so
+    order and every answer stay as they were. On the keystroke path this saves the frame
+    split, the JSON parse, the parameter checks and the dispatch."""
+
+    __slots__ = ("prefix", "suffix", "line_end", "run")
+
+    def __init__(self, prefix: bytes, suffix: bytes, run):
+        self.prefix = prefix
+        self.suffix = suffix
+        self.line_end = suffix + b"\n"
+        self.run = run
+
+    def fits(self, frame: bytes) -> bool:
+        return (len(frame) >= len(self.prefix) + len(self.suffix)
+                and frame.startswith(self.prefix) and frame.endswith(self.suffix))
+
+    def take(self, data: bytes) -> bool:
+        head, tail = len(self.prefix), len(self.line_end)
+        if (len(data) < head + tail or not data.startswith(self.prefix)
+                or not data.endswith(self.line_end)):
+            return False
+        try:
+            payload = binascii.a2b_base64(memoryview(data)[head:len(data) - tail],
+                                          strict_mode=True)
+        except ValueError:
+            return False
+        self.run(payload)
+        return True
 
 
 INTERNAL_ERROR = "internal error in the daemon; see its log"

@@ -72,8 +72,8 @@ from .pty_rules import (
     BEHIND_FRAMES,
     OUTBOUND_FRAMES,
     STALL_TIMEOUT,
-    attachment_event,
-    data_event,
+    AttachmentEvents,
+    data_frame_head,
     pty_error_event,
     tokens_equal,
 )
@@ -169,10 +169,10 @@ class _Exit(asyncio.SubprocessProtocol):
         self.session._process_exited()
 
 
-class Attachment:
+class Attachment(AttachmentEvents):
     __slots__ = (
         "session", "id", "token", "peer", "cols", "rows", "seq_ack", "next_seq",
-        "acked", "behind", "slow", "attached", "ext", "wants_exit_status",
+        "acked", "behind", "slow", "attached", "ext", "wants_exit_status", "key", "frame_head",
     )
 
     def __init__(self, session, attachment_id, token, peer, cols, rows, seq_ack, ext,
@@ -195,12 +195,8 @@ class Attachment:
         """The client asked for absolute offsets (spec §6.8), so its events carry them."""
         self.wants_exit_status = wants_exit_status
         """The client sent `ext_exit_status` (spec §6.8): its pty.exit may carry the status."""
-
-    def event(self, name: str, **extra) -> dict:
-        return attachment_event(self.session.id, self.id, self.token, name, **extra)
-
-    def data_event(self, encoded: str, offset: int) -> dict:
-        return data_event(self.session.id, self.id, self.token, encoded, offset, self.ext)
+        self.key = (session.id, attachment_id, token)
+        self.frame_head = data_frame_head(*self.key)
 
 
 class _AttachRequest:
@@ -415,7 +411,7 @@ class PtySession:
         """The hub reads the PTY itself (no lease, or the lease came back)."""
         if self.pump is None and not self.eof and not self.ended and self.master >= 0:
             self.pump = OutputPump(self.id, self.master, self.ring, self.attachments,
-                                   self.hub._send, self._on_eof, self.hub.stall_timeout)
+                                   self.hub._send_data, self._on_eof, self.hub.stall_timeout)
         self.update_reading()
 
     def _on_eof(self) -> None:
@@ -735,6 +731,7 @@ class Hub:
         self.stall_timeout = STALL_TIMEOUT
         self.sessions: dict[str, PtySession] = {}
         self.peers: dict[int, Callable[[dict], bool]] = {}
+        self.direct: dict[int, Callable[[tuple, bytes], bool]] = {}
         self.homes: dict[int, object] = {}
         """The worker link each remote peer comes over; it can hold read leases."""
         self._peer_counter = 0
@@ -772,18 +769,23 @@ class Hub:
             caps.append(CLI_CAPABILITY)
         return caps
 
-    def add_peer(self, deliver: Callable[[dict], bool], home=None) -> int:
+    def add_peer(self, deliver: Callable[[dict], bool], send_now=None, home=None) -> int:
         """Register a connection; `deliver(event) -> bool` queues one event for it and returns
-        False when that attachment's outbound queue is full. A connection served by another
+        False when that attachment's outbound queue is full. A connection in this process
+        may also give `send_now(key, frame) -> bool`, which writes an encoded pty.data at
+        once if nothing of that connection waits before it. A connection served by another
         process names the link it comes over as its `home`."""
         self._peer_counter += 1
         self.peers[self._peer_counter] = deliver
+        if send_now is not None:
+            self.direct[self._peer_counter] = send_now
         if home is not None:
             self.homes[self._peer_counter] = home
         return self._peer_counter
 
     async def remove_peer(self, peer: int) -> None:
         self.peers.pop(peer, None)
+        self.direct.pop(peer, None)
         self.homes.pop(peer, None)
         if self.cli is not None:
             self.cli.peer_gone(peer)
@@ -861,6 +863,17 @@ class Hub:
         session.update_reading()
 
     # delivery
+
+    def _send_data(self, att: Attachment, encoded: bytes, offset: int) -> bool:
+        """Output read here (see OutputPump.send_data): a connection of this process writes
+        it at once if it can, with no event object and nothing to count; else it is queued
+        as an event."""
+        send_now = self.direct.get(att.peer)
+        if send_now is not None and att.attached and send_now(att.key, att.data_frame(encoded,
+                                                                                       offset)):
+            return True
+        self._send(att, att.data_event(encoded.decode("ascii"), offset))
+        return False
 
     def _send(self, att: Attachment, event: dict) -> bool:
         """Queue one event for an attachment; an overflowing queue drops the attachment."""

@@ -403,6 +403,8 @@ class RemoteHub:
                 if caps:
                     caps.append(CLI_CAPABILITY)
         self.peers: dict[int, object] = {}
+        self.direct: dict[int, object] = {}
+        """Each peer's `send_now(key, frame) -> bool`: a lease's output written at once."""
         self.cli_pushers: dict[int, object] = {}
         """Subscribed peers' way to send a cli.request to their connection."""
         self.attachments: dict[int, set] = {}  # peer -> attachments seen live
@@ -711,14 +713,17 @@ class RemoteHub:
     def capabilities(self, persistent: bool) -> list[str]:
         return list(self.caps["persistent" if persistent else "local"])
 
-    def add_peer(self, deliver) -> int:
+    def add_peer(self, deliver, send_now=None) -> int:
         self._next_peer += 1
         self.peers[self._next_peer] = deliver
+        if send_now is not None:
+            self.direct[self._next_peer] = send_now
         self._send({"type": "add_peer", "peer": self._next_peer})
         return self._next_peer
 
     async def remove_peer(self, peer: int) -> None:
         self.peers.pop(peer, None)
+        self.direct.pop(peer, None)
         self.cli_pushers.pop(peer, None)
         for key in self.attachments.pop(peer, ()):
             self.behind.pop(key, None)

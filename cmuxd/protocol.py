@@ -323,6 +323,35 @@ def parse_request(frame: bytes) -> Request | bytes | None:
     return Request(method or "", params or {}, obj.get("id"), has_id)
 
 
+REPEAT_FRAME_MAX = 4096
+"""Longest frame whose shape a connection keeps for its repeats (see `repeat_shape`)."""
+
+
+def repeat_shape(frame: bytes, req: Request, key: str) -> tuple[bytes, bytes] | None:
+    """The bytes around `params[key]`'s base64 text in `frame` (the frame of `req`), if every
+    frame made of them around other base64 text is `req` with only that value changed: a
+    keystroke's pty.write is then known from its bytes, with no parse. None if the frame is
+    too long, the value is not found, or it is found elsewhere than as that value.
+
+    Base64 text holds no quote, backslash or control character, so whatever it is, the JSON
+    around it reads the same; one parse with other text in its place shows that the text is
+    where the value is, and is all of it."""
+    value = req.params.get(key)
+    if (len(frame) > REPEAT_FRAME_MAX or req.has_id or req.payload is not None
+            or type(value) is not str or not value):
+        return None
+    at = frame.rfind(b'"%s"' % value.encode())
+    if at < 0:
+        return None
+    prefix, suffix = frame[:at + 1], frame[at + 1 + len(value):]
+    other = "QUJD" if value != "QUJD" else "REVG"
+    probe = parse_request(prefix + other.encode() + suffix)
+    if (type(probe) is not Request or probe.method != req.method or probe.has_id
+            or probe.params != {**req.params, key: other}):
+        return None
+    return prefix, suffix
+
+
 LARGE_FRAME = 64 * 1024
 """Frames above this size have their `data_base64` decoded straight from the frame."""
 

@@ -24,17 +24,17 @@ from .pty_rules import (
     INPUT_CHUNK,
     MSG_QUEUE_FULL,
     STALL_TIMEOUT,
-    attachment_event,
-    data_event,
+    AttachmentEvents,
+    data_frame_head,
     token_bytes,
 )
 
 log = logging.getLogger("cmuxd.worker")
 
 
-class LeasedAttachment:
+class LeasedAttachment(AttachmentEvents):
     __slots__ = ("lease", "id", "token", "token_bytes", "peer", "key", "next_seq", "acked",
-                 "seq_ack", "slow", "ext")
+                 "seq_ack", "slow", "ext", "frame_head")
 
     def __init__(self, lease: "WorkerLease", entry: dict):
         self.lease = lease
@@ -48,16 +48,11 @@ class LeasedAttachment:
         self.seq_ack = entry["seq_ack"]
         self.slow = entry["slow"]
         self.ext = entry["ext"]
+        self.frame_head = data_frame_head(*self.key)
 
     @property
     def behind(self) -> int:
         return self.lease.remote.behind.get(self.key, 0)
-
-    def event(self, name: str, **extra) -> dict:
-        return attachment_event(self.lease.session_id, self.id, self.token, name, **extra)
-
-    def data_event(self, encoded: str, offset: int) -> dict:
-        return data_event(self.lease.session_id, self.id, self.token, encoded, offset, self.ext)
 
 
 class WorkerLease:
@@ -81,7 +76,7 @@ class WorkerLease:
         self.eof = False
         self.closed = False
         self.pump = OutputPump(self.session_id, self.master, self.ring, self.attachments,
-                               self._send, self._on_eof, STALL_TIMEOUT)
+                               self._send_data, self._on_eof, STALL_TIMEOUT)
         self.pump.update()
 
     def find(self, attachment_id: str, token: str) -> LeasedAttachment | None:
@@ -91,6 +86,15 @@ class WorkerLease:
         return att
 
     # output
+
+    def _send_data(self, att: LeasedAttachment, encoded: bytes, offset: int) -> bool:
+        """Output read here (see OutputPump.send_data): the attachment's connection writes it
+        at once if nothing of it waits; else it is queued as an event and counted."""
+        send_now = self.remote.direct.get(att.peer)
+        if send_now is not None and send_now(att.key, att.data_frame(encoded, offset)):
+            return True
+        self._send(att, att.data_event(encoded.decode("ascii"), offset))
+        return False
 
     def _send(self, att: LeasedAttachment, event: dict) -> bool:
         if self.remote.deliver(att.peer, event):

@@ -14,12 +14,12 @@ dropped by its owner's `send`, so one client that stops reading cannot stall eve
 from __future__ import annotations
 
 import asyncio
+import binascii
 import errno
 import logging
 import os
 from collections.abc import Callable
 
-from .protocol import b64
 from .pty_ring import Ring
 from .pty_rules import BEHIND_FRAMES, BULK_READ, READ_MAX
 
@@ -27,18 +27,20 @@ log = logging.getLogger("cmuxd.hub")
 
 
 class OutputPump:
-    __slots__ = ("name", "master", "ring", "attachments", "send", "on_eof", "stall_timeout",
-                 "reading", "closed", "stall_timer")
+    __slots__ = ("name", "master", "ring", "attachments", "send_data", "on_eof",
+                 "stall_timeout", "reading", "closed", "stall_timer")
 
     def __init__(self, name: str, master: int, ring: Ring, attachments: dict,
-                 send: Callable[[object, dict], bool], on_eof: Callable[[], None],
+                 send_data: Callable[[object, bytes, int], bool], on_eof: Callable[[], None],
                  stall_timeout: float):
         self.name = name
         self.master = master
         self.ring = ring
         self.attachments = attachments
-        """The owner's table; each attachment has `behind`, `slow` and `data_event()`."""
-        self.send = send
+        """The owner's table; each attachment has `behind` and `slow`."""
+        self.send_data = send_data
+        """(attachment, base64 payload, offset) -> True if written to its connection at
+        once, False if queued (counted in its `behind`) or dropped."""
         self.on_eof = on_eof
         self.stall_timeout = stall_timeout
         self.reading = False
@@ -68,11 +70,14 @@ class OutputPump:
         if data:
             offset = self.ring.append(data)
             if self.attachments:
-                encoded = b64(data)
-                send = self.send
+                encoded = binascii.b2a_base64(data, newline=False)
+                send_data = self.send_data
+                queued = False
                 for att in list(self.attachments.values()):
-                    send(att, att.data_event(encoded, offset))
-                self.update()
+                    if not send_data(att, encoded, offset):
+                        queued = True
+                if queued:  # a frame written at once changes nobody's `behind`
+                    self.update()
         if eof:
             self.close()
             self.on_eof()

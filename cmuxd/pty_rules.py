@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hmac
 
-from .protocol import event
+from .protocol import encode, event
 
 READ_MAX = 32768
 """Largest PTY read, hence largest live pty.data payload."""
@@ -49,6 +49,35 @@ def data_event(sid: str, aid: str, token: str, encoded: str, offset: int, ext: b
     if ext and offset:
         msg["ext_offset"] = offset
     return msg
+
+
+class AttachmentEvents:
+    """The events of one attachment, the same whether the hub or a worker holding its
+    session's lease sends them. pty.data, the event of every keystroke's echo, is also made
+    as bytes without a dict: everything up to its payload (`frame_head`) is encoded once."""
+
+    __slots__ = ()
+    key: tuple[str, str, str]
+    """(session_id, attachment_id, token): what its events name, and its queue's key."""
+    ext: bool
+    frame_head: bytes
+
+    def event(self, name: str, **extra) -> dict:
+        return attachment_event(*self.key, name, **extra)
+
+    def data_event(self, encoded: str, offset: int) -> dict:
+        return data_event(*self.key, encoded, offset, self.ext)
+
+    def data_frame(self, encoded: bytes, offset: int) -> bytes:
+        """`encode(self.data_event(encoded, offset))`, made from the head."""
+        if self.ext and offset:
+            return b"".join((self.frame_head, encoded, b'","ext_offset":%d}\n' % offset))
+        return b"".join((self.frame_head, encoded, b'"}\n'))
+
+
+def data_frame_head(sid: str, aid: str, token: str) -> bytes:
+    """A pty.data frame up to its payload: it ends with the `"` that opens data_base64."""
+    return encode(data_event(sid, aid, token, "", 0, False))[:-3]
 
 
 def tokens_equal(a: str, b: str) -> bool:

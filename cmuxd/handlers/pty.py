@@ -38,6 +38,7 @@ MAX_INFLIGHT_ATTACHES = 32
 DRAIN_BATCH = 32
 """Frames written for one attachment before the next one gets a turn."""
 
+WRITE_FAILED = "PTY write failed"
 MSG_TOO_MANY_ATTACHES = "too many PTY attach requests are already in progress"
 MSG_DUPLICATE_ATTACH = "PTY attach request id is already in progress"
 
@@ -85,7 +86,8 @@ class PtyConnection:
     def __init__(self, ctx):
         self.ctx = ctx
         self.hub = ctx.hub
-        self.peer = self.hub.add_peer(self.deliver) if self.hub is not None else None
+        self.peer = self.hub.add_peer(self.deliver, self.send_now) \
+            if self.hub is not None else None
         self.queues: dict[tuple[str, str, str], _Outbound] = {}
         self.ready: deque[tuple[str, str, str]] = deque()
         self.inflight: list[_InflightAttach] = []
@@ -126,6 +128,16 @@ class PtyConnection:
                 self.wakeup.set_result(None)
             if self.drainer is None:
                 self.drainer = self.ctx.spawn(self._drain())
+        return True
+
+    def send_now(self, key: tuple[str, str, str], frame: bytes) -> bool:
+        """Write an encoded pty.data if it can go out now, in order: nothing of this
+        connection is queued and the peer reads. False and nothing done otherwise, and the
+        caller delivers it as an event. The echo of a keystroke takes this path: no event
+        object, no queue, nothing to count and report drained."""
+        if self.closed or self.ready or key in self.queues or not self.ctx.can_write():
+            return False
+        self.ctx.send_frame(frame)
         return True
 
     async def _drain(self) -> None:
@@ -287,35 +299,40 @@ def _notification(method, fallback: str):
     def handler(ctx, req):
         if req.has_id:
             return method(ctx, req)
-        try:
-            result = method(ctx, req)
-        except RPCError as exc:
-            _error_event(ctx, req.params, exc.code, exc.message)
-            return NO_RESPONSE
-        except Exception:
-            log.exception("%s notification failed", req.method)
-            _error_event(ctx, req.params, "", fallback)
-            return NO_RESPONSE
-        if type(result) is not dict:
-            # A hub over a link has the call already; only a failure is worth waiting for,
-            # and the next request need not wait for it.
-            ctx.spawn(_notification_reply(ctx, req, result, fallback))
+        _notify(ctx, req.method, req.params, lambda: method(ctx, req), fallback)
         return NO_RESPONSE
 
     return handler
 
 
-async def _notification_reply(ctx, req, awaitable, fallback: str):
+def _notify(ctx, name: str, params: dict, call, fallback: str) -> None:
+    """`call()` for a notification: a failure becomes a pty.error event."""
+    try:
+        result = call()
+    except RPCError as exc:
+        _error_event(ctx, params, exc.code, exc.message)
+        return
+    except Exception:
+        log.exception("%s notification failed", name)
+        _error_event(ctx, params, "", fallback)
+        return
+    if type(result) is not dict:
+        # A hub over a link has the call already; only a failure is worth waiting for,
+        # and the next request need not wait for it.
+        ctx.spawn(_notification_reply(ctx, name, params, result, fallback))
+
+
+async def _notification_reply(ctx, name: str, params: dict, awaitable, fallback: str):
     """The same for a hub that answers later (over a link)."""
     try:
         await awaitable
     except RPCError as exc:
-        _error_event(ctx, req.params, exc.code, exc.message)
+        _error_event(ctx, params, exc.code, exc.message)
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("%s notification failed", req.method)
-        _error_event(ctx, req.params, "", fallback)
+        log.exception("%s notification failed", name)
+        _error_event(ctx, params, "", fallback)
     return NO_RESPONSE
 
 
@@ -341,7 +358,17 @@ def _write(ctx, req) -> dict:
     if ctx.hub is None:
         raise RPCError(NOT_FOUND, MSG_ATTACHMENT_NOT_FOUND)
     conn = ctx.state(PtyConnection)
-    return ctx.hub.write(conn.peer, sid, aid, token, data, seq, not req.has_id)
+    hub, peer = ctx.hub, conn.peer
+    if seq is None and not req.has_id:
+        # A keystroke: its next ones, the same frame but for data_base64, come here unparsed.
+        params = req.params
+
+        def keystroke(data: bytes) -> None:
+            _notify(ctx, "pty.write", params,
+                    lambda: hub.write(peer, sid, aid, token, data, None, True), WRITE_FAILED)
+
+        ctx.repeatable(req, "data_base64", keystroke)
+    return hub.write(peer, sid, aid, token, data, seq, not req.has_id)
 
 
 def _resize(ctx, req) -> dict:
@@ -393,7 +420,7 @@ def pty_list(ctx, req) -> dict:
 METHODS = {
     "pty.attach": pty_attach,
     "pty.attach.cancel": pty_attach_cancel,
-    "pty.write": _notification(_write, "PTY write failed"),
+    "pty.write": _notification(_write, WRITE_FAILED),
     "pty.resize": _notification(_resize, "PTY resize failed"),
     "pty.detach": pty_detach,
     "pty.close": pty_close,

@@ -80,6 +80,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -191,6 +192,17 @@ def _raise_interrupt(signum, frame):
 # a byte pipe to a daemon, whatever carries it
 
 
+READ_TIMEOUT = 15.0
+
+
+def read_timeout(sock: socket.socket) -> None:
+    """Make `sock` blocking (Pipe uses its raw fd) with a kernel receive timeout, so that a
+    read of it waits in one system call and still cannot hang the bench."""
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", int(READ_TIMEOUT), 0))
+
+
 class Pipe:
     """Both directions of one RPC connection as raw fds (pipes or a socket)."""
 
@@ -198,6 +210,21 @@ class Pipe:
         self.write_fd = write_fd
         self.read_fd = read_fd
         self.buf = bytearray(leftover)
+        self._chunk = bytearray(1 << 16)
+
+    def fill(self) -> int:
+        """Append what one blocking read returns to `buf`; 0 at the end. One read and
+        nothing before it, as the raw sides of the keystroke benches read: a select first
+        costs a system call more per echo. The read goes into a buffer kept for the purpose:
+        a fresh one as large would be a new mapping, a page fault and an unmapping each
+        time, tens of µs that an echo would count against the daemon. A socket made by
+        `read_timeout` raises TimeoutError when nothing comes."""
+        try:
+            n = os.readv(self.read_fd, [self._chunk])
+        except BlockingIOError:
+            raise TimeoutError(f"nothing from the daemon for {READ_TIMEOUT:.0f} s") from None
+        self.buf += memoryview(self._chunk)[:n]
+        return n
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -705,7 +732,7 @@ class TCPTarget:
     def connect(self, first: bytes = b"") -> tuple[socket.socket, Pipe]:
         """An authenticated connection; `first` (a request) is pipelined with the MAC."""
         sock = socket.create_connection((self.host, self.port), timeout=2)
-        sock.settimeout(None)  # Pipe uses the raw fd: it must be blocking
+        read_timeout(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pipe = Pipe(sock.fileno(), sock.fileno())
         hs = Handshake(self.relay_id, self.token_hex)
@@ -1532,18 +1559,12 @@ def _pty_ident(name: str) -> dict:
             "client_attachment_token": secrets.token_hex(8)}
 
 
-def _frame(pipe: Pipe, timeout: float = 15.0) -> dict:
-    """The next frame from the daemon; an error rather than a hang if none comes."""
-    if b"\n" not in pipe.buf:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in pipe.buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([pipe.read_fd], [], [], left)[0]:
-                raise RuntimeError(f"nothing from the daemon for {timeout:.0f} s")
-            data = os.read(pipe.read_fd, 1 << 20)
-            if not data:
-                raise EOFError("the daemon closed the connection")
-            pipe.buf += data
+def _frame(pipe: Pipe) -> dict:
+    """The next frame from the daemon over a socket set up by `read_timeout`; an error
+    rather than a hang if none comes."""
+    while b"\n" not in pipe.buf:
+        if not pipe.fill():
+            raise EOFError("the daemon closed the connection")
     return orjson.loads(pipe.readline())
 
 
@@ -1701,7 +1722,7 @@ def relay_connection(argv: list[str], procs: Processes, started: list | None = N
     try:
         port = int(proc.stdout.readline())
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.settimeout(None)
+            read_timeout(sock)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             yield sock
     finally:

@@ -677,3 +677,59 @@ def test_held_is_the_unfinished_line_to_hand_another_decoder():
     assert decoder.held() == b'{"b":2'
     other = FrameDecoder()
     assert other.feed(decoder.held() + b"}\n") == [b'{"b":2}']
+
+
+# A repeated notification known from its bytes (protocol.repeat_shape)
+
+
+def _keystroke(data_b64: str = "YQ==", **extra) -> bytes:
+    params = {"session_id": "s", "attachment_id": "a", "client_attachment_token": "t",
+              "data_base64": data_b64, **extra}
+    return json.dumps({"method": "pty.write", "params": params}, separators=(",", ":")).encode()
+
+
+def _shape(frame: bytes, key: str = "data_base64"):
+    req = parse_request(frame)
+    assert isinstance(req, Request)
+    return protocol.repeat_shape(frame, req, key)
+
+
+def test_a_keystroke_frame_is_its_bytes_around_the_data():
+    frame = _keystroke("YQ==")
+    prefix, suffix = _shape(frame)
+    assert prefix + b"YQ==" + suffix == frame
+    assert prefix.endswith(b'"data_base64":"') and suffix == b'"}}'
+    # Any base64 text between them parses as the same request with only that value changed.
+    for text in (b"", b"eHl6", b"AAAA" * 100, b"QUJD"):
+        req = parse_request(prefix + text + suffix)
+        assert req.params == dict(parse_request(frame).params, data_base64=text.decode())
+
+
+@pytest.mark.parametrize("frame, why", [
+    (b'{"id":1,"method":"pty.write","params":{"data_base64":"YQ=="}}', "a request, not a notification"),
+    (_keystroke(""), "an empty value is found anywhere"),
+    (_keystroke("YQ==" * 2000), "too long to keep"),
+    (b'{"method":"pty.write","params":{"data_base64":"YQ==","session_id":"YQ=="}}',
+     "the last match is another key's value"),
+    (b'{"method":"pty.write","params":{"data_base64":"Y\\u0051=="}}', "the value is escaped in the frame"),
+    (b'{"method":"pty.write","params":{"data_base64":7}}', "not a string"),
+])
+def test_a_frame_whose_value_is_not_plainly_there_has_no_shape(frame, why):
+    assert _shape(frame) is None, why
+
+
+def test_a_duplicate_key_is_shaped_at_the_value_that_counts():
+    frame = b'{"method":"pty.write","params":{"data_base64":"AAAA","data_base64":"YQ=="}}'
+    prefix, suffix = _shape(frame)
+    assert prefix.endswith(b'"AAAA","data_base64":"') and suffix == b'"}}'
+    assert parse_request(prefix + b"eHl6" + suffix).params == {"data_base64": "eHl6"}
+
+
+def test_a_quote_inside_another_string_does_not_make_a_shape():
+    # The value's text, quoted, appears inside an escaped string before the real value: the
+    # last occurrence is the value itself.
+    frame = (b'{"method":"pty.write","params":{"session_id":"x\\"YQ==\\"",'
+             b'"data_base64":"YQ=="}}')
+    prefix, suffix = _shape(frame)
+    assert parse_request(prefix + b"eHl6" + suffix).params == {
+        "session_id": 'x"YQ=="', "data_base64": "eHl6"}
