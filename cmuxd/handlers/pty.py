@@ -359,8 +359,11 @@ def _write(ctx, req) -> dict:
         raise RPCError(NOT_FOUND, MSG_ATTACHMENT_NOT_FOUND)
     conn = ctx.state(PtyConnection)
     hub, peer = ctx.hub, conn.peer
+    result = hub.write(peer, sid, aid, token, data, seq, not req.has_id)
     if seq is None and not req.has_id:
-        # A keystroke: its next ones, the same frame but for data_base64, come here unparsed.
+        # A keystroke that reached its attachment: the next ones, the same frame but for
+        # data_base64, come here unparsed. (One that failed offers nothing: a client sending
+        # writes nobody takes costs one parse each, not two.)
         params = req.params
 
         def keystroke(data: bytes) -> None:
@@ -368,7 +371,7 @@ def _write(ctx, req) -> dict:
                     lambda: hub.write(peer, sid, aid, token, data, None, True), WRITE_FAILED)
 
         ctx.repeatable(req, "data_base64", keystroke)
-    return hub.write(peer, sid, aid, token, data, seq, not req.has_id)
+    return result
 
 
 def _resize(ctx, req) -> dict:
