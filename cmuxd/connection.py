@@ -13,6 +13,7 @@ import asyncio
 import binascii
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -89,11 +90,12 @@ class ConnectionContext:
         """Run a task that lives no longer than the connection."""
         return self._conn.spawn(coro)
 
-    def repeatable(self, req: Request, key: str, run) -> None:
+    def repeatable(self, req: Request, text_key: str, count_key: str | None, run) -> None:
         """Called from the handler of a notification `req` that it has validated: a frame
-        like it but for `params[key]` (base64) may go straight to `run(decoded bytes)`,
-        which does what the handler would, unparsed (see Connection.express)."""
-        self._conn.offer_express(req, key, run)
+        like it but for `params[text_key]` (base64) and `params[count_key]` (an integer, if
+        named) may go straight to `run(decoded bytes, count or None)`, which does what the
+        handler would, unparsed (see Connection.express)."""
+        self._conn.offer_express(req, text_key, count_key, run)
 
     def unblock(self) -> None:
         """Called from inside an awaiting handler: let the connection read the next request
@@ -283,16 +285,16 @@ class Connection(asyncio.BufferedProtocol):
             return None
         return self._await_reply(req, result)
 
-    def offer_express(self, req: Request, key: str, run) -> None:
+    def offer_express(self, req: Request, text_key: str, count_key: str | None, run) -> None:
         frame = self._frame
         if frame is None:
             return
         express = self.express
         if express is not None and express.fits(frame):
             return  # the same notification again (a read of several keystrokes)
-        shape = repeat_shape(bytes(frame), req, key)
-        if shape is not None:
-            self.express = _Express(*shape, run)
+        pattern = repeat_shape(bytes(frame), req, text_key, count_key)
+        if pattern is not None:
+            self.express = _Express(pattern, count_key is not None, run)
 
     async def _await_reply(self, req: Request, awaitable) -> bytes | None:
         try:
@@ -453,36 +455,35 @@ class Connection(asyncio.BufferedProtocol):
 
 
 class _Express:
-    """One frame shape that goes straight to its handler's `run`: the frame's bytes around
-    one base64 value (see protocol.repeat_shape). A read of exactly one frame of that shape,
-    whose value decodes, is that notification with new data; anything else (several frames,
-    part of one, another request, text that is not strict base64) takes the usual path, so
-    order and every answer stay as they were. On the keystroke path this saves the frame
-    split, the JSON parse, the parameter checks and the dispatch."""
+    """One frame shape that goes straight to its handler's `run`: a pattern of the frame's
+    bytes around a base64 value and maybe a count (see protocol.repeat_shape). A read of
+    exactly one frame of that shape, whose text decodes, is that notification with new
+    values; anything else (several frames, part of one, another request, text that is not
+    strict base64) takes the usual path, so order and every answer stay as they were. On
+    the keystroke path this saves the frame split, the JSON parse, the parameter checks and
+    the dispatch."""
 
-    __slots__ = ("prefix", "suffix", "line_end", "run")
+    __slots__ = ("pattern", "counted", "run")
 
-    def __init__(self, prefix: bytes, suffix: bytes, run):
-        self.prefix = prefix
-        self.suffix = suffix
-        self.line_end = suffix + b"\n"
+    def __init__(self, pattern: re.Pattern, counted: bool, run):
+        self.pattern = pattern
+        self.counted = counted
         self.run = run
 
     def fits(self, frame: bytes) -> bool:
-        return (len(frame) >= len(self.prefix) + len(self.suffix)
-                and frame.startswith(self.prefix) and frame.endswith(self.suffix))
+        return self.pattern.fullmatch(frame) is not None
 
     def take(self, data: bytes) -> bool:
-        head, tail = len(self.prefix), len(self.line_end)
-        if (len(data) < head + tail or not data.startswith(self.prefix)
-                or not data.endswith(self.line_end)):
+        if data[-1:] != b"\n":
+            return False
+        match = self.pattern.fullmatch(data, 0, len(data) - 1)
+        if match is None:
             return False
         try:
-            payload = binascii.a2b_base64(memoryview(data)[head:len(data) - tail],
-                                          strict_mode=True)
+            payload = binascii.a2b_base64(match.group("text"), strict_mode=True)
         except ValueError:
             return False
-        self.run(payload)
+        self.run(payload, int(match.group("count")) if self.counted else None)
         return True
 
 

@@ -326,30 +326,57 @@ def parse_request(frame: bytes) -> Request | bytes | None:
 REPEAT_FRAME_MAX = 4096
 """Longest frame whose shape a connection keeps for its repeats (see `repeat_shape`)."""
 
+_TEXT = rb"(?P<text>[A-Za-z0-9+/=]*)"
+_COUNT = rb"(?P<count>0|[1-9][0-9]{0,14})"
 
-def repeat_shape(frame: bytes, req: Request, key: str) -> tuple[bytes, bytes] | None:
-    """The bytes around `params[key]`'s base64 text in `frame` (the frame of `req`), if every
-    frame made of them around other base64 text is `req` with only that value changed: a
+
+def repeat_shape(frame: bytes, req: Request, text_key: str,
+                 count_key: str | None = None) -> re.Pattern | None:
+    """A pattern of `frame` (the frame of `req`, without its LF) that every frame matches
+    which is `req` with other base64 text as `params[text_key]` (group `text`) and, with
+    `count_key`, another non-negative integer as `params[count_key]` (group `count`): a
     keystroke's pty.write is then known from its bytes, with no parse. None if the frame is
-    too long, the value is not found, or it is found elsewhere than as that value.
+    too long or a value is not found written plainly where it counts.
 
-    Base64 text holds no quote, backslash or control character, so whatever it is, the JSON
-    around it reads the same; one parse with other text in its place shows that the text is
-    where the value is, and is all of it."""
-    value = req.params.get(key)
+    Base64 text holds no quote, backslash or control character, and a short decimal integer
+    nothing that could end its token, so whatever they are, the JSON around them reads the
+    same; one parse with other values in their places shows that the places are the values'
+    and hold all of them."""
+    params = req.params
+    text = params.get(text_key)
     if (len(frame) > REPEAT_FRAME_MAX or req.has_id or req.payload is not None
-            or type(value) is not str or not value):
+            or type(text) is not str or not text):
         return None
-    at = frame.rfind(b'"%s"' % value.encode())
-    if at < 0:
+    other = {text_key: "QUJD" if text != "QUJD" else "REVG"}
+    slots = [(frame.rfind(b'"%s"' % text.encode()) + 1, len(text), _TEXT, other[text_key])]
+    if slots[0][0] == 0:
         return None
-    prefix, suffix = frame[:at + 1], frame[at + 1 + len(value):]
-    other = "QUJD" if value != "QUJD" else "REVG"
-    probe = parse_request(prefix + other.encode() + suffix)
-    if (type(probe) is not Request or probe.method != req.method or probe.has_id
-            or probe.params != {**req.params, key: other}):
+    if count_key is not None:
+        count = params.get(count_key)
+        if type(count) is not int or not 0 <= count < 10**15:
+            return None
+        written = b'"%s":%d' % (count_key.encode(), count)
+        at = frame.rfind(written)
+        if at < 0:
+            return None
+        other[count_key] = 7 if count != 7 else 8
+        digits = len(written) - len(count_key) - 3
+        slots.append((at + len(written) - digits, digits, _COUNT, str(other[count_key])))
+    slots.sort()
+    pattern, probe, last = [], [], 0
+    for at, size, group, stand_in in slots:
+        if at < last:
+            return None
+        pattern += [re.escape(frame[last:at]), group]
+        probe += [frame[last:at], stand_in.encode()]
+        last = at + size
+    pattern.append(re.escape(frame[last:]))
+    probe.append(frame[last:])
+    got = parse_request(b"".join(probe))
+    if (type(got) is not Request or got.method != req.method or got.has_id
+            or got.params != {**params, **other}):
         return None
-    return prefix, suffix
+    return re.compile(b"".join(pattern))
 
 
 LARGE_FRAME = 64 * 1024

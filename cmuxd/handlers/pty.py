@@ -360,17 +360,16 @@ def _write(ctx, req) -> dict:
     conn = ctx.state(PtyConnection)
     hub, peer = ctx.hub, conn.peer
     result = hub.write(peer, sid, aid, token, data, seq, not req.has_id)
-    if seq is None and not req.has_id:
+    if not req.has_id:
         # A keystroke that reached its attachment: the next ones, the same frame but for
-        # data_base64, come here unparsed. (One that failed offers nothing: a client sending
-        # writes nobody takes costs one parse each, not two.)
-        params = req.params
+        # data_base64 (and seq), come here unparsed. (One that failed offers nothing: a
+        # client sending writes nobody takes costs one parse each, not two.)
 
-        def keystroke(data: bytes) -> None:
+        def keystroke(data: bytes, seq: int | None) -> None:
             _notify(ctx, "pty.write", params,
-                    lambda: hub.write(peer, sid, aid, token, data, None, True), WRITE_FAILED)
+                    lambda: hub.write(peer, sid, aid, token, data, seq, True), WRITE_FAILED)
 
-        ctx.repeatable(req, "data_base64", keystroke)
+        ctx.repeatable(req, "data_base64", None if seq is None else "seq", keystroke)
     return result
 
 

@@ -109,3 +109,52 @@ def test_a_known_shape_never_stands_in_for_another_token_or_attachment(stream):
     # Nothing of the refused writes reached the terminal.
     assert stream.call("ping")["result"] == {"pong": True}
     assert not [e for e in stream.events if e["event"] == "pty.data"]
+
+
+SEQ_IDENT = {"session_id": "seqd", "attachment_id": "b1", "client_attachment_token": "tok-b"}
+
+
+def sequenced(data: bytes, seq) -> bytes:
+    """A keystroke as `cmuxd-remote attach` sends it: a notification with a seq."""
+    return orjson.dumps({"method": "pty.write", "params": dict(
+        SEQ_IDENT, data_base64=base64.b64encode(data).decode(), seq=seq)}) + b"\n"
+
+
+def seq_output(stream, want: bytes) -> None:
+    got = b""
+    while len(got) < len(want):
+        ev = stream.next_event("pty.data", where=lambda m: m["session_id"] == "seqd")
+        got += base64.b64decode(ev["data_base64"])
+    assert got == want
+
+
+def test_sequenced_keystrokes_are_acked_and_a_gap_detaches_as_the_spec_says(stream):
+    r = stream.call("pty.attach", dict(SEQ_IDENT, cols=80, rows=24, command=ECHO,
+                                       input_seq_ack=True))
+    assert r["ok"], r
+    seq_output(stream, b"READY")
+    for seq, key in enumerate(b"typing", start=1):
+        stream.send_raw(sequenced(bytes([key]), seq))
+        seq_output(stream, bytes([key]))
+        ack = stream.next_event("pty.input_ack", where=lambda m: m["session_id"] == "seqd")
+        assert ack["seq"] <= seq
+        while ack["seq"] < seq:  # acks may be coalesced, never skipped past
+            ack = stream.next_event("pty.input_ack", where=lambda m: m["session_id"] == "seqd")
+    # In the known shape, but not a number a parser takes as it is: answered as before.
+    stream.send_raw(sequenced(b"x", 7).replace(b'"seq":7', b'"seq":07'))
+    assert stream.next_response()["error"]["code"] == "invalid_request"
+    stream.send_raw(sequenced(b"x", 7).replace(b'"seq":7', b'"seq":123456789012345678901'))
+    err = stream.next_event("pty.error", where=lambda m: m["session_id"] == "seqd")
+    assert (err["code"], err["message"]) == ("invalid_params", "seq must be a non-negative integer")
+    # A gap in the known shape: the spec's error, then the attachment is detached.
+    stream.send_raw(sequenced(b"x", 9))
+    err = stream.next_event("pty.error", where=lambda m: m["session_id"] == "seqd")
+    assert (err["code"], err["message"]) == ("pty_input_seq_gap",
+                                             "PTY input sequence gap: got 9, want 7")
+    stream.next_event("pty.exit", where=lambda m: m["session_id"] == "seqd")
+    stream.send_raw(sequenced(b"x", 7))
+    assert stream.next_event("pty.error", where=lambda m: m["session_id"] == "seqd")["code"] \
+        == "not_found"
+    # The other session's keystrokes are untouched by all this.
+    stream.send_raw(keystroke(b"k"))
+    output(stream, b"k")

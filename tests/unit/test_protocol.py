@@ -688,21 +688,53 @@ def _keystroke(data_b64: str = "YQ==", **extra) -> bytes:
     return json.dumps({"method": "pty.write", "params": params}, separators=(",", ":")).encode()
 
 
-def _shape(frame: bytes, key: str = "data_base64"):
+def _shape(frame: bytes, count_key=None):
     req = parse_request(frame)
     assert isinstance(req, Request)
-    return protocol.repeat_shape(frame, req, key)
+    return protocol.repeat_shape(frame, req, "data_base64", count_key)
 
 
-def test_a_keystroke_frame_is_its_bytes_around_the_data():
+def _same_but(frame: bytes, **values) -> dict:
+    return dict(parse_request(frame).params, **values)
+
+
+def test_a_keystroke_frame_is_known_by_its_bytes_around_the_data():
     frame = _keystroke("YQ==")
-    prefix, suffix = _shape(frame)
-    assert prefix + b"YQ==" + suffix == frame
-    assert prefix.endswith(b'"data_base64":"') and suffix == b'"}}'
-    # Any base64 text between them parses as the same request with only that value changed.
-    for text in (b"", b"eHl6", b"AAAA" * 100, b"QUJD"):
-        req = parse_request(prefix + text + suffix)
-        assert req.params == dict(parse_request(frame).params, data_base64=text.decode())
+    shape = _shape(frame)
+    assert shape.fullmatch(frame).group("text") == b"YQ=="
+    # Every base64 text in the data's place is the same request with only that changed...
+    for text in ("", "eHl6", "AAAA" * 100, "QUJD", "////"):
+        other = _keystroke(text)
+        assert shape.fullmatch(other).group("text") == text.encode()
+        assert parse_request(other).params == _same_but(frame, data_base64=text)
+    # ...and nothing else matches: other names, a quote or escape in the data, another key.
+    for other in (_keystroke("YQ==", seq=1), _keystroke('YQ"'), _keystroke("Y\\Q"),
+                  _keystroke("YQ==").replace(b'"s"', b'"S"'), frame + b" ", b" " + frame):
+        assert shape.fullmatch(other) is None, other
+
+
+def test_a_sequenced_keystroke_is_known_by_its_bytes_around_the_data_and_the_seq():
+    frame = _keystroke("YQ==", seq=12)
+    shape = _shape(frame, "seq")
+    for text, seq in (("eHl6", 13), ("", 0), ("QUJD", 999_999_999_999_999)):
+        other = _keystroke(text, seq=seq)
+        m = shape.fullmatch(other)
+        assert (m.group("text"), int(m.group("count"))) == (text.encode(), seq)
+        assert parse_request(other).params == _same_but(frame, data_base64=text, seq=seq)
+    # Not a canonical short integer: left to the parser (a leading zero is not JSON; 16
+    # digits may not fit the checks the handler makes).
+    for seq in (b"012", b"-1", b"1.0", b"1e3", b"1234567890123456", b'"1"'):
+        assert shape.fullmatch(frame.replace(b'"seq":12', b'"seq":' + seq)) is None, seq
+    # A seq asked for and not there: no shape.
+    assert _shape(_keystroke("YQ=="), "seq") is None
+
+
+def test_a_shape_holds_whatever_order_the_keys_come_in():
+    frame = b'{"params":{"seq":3,"data_base64":"YQ==","session_id":"s"},"method":"pty.write"}'
+    shape = _shape(frame, "seq")
+    other = frame.replace(b'"seq":3', b'"seq":4').replace(b"YQ==", b"eHl6")
+    assert shape.fullmatch(other) is not None
+    assert parse_request(other).params == _same_but(frame, data_base64="eHl6", seq=4)
 
 
 @pytest.mark.parametrize("frame, why", [
@@ -718,18 +750,35 @@ def test_a_frame_whose_value_is_not_plainly_there_has_no_shape(frame, why):
     assert _shape(frame) is None, why
 
 
+@pytest.mark.parametrize("frame, why", [
+    (_keystroke("YQ==", seq=True), "not an integer"),
+    (_keystroke("YQ==", seq=1.0), "a float"),
+    (_keystroke("YQ==", seq=10**15), "too long to be sure of"),
+    (b'{"method":"pty.write","params":{"data_base64":"YQ==","seq": 1}}', "not written plainly"),
+])
+def test_a_seq_that_is_not_plainly_there_has_no_shape(frame, why):
+    assert _shape(frame, "seq") is None, why
+
+
+def test_a_duplicate_seq_is_shaped_at_the_one_that_counts():
+    frame = b'{"method":"pty.write","params":{"data_base64":"YQ==","seq":1,"seq":2}}'
+    other = b'{"method":"pty.write","params":{"data_base64":"YQ==","seq":1,"seq":5}}'
+    assert int(_shape(frame, "seq").fullmatch(other).group("count")) == 5
+    assert parse_request(other).params["seq"] == 5
+
+
 def test_a_duplicate_key_is_shaped_at_the_value_that_counts():
     frame = b'{"method":"pty.write","params":{"data_base64":"AAAA","data_base64":"YQ=="}}'
-    prefix, suffix = _shape(frame)
-    assert prefix.endswith(b'"AAAA","data_base64":"') and suffix == b'"}}'
-    assert parse_request(prefix + b"eHl6" + suffix).params == {"data_base64": "eHl6"}
+    shape = _shape(frame)
+    other = frame.replace(b"YQ==", b"eHl6")
+    assert shape.fullmatch(other) is not None
+    assert parse_request(other).params == {"data_base64": "eHl6"}
+    assert shape.fullmatch(frame.replace(b"AAAA", b"BBBB")) is None
 
 
-def test_a_quote_inside_another_string_does_not_make_a_shape():
-    # The value's text, quoted, appears inside an escaped string before the real value: the
-    # last occurrence is the value itself.
+def test_the_value_quoted_inside_another_string_is_not_taken_for_it():
     frame = (b'{"method":"pty.write","params":{"session_id":"x\\"YQ==\\"",'
              b'"data_base64":"YQ=="}}')
-    prefix, suffix = _shape(frame)
-    assert parse_request(prefix + b"eHl6" + suffix).params == {
-        "session_id": 'x"YQ=="', "data_base64": "eHl6"}
+    other = frame[:-7] + b'eHl6"}}'
+    assert _shape(frame).fullmatch(other) is not None
+    assert parse_request(other).params == {"session_id": 'x"YQ=="', "data_base64": "eHl6"}
