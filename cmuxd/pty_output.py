@@ -4,11 +4,13 @@ The PTY hub runs one `OutputPump` per session it reads itself; a worker holding 
 read lease runs one for that session instead. One class for both, so the pacing rule is the
 same whichever process reads:
 
-Each attachment counts the frames it was given and has not yet reported written (`behind`).
+Each attachment counts the frames queued for it and not yet reported written (`behind`); a
+frame its connection writes at once (the echo of a keystroke, a client that keeps up) is
+never counted.
 While some attachment is `BEHIND_FRAMES` behind, the PTY is not read and the process blocks
 on its terminal as it would on a slow real one. An attachment that stays that far behind for
 `stall_timeout` while another keeps up stops counting (`slow`); it fills its queue and is
-dropped by its owner's `send`, so one client that stops reading cannot stall everyone else.
+dropped by its owner, so one client that stops reading cannot stall everyone else.
 """
 
 from __future__ import annotations
