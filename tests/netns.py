@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
@@ -33,6 +34,22 @@ def netns_permitted(probe: str) -> str | None:
         return f"`ip netns add` is not permitted here: {result.stderr.strip()}"
     ip("netns", "del", probe, check=False)
     return None
+
+
+@contextmanager
+def namespace_or_skip(probe: str, make):
+    """For a test: the namespace `make()` returns, closed afterwards; the test is skipped
+    where this machine does not let us make namespaces (named `probe` to find out)."""
+    reason = netns_permitted(probe)
+    if reason is not None:
+        import pytest  # here only: the benches use this module without pytest
+
+        pytest.skip(reason)
+    ns = make()
+    try:
+        yield ns
+    finally:
+        ns.close()
 
 
 class PeerNamespace:

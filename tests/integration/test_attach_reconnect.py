@@ -28,7 +28,7 @@ from attach_terminal import (
 )
 from helpers import daemon_command, wait_for
 from listening import ListeningDaemon, free_port
-from netns import PeerNamespace, ip, netns_permitted
+from netns import PeerNamespace, ip, namespace_or_skip
 from terminal import Terminal
 from test_ssh_transport import REMOTE, sshd  # noqa: F401 (a fixture)
 
@@ -210,24 +210,19 @@ def test_a_session_ended_or_replaced_while_away_is_reported_not_joined(spawn_lis
 def far_daemon():
     """A daemon in a namespace of its own, listening on the far end of a veth."""
     tag = str(os.getpid() % 100000 + 3)
-    reason = netns_permitted(f"cmuxd-peer-{tag}-probe")
-    if reason is not None:
-        pytest.skip(reason)
-    ns = PeerNamespace(tag, subnet=216)
-    d = None
-    try:
+    with namespace_or_skip(f"cmuxd-peer-{tag}-probe",
+                           lambda: PeerNamespace(tag, subnet=216)) as ns:
         port = free_port()
         d = ListeningDaemon(workers=1, tcp=[f"{ns.peer_address}:{port}"],
                             wrap=["ip", "netns", "exec", ns.name])
-        d.port = port
-        d.wait_ready()
-        wait_for(lambda: reachable(ns.peer_address, port),
-                 message=f"the daemon to answer on {ns.peer_address}:{port}:\n{d.log()}")
-        yield ns, d
-    finally:
-        if d is not None:
+        try:
+            d.port = port
+            d.wait_ready()
+            wait_for(lambda: reachable(ns.peer_address, port),
+                     message=f"the daemon to answer on {ns.peer_address}:{port}:\n{d.log()}")
+            yield ns, d
+        finally:
             d.close()
-        ns.close()
 
 
 def test_attach_continues_when_the_path_comes_back(far_daemon):

@@ -18,7 +18,7 @@ import pytest
 
 from helpers import TcpServer, wait_for
 from listening import RELAY_ID, ListeningDaemon, free_port, mac_for, read_line, refused
-from netns import PeerNamespace, netns_permitted
+from netns import PeerNamespace, namespace_or_skip
 
 
 @pytest.fixture(scope="module")
@@ -241,14 +241,8 @@ def peer():
     """A network namespace to connect from, so the daemon sees an address other than
     loopback (which it never backs off)."""
     tag = str(os.getpid() % 100000)
-    reason = netns_permitted(f"cmuxd-peer-{tag}-probe")
-    if reason is not None:
-        pytest.skip(reason)
-    ns = PeerNamespace(tag)
-    try:
+    with namespace_or_skip(f"cmuxd-peer-{tag}-probe", lambda: PeerNamespace(tag)) as ns:
         yield ns
-    finally:
-        ns.close()
 
 
 def peer_connect(ns: PeerNamespace, d: ListeningDaemon) -> socket.socket:

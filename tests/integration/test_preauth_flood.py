@@ -19,7 +19,7 @@ from helpers import wait_for
 from cmuxd.client import BUSY_ATTEMPTS
 from cmuxd.supervisor.gate import EXPIRE_BATCH
 from listening import RELAY_ID, ListeningDaemon, free_port, mac_for, read_line, refused
-from netns import DelayedNamespace, PeerNamespace, netns_permitted
+from netns import DelayedNamespace, PeerNamespace, namespace_or_skip
 
 TESTS = Path(__file__).resolve().parent.parent
 BUSY = b'{"ok":false,"ext_busy":true}\n'
@@ -28,28 +28,17 @@ BUSY = b'{"ok":false,"ext_busy":true}\n'
 @pytest.fixture
 def peer():
     tag = str(os.getpid() % 100000 + 1)
-    reason = netns_permitted(f"cmuxd-peer-{tag}-probe")
-    if reason is not None:
-        pytest.skip(reason)
-    ns = PeerNamespace(tag, subnet=214)
-    try:
+    with namespace_or_skip(f"cmuxd-peer-{tag}-probe", lambda: PeerNamespace(tag, subnet=214)) as ns:
         yield ns
-    finally:
-        ns.close()
 
 
 @pytest.fixture
 def far():
     """A namespace 200 ms of round trip away (100 ms each way for every packet)."""
     tag = str(os.getpid() % 100000 + 2)
-    reason = netns_permitted(f"cmuxd-far-{tag}-probe")
-    if reason is not None:
-        pytest.skip(reason)
-    ns = DelayedNamespace(tag, 100, subnet=221)
-    try:
+    with namespace_or_skip(f"cmuxd-far-{tag}-probe",
+                           lambda: DelayedNamespace(tag, 100, subnet=221)) as ns:
         yield ns
-    finally:
-        ns.close()
 
 
 def connect_from(peer: PeerNamespace, port: int) -> socket.socket:
